@@ -1,0 +1,484 @@
+//! The `edgecl` command line: parse, then one function per subcommand. The library does the
+//! work; this file only reads files, prints, and turns errors into messages.
+
+mod input;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use edgecl::backbone::mmap::MappedFile;
+use edgecl::backbone::Backbone;
+use edgecl::format::graph::WeightFormat;
+use edgecl::format::Hex;
+use edgecl::import::init::{random_backbone, Arch};
+use edgecl::kernels::Kernels;
+use serde_json::json;
+use std::path::{Path, PathBuf};
+
+#[derive(Parser)]
+#[command(
+    name = "edgecl",
+    version,
+    about = "On-device continual learning on a frozen, memory-mapped int8 backbone",
+    long_about = "edgecl keeps one frozen backbone (.ecb) memory-mapped and lets a device learn \
+                  classification tasks on top of it.\n\nStart with `edgecl init` (a random \
+                  SupSup backbone) or `edgecl import` (an ONNX model), check the result with \
+                  `edgecl inspect` and `edgecl verify`, and run it with `edgecl forward`."
+)]
+struct Cli {
+    /// Worker threads for the kernels (default: all cores).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum WeightsArg {
+    /// int8, symmetric per output channel (the default; 4x smaller)
+    I8,
+    /// f32, for exact comparisons with the float model
+    F32,
+}
+
+impl From<WeightsArg> for WeightFormat {
+    fn from(w: WeightsArg) -> Self {
+        match w {
+            WeightsArg::I8 => WeightFormat::I8,
+            WeightsArg::F32 => WeightFormat::F32,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create a random SupSup backbone (signed Kaiming constant weights, seed recorded).
+    ///
+    /// Example: edgecl init --arch lenet --outputs 10 -o lenet.ecb
+    Init {
+        /// lenet (784-300-100-N), fc1024 (784-1024-1024-N) or gemresnet18 (32x32x3 input).
+        #[arg(long, value_parser = ["lenet", "fc1024", "gemresnet18"])]
+        arch: String,
+        /// Output units of the last layer.
+        #[arg(long, default_value_t = 10)]
+        outputs: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, value_enum, default_value = "i8")]
+        weights: WeightsArg,
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+    /// Convert an ONNX model into a backbone file (int8 per-channel by default).
+    ///
+    /// Example: edgecl import models/efficientnet-lite0.onnx --input 3x96x96 \
+    ///   --mean 0.498,0.498,0.498 --std 0.502,0.502,0.502 --drop-head -o lite0.ecb
+    #[cfg(feature = "import")]
+    Import {
+        /// The .onnx file (one self-contained file; float or QDQ int8).
+        model: PathBuf,
+        /// Per-sample input shape CxHxW, e.g. 3x224x224.
+        #[arg(long)]
+        input: String,
+        /// Per-channel mean of pixels in [0, 1], comma-separated (default 0).
+        #[arg(long, value_delimiter = ',')]
+        mean: Vec<f32>,
+        /// Per-channel standard deviation, comma-separated (default 1).
+        #[arg(long, value_delimiter = ',')]
+        std: Vec<f32>,
+        /// Remove the final classifier so that tasks bring their own heads.
+        #[arg(long)]
+        drop_head: bool,
+        #[arg(long, value_enum, default_value = "i8")]
+        weights: WeightsArg,
+        /// Model name recorded in the file (default: the file stem).
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+    /// Show a backbone's layers, shapes, parameters, bytes, maskable weights and digest.
+    Inspect {
+        file: PathBuf,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Recompute a backbone's SHA-256 digest and compare it with its header.
+    Verify {
+        file: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a backbone on images (PNG/JPEG, resized and normalised as the file says) or on .npy
+    /// f32 tensors of the input shape (batch dimension optional). Prints the top 5 outputs.
+    Forward {
+        backbone: PathBuf,
+        #[arg(required = true)]
+        inputs: Vec<PathBuf>,
+        /// Print the full output vector of every input as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the kernels chosen for this CPU (EDGECL_FORCE_GENERIC=1 forces the reference).
+    Kernels {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    if let Some(t) = cli.threads {
+        if t == 0 {
+            bail!("--threads must be at least 1");
+        }
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(t)
+            .build_global()
+            .context("setting up the thread pool")?;
+    }
+    match cli.cmd {
+        Cmd::Init {
+            arch,
+            outputs,
+            seed,
+            weights,
+            output,
+        } => init(&arch, outputs, seed, weights.into(), &output),
+        #[cfg(feature = "import")]
+        Cmd::Import {
+            model,
+            input,
+            mean,
+            std,
+            drop_head,
+            weights,
+            name,
+            output,
+        } => import(
+            &model,
+            &input,
+            mean,
+            std,
+            drop_head,
+            weights.into(),
+            name,
+            &output,
+        ),
+        Cmd::Inspect { file, json } => inspect(&file, json),
+        Cmd::Verify { file, json } => verify(&file, json),
+        Cmd::Forward {
+            backbone,
+            inputs,
+            json,
+        } => forward(&backbone, &inputs, json),
+        Cmd::Kernels { json } => kernels(json),
+    }
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename, so that a crash never
+/// leaves a partial file and a mapped old file is never rewritten in place.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path.file_name().context("output path has no file name")?;
+    let tmp = dir.join(format!(
+        ".{}.tmp{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let result = (|| -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.with_context(|| format!("writing {}", path.display()))
+}
+
+/// Maps and validates a backbone file.
+fn open_backbone(path: &Path) -> Result<(MappedFile, PathBuf)> {
+    // SAFETY: edgecl never rewrites a backbone in place (see write_atomic); the user is told in
+    // the README not to overwrite a backbone that a running edgecl has open.
+    #[allow(unsafe_code)]
+    let map =
+        unsafe { MappedFile::open(path) }.with_context(|| format!("opening {}", path.display()))?;
+    Ok((map, path.to_path_buf()))
+}
+
+fn backbone<'a>(map: &'a MappedFile, path: &Path) -> Result<Backbone<'a>> {
+    Backbone::open(map.bytes())
+        .with_context(|| format!("{} is not a valid backbone file", path.display()))
+}
+
+fn init(arch: &str, outputs: usize, seed: u64, weights: WeightFormat, output: &Path) -> Result<()> {
+    let arch = Arch::from_name(arch).context("unknown architecture")?;
+    if outputs == 0 {
+        bail!("--outputs must be at least 1");
+    }
+    let bytes = random_backbone(arch, outputs, seed).emit(weights);
+    Backbone::open(&bytes).context("internal error: the new backbone does not validate")?;
+    write_atomic(output, &bytes)?;
+    println!(
+        "wrote {} ({} bytes, {} seed {seed})",
+        output.display(),
+        bytes.len(),
+        arch.name()
+    );
+    Ok(())
+}
+
+#[cfg(feature = "import")]
+#[allow(clippy::too_many_arguments)]
+fn import(
+    model: &Path,
+    input: &str,
+    mean: Vec<f32>,
+    std: Vec<f32>,
+    drop_head: bool,
+    weights: WeightFormat,
+    name: Option<String>,
+    output: &Path,
+) -> Result<()> {
+    use edgecl::import::onnx::{import, ImportOptions};
+    let dims: Vec<u32> = input
+        .split(['x', 'X', ','])
+        .map(|d| d.trim().parse::<u32>())
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("--input {input:?}: expected CxHxW, e.g. 3x224x224"))?;
+    let [c, h, w] = dims[..] else {
+        bail!("--input {input:?}: expected three dimensions CxHxW")
+    };
+    let n = c as usize;
+    let fill = |v: Vec<f32>, default: f32, what: &str| -> Result<Vec<f32>> {
+        match v.len() {
+            0 => Ok(vec![default; n]),
+            1 => Ok(vec![v[0]; n]),
+            l if l == n => Ok(v),
+            l => bail!("--{what} has {l} values but the input has {n} channels"),
+        }
+    };
+    let (mean, std) = (fill(mean, 0.0, "mean")?, fill(std, 1.0, "std")?);
+    if std
+        .iter()
+        .any(|&s| s.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater))
+    {
+        bail!("--std values must be positive");
+    }
+    if n > 4 && (mean.iter().any(|&m| m != 0.0) || std.iter().any(|&s| s != 1.0)) {
+        bail!("input normalisation is recorded for at most 4 channels");
+    }
+    let name = name.unwrap_or_else(|| {
+        model
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    });
+    let opts = ImportOptions {
+        input: [c, h, w],
+        mean,
+        std,
+        drop_head,
+        name,
+    };
+    let ir = import(model, &opts)?;
+    let bytes = ir.emit(weights);
+    let bb = Backbone::open(&bytes).context("the converted model does not validate")?;
+    let out = bb.output_shape();
+    write_atomic(output, &bytes)?;
+    println!(
+        "wrote {} ({} layers, output {out}, {} bytes)",
+        output.display(),
+        bb.layers().len(),
+        bytes.len()
+    );
+    Ok(())
+}
+
+fn inspect(path: &Path, json: bool) -> Result<()> {
+    let (map, path) = open_backbone(path)?;
+    let bb = backbone(&map, &path)?;
+    let g = &bb.view().graph;
+    let inp = bb.input();
+    let nc = (inp.channels as usize).min(4);
+    let mut rows = Vec::new();
+    let (mut params, mut bytes, mut maskable, mut macs) = (0usize, 0u64, 0usize, 0usize);
+    for (i, l) in bb.layers().iter().enumerate() {
+        let (x, y) = (bb.shape(l.input), bb.shape(i as u32 + 1));
+        params += bb.layer_params(i);
+        bytes += bb.layer_bytes(i);
+        maskable += bb.maskable(i);
+        macs += bb.layer_macs(i);
+        let mut detail = String::new();
+        if let Some(s) = bb.conv_shape(i) {
+            detail = format!("k{}x{} s{} p{} g{}", s.kh, s.kw, s.sh, s.pad[0], s.groups);
+        }
+        if let edgecl::format::graph::Op::Add { other } = l.op {
+            detail = format!("+ v{other}");
+        }
+        rows.push((
+            i,
+            l.op.name(),
+            l.input,
+            x,
+            y,
+            bb.layer_params(i),
+            bb.layer_bytes(i),
+            bb.maskable(i),
+            detail,
+        ));
+    }
+    let weights = match g.weights {
+        WeightFormat::I8 => "int8 per-channel",
+        WeightFormat::F32 => "f32",
+    };
+    if json {
+        let layers: Vec<_> = rows
+            .iter()
+            .map(|(i, op, inp, x, y, p, b, m, d)| {
+                json!({"index": i, "op": op, "input": inp, "in_shape": x.to_string(), "out_shape": y.to_string(),
+                       "params": p, "bytes": b, "maskable": m, "detail": d})
+            })
+            .collect();
+        let v = json!({
+            "file": path, "name": g.provenance.name, "source": g.provenance.source, "seed": g.provenance.seed,
+            "digest": Hex(&bb.digest()).to_string(), "weights": weights, "file_bytes": bb.view().file_len(),
+            "input": {"shape": [inp.channels, inp.height, inp.width], "mean": &inp.mean[..nc], "std": &inp.std[..nc]},
+            "output_shape": bb.output_shape().to_string(), "layers": layers,
+            "totals": {"layers": rows.len(), "params": params, "bytes": bytes, "maskable": maskable, "macs": macs},
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!(
+        "{}: {} ({})",
+        path.display(),
+        g.provenance.name,
+        g.provenance.source
+    );
+    if let Some(seed) = g.provenance.seed {
+        println!("seed      {seed}");
+    }
+    println!("digest    {}", Hex(&bb.digest()));
+    println!("weights   {weights}");
+    println!(
+        "input     {}x{}x{}  mean {:?}  std {:?}",
+        inp.channels,
+        inp.height,
+        inp.width,
+        &inp.mean[..nc],
+        &inp.std[..nc]
+    );
+    println!(
+        "\n{:>4}  {:<15} {:>5}  {:>12} -> {:<12} {:>10} {:>10} {:>10}  detail",
+        "#", "op", "in", "shape", "shape", "params", "bytes", "maskable"
+    );
+    for (i, op, inp, x, y, p, b, m, d) in &rows {
+        println!(
+            "{i:>4}  {op:<15} {:>5}  {:>12} -> {:<12} {p:>10} {b:>10} {m:>10}  {d}",
+            format!("v{inp}"),
+            x.to_string(),
+            y.to_string()
+        );
+    }
+    println!(
+        "\n{} layers, {params} parameters, {bytes} bytes of tensors ({} bytes file), {maskable} maskable weights, {:.1} M MACs per sample",
+        rows.len(),
+        bb.view().file_len(),
+        macs as f64 / 1e6
+    );
+    Ok(())
+}
+
+fn verify(path: &Path, json: bool) -> Result<()> {
+    let (map, path) = open_backbone(path)?;
+    let bb = backbone(&map, &path)?;
+    let result = bb.verify();
+    if json {
+        let computed = bb.view().compute_digest();
+        println!(
+            "{}",
+            json!({"file": path, "ok": result.is_ok(), "recorded": Hex(&bb.digest()).to_string(), "computed": Hex(&computed).to_string()})
+        );
+    }
+    result.with_context(|| format!("{} failed verification", path.display()))?;
+    if !json {
+        println!("{}: ok, digest {}", path.display(), Hex(&bb.digest()));
+    }
+    Ok(())
+}
+
+fn forward(path: &Path, inputs: &[PathBuf], json: bool) -> Result<()> {
+    let (map, path) = open_backbone(path)?;
+    let bb = backbone(&map, &path)?;
+    let k = Kernels::detect();
+    let mut scratch = Vec::new();
+    let mut results = Vec::new();
+    for p in inputs {
+        let (x, batch) =
+            input::load(p, &bb).with_context(|| format!("reading input {}", p.display()))?;
+        scratch.resize(bb.scratch_len(&k, batch), 0.0);
+        let y = bb.forward(&k, &x, batch, &mut scratch);
+        let n = bb.output_shape().len();
+        for (b, out) in y.chunks(n).enumerate() {
+            let mut idx: Vec<usize> = (0..n).collect();
+            idx.sort_by(|&a, &b| out[b].total_cmp(&out[a]));
+            let top: Vec<(usize, f32)> = idx.iter().take(5).map(|&i| (i, out[i])).collect();
+            if json {
+                results.push(json!({"input": p, "sample": b, "top5": top, "output": out}));
+            } else {
+                let label = if batch > 1 {
+                    format!("{}[{b}]", p.display())
+                } else {
+                    p.display().to_string()
+                };
+                let tops: Vec<String> = top.iter().map(|(i, v)| format!("{i}:{v:.4}")).collect();
+                println!("{label}: {}", tops.join("  "));
+            }
+        }
+    }
+    if json {
+        println!("{}", serde_json::to_string(&results)?);
+    }
+    Ok(())
+}
+
+fn kernels(json: bool) -> Result<()> {
+    let k = Kernels::detect();
+    let forced = std::env::var_os("EDGECL_FORCE_GENERIC").is_some_and(|v| v == "1");
+    let threads = edgecl::kernels::threads();
+    if json {
+        let slots: serde_json::Map<String, serde_json::Value> = k
+            .describe()
+            .iter()
+            .map(|(s, d)| (s.to_string(), json!(d)))
+            .collect();
+        println!(
+            "{}",
+            json!({"fast": k.fast, "forced_generic": forced, "threads": threads, "slots": slots})
+        );
+        return Ok(());
+    }
+    println!("arch      {}", std::env::consts::ARCH);
+    println!("threads   {threads}");
+    if forced {
+        println!("EDGECL_FORCE_GENERIC=1: reference kernels forced");
+    }
+    for (slot, desc) in k.describe() {
+        println!("{slot:<18} {desc}");
+    }
+    Ok(())
+}

@@ -1,0 +1,248 @@
+//! Pure math on slices: the reference kernels, the fast path, and the choice between them.
+//!
+//! Activations are f32 in NCHW order. Weights arrive as [`Weights`]: int8 with one f32 scale
+//! per output channel (dequantised while they are packed for the matrix kernel) or plain f32.
+//! Every conv and linear kernel ends in a per-channel [`PostOp`] (`y = acc * mul + add`, then a
+//! clamp), into which the plan folds bias, batch norm and ReLU/ReLU6.
+//!
+//! Two implementations of every op:
+//! * [`reference`]: direct loops, obviously correct; the fallback, the test oracle, the doc.
+//! * [`fast`]: im2col + packed GEMM (the micro-kernel is a per-ISA slot), a row-wise depthwise
+//!   kernel and an int8 dot-product kernel for linear layers. Property tests hold it to the
+//!   reference within 1e-4 relative.
+//!
+//! The choice is made once, in [`Kernels::detect`] (run-time CPU feature detection on std,
+//! compile-time on bare metal); `EDGECL_FORCE_GENERIC=1` selects the reference kernels.
+//! Kernels never allocate: callers pass scratch sized by [`fast::conv_scratch_len`].
+
+pub mod fast;
+pub mod gemm;
+pub mod reference;
+#[cfg(all(target_arch = "x86_64", feature = "std"))]
+pub mod x86_64;
+
+/// Weights of one conv or linear layer, `[out][in/groups][kh][kw]` (or `[out][in]`).
+#[derive(Clone, Copy, Debug)]
+pub enum Weights<'a> {
+    /// `w[o][..] = scale[o] * q[o][..]`
+    I8 {
+        q: &'a [i8],
+        scale: &'a [f32],
+    },
+    F32(&'a [f32]),
+}
+
+impl Weights<'_> {
+    /// The dequantised weight at flat index `i` of output channel `o`.
+    #[inline]
+    pub fn get(&self, o: usize, i: usize) -> f32 {
+        match self {
+            Weights::I8 { q, scale } => scale[o] * q[i] as f32,
+            Weights::F32(w) => w[i],
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            Weights::I8 { q, .. } => q.len(),
+            Weights::F32(w) => w.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Per-output-channel epilogue: `y[c] = clamp(acc[c] * mul[c] + add[c], lo, hi)`.
+#[derive(Clone, Copy, Debug)]
+pub struct PostOp<'a> {
+    pub mul: &'a [f32],
+    pub add: &'a [f32],
+    pub lo: f32,
+    pub hi: f32,
+}
+
+impl PostOp<'_> {
+    #[inline(always)]
+    pub fn apply(&self, c: usize, acc: f32) -> f32 {
+        (acc * self.mul[c] + self.add[c]).max(self.lo).min(self.hi)
+    }
+}
+
+/// Activation fused into a post-op, as clamp bounds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Act {
+    None,
+    Relu,
+    Relu6,
+}
+
+impl Act {
+    pub fn bounds(self) -> (f32, f32) {
+        match self {
+            Act::None => (f32::NEG_INFINITY, f32::INFINITY),
+            Act::Relu => (0.0, f32::INFINITY),
+            Act::Relu6 => (0.0, 6.0),
+        }
+    }
+}
+
+/// Geometry of a 2-D convolution on one sample.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvShape {
+    pub c_in: usize,
+    pub h: usize,
+    pub w: usize,
+    pub c_out: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub sh: usize,
+    pub sw: usize,
+    /// top, left, bottom, right
+    pub pad: [usize; 4],
+    pub dh: usize,
+    pub dw: usize,
+    pub groups: usize,
+}
+
+impl ConvShape {
+    /// Output height and width, or `None` if the window does not fit even once.
+    pub fn out_hw(&self) -> Option<(usize, usize)> {
+        let eh = self.dh * (self.kh - 1) + 1;
+        let ew = self.dw * (self.kw - 1) + 1;
+        let ph = self.h + self.pad[0] + self.pad[2];
+        let pw = self.w + self.pad[1] + self.pad[3];
+        if ph < eh || pw < ew {
+            return None;
+        }
+        Some(((ph - eh) / self.sh + 1, (pw - ew) / self.sw + 1))
+    }
+    pub fn oh(&self) -> usize {
+        self.out_hw().map_or(0, |d| d.0)
+    }
+    pub fn ow(&self) -> usize {
+        self.out_hw().map_or(0, |d| d.1)
+    }
+    pub fn cin_g(&self) -> usize {
+        self.c_in / self.groups
+    }
+    pub fn cout_g(&self) -> usize {
+        self.c_out / self.groups
+    }
+    pub fn is_depthwise(&self) -> bool {
+        self.groups > 1 && self.groups == self.c_in && self.c_out == self.c_in
+    }
+    /// Multiply-accumulates per sample.
+    pub fn macs(&self) -> usize {
+        self.c_out * self.oh() * self.ow() * self.cin_g() * self.kh * self.kw
+    }
+}
+
+/// A packed-GEMM micro-kernel: `tile[mr][nr] (+)= a[k][mr] * b[k][nr]` over `k` steps.
+pub type MicroKernelFn = fn(k: usize, a: &[f32], b: &[f32], tile: &mut [f32], accumulate: bool);
+
+/// A micro-kernel and its tile size.
+#[derive(Clone, Copy)]
+pub struct MicroKernel {
+    pub name: &'static str,
+    pub mr: usize,
+    pub nr: usize,
+    pub run: MicroKernelFn,
+}
+
+/// The kernel table, built once and passed down. `Copy`, so it costs nothing to hand around.
+#[derive(Clone, Copy)]
+pub struct Kernels {
+    /// `false`: the reference kernels for every op.
+    pub fast: bool,
+    pub micro: MicroKernel,
+}
+
+impl core::fmt::Debug for Kernels {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.debug_struct("Kernels")
+            .field("fast", &self.fast)
+            .field("micro", &self.micro.name)
+            .finish()
+    }
+}
+
+impl Kernels {
+    /// The portable tables: reference loops, or the fast path with the portable micro-kernel.
+    pub const fn generic(fast: bool) -> Self {
+        Kernels {
+            fast,
+            micro: gemm::GENERIC_MICRO,
+        }
+    }
+
+    /// The best kernels for this CPU. On std, `EDGECL_FORCE_GENERIC=1` forces the reference.
+    pub fn detect() -> Self {
+        #[cfg(feature = "std")]
+        if std::env::var_os("EDGECL_FORCE_GENERIC").is_some_and(|v| v == "1") {
+            return Self::generic(false);
+        }
+        Self::best_fast()
+    }
+
+    /// The fast path with the best micro-kernel for this CPU.
+    pub fn best_fast() -> Self {
+        #[cfg(all(target_arch = "x86_64", feature = "std"))]
+        if let Some(micro) = x86_64::detect() {
+            return Kernels { fast: true, micro };
+        }
+        Self::generic(true)
+    }
+
+    /// One line per kernel slot, for `edgecl kernels`.
+    pub fn describe(&self) -> [(&'static str, &'static str); 4] {
+        if self.fast {
+            [
+                ("conv2d", "im2col + packed GEMM"),
+                ("gemm micro-kernel", self.micro.name),
+                ("depthwise", "row-wise, padding-free inner loop"),
+                ("linear", "int8 dot product, 8 lanes"),
+            ]
+        } else {
+            [
+                ("conv2d", "reference (direct loops)"),
+                ("gemm micro-kernel", "unused"),
+                ("depthwise", "reference (direct loops)"),
+                ("linear", "reference (direct loops)"),
+            ]
+        }
+    }
+}
+
+/// Runs `f(index, chunk)` over `chunk`-sized pieces of `data`, on the rayon pool when std is
+/// available and it has more than one thread.
+pub fn for_each_chunk<F>(data: &mut [f32], chunk: usize, f: F)
+where
+    F: Fn(usize, &mut [f32]) + Sync + Send,
+{
+    let chunk = chunk.max(1);
+    #[cfg(feature = "std")]
+    if rayon::current_num_threads() > 1 && data.len() > chunk {
+        use rayon::prelude::*;
+        data.par_chunks_mut(chunk)
+            .enumerate()
+            .for_each(|(i, c)| f(i, c));
+        return;
+    }
+    for (i, c) in data.chunks_mut(chunk).enumerate() {
+        f(i, c);
+    }
+}
+
+/// Number of worker threads the kernels will split work over.
+pub fn threads() -> usize {
+    #[cfg(feature = "std")]
+    {
+        rayon::current_num_threads()
+    }
+    #[cfg(not(feature = "std"))]
+    {
+        1
+    }
+}
