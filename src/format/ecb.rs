@@ -112,7 +112,7 @@ impl Header {
             });
         }
         if hdr.data_offset < graph_end
-            || hdr.data_offset % ALIGN != 0
+            || !hdr.data_offset.is_multiple_of(ALIGN)
             || hdr.data_offset - graph_end >= ALIGN
         {
             return Err(FormatError::BadLayout {
@@ -178,7 +178,7 @@ impl<'a> EcbView<'a> {
             });
         }
         let data = &bytes[d0..];
-        if data.as_ptr() as usize % 4 != 0 {
+        if !(data.as_ptr() as usize).is_multiple_of(4) {
             return Err(FormatError::BufferMisaligned);
         }
         let (graph, layer_bytes) = postcard::take_from_bytes::<GraphHeader<'a>>(&bytes[g0..g1])
@@ -406,7 +406,7 @@ impl LayerIter<'_> {
         t: TensorRef,
         expected: u64,
     ) -> Result<(), FormatError> {
-        if t.offset % ALIGN != 0 {
+        if !t.offset.is_multiple_of(ALIGN) {
             return Err(FormatError::TensorMisaligned {
                 layer,
                 tensor: name,

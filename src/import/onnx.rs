@@ -264,10 +264,9 @@ impl Converter {
                         attr(node, "max").map(|a| a.f),
                     )
                 };
-                match (lo, hi) {
-                    (Some(l), Some(h)) if l == 0.0 && h == 6.0 => self.push(node, x, plain(Op::Relu6)),
-                    (Some(l), None) if l == 0.0 => self.push(node, x, plain(Op::Relu)),
-                    (Some(l), Some(h)) if l == 0.0 && h == f32::INFINITY => self.push(node, x, plain(Op::Relu)),
+                match (lo, hi.unwrap_or(f32::INFINITY)) {
+                    (Some(l), h) if l == 0.0 && h == 6.0 => self.push(node, x, plain(Op::Relu6)),
+                    (Some(l), h) if l == 0.0 && h == f32::INFINITY => self.push(node, x, plain(Op::Relu)),
                     _ => Err(err(format!("only Clip(0, 6) and Clip(0, inf) are supported, found Clip({lo:?}, {hi:?})"))),
                 }
             }

@@ -5,6 +5,9 @@
 //! property tests. The element-wise and pooling ops here are also what the fast path uses:
 //! they are memory-bound and already run at the speed of a copy.
 
+// Index loops on purpose: each kernel reads like its formula.
+#![allow(clippy::needless_range_loop)]
+
 use super::{ConvShape, PostOp, Weights};
 
 /// `y[co][oy][ox] = post(sum over ci in group, ky, kx of w * x)`; `x` is `[c_in][h][w]`,

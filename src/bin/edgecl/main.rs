@@ -3,6 +3,19 @@
 
 mod input;
 
+/// `println!` that exits quietly when stdout is closed early (`edgecl inspect f | head`).
+macro_rules! out {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(e) = writeln!(std::io::stdout().lock(), $($t)*) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+            panic!("writing to stdout: {e}");
+        }
+    }};
+}
+
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use edgecl::backbone::mmap::MappedFile;
@@ -232,7 +245,7 @@ fn init(arch: &str, outputs: usize, seed: u64, weights: WeightFormat, output: &P
     let bytes = random_backbone(arch, outputs, seed).emit(weights);
     Backbone::open(&bytes).context("internal error: the new backbone does not validate")?;
     write_atomic(output, &bytes)?;
-    println!(
+    out!(
         "wrote {} ({} bytes, {} seed {seed})",
         output.display(),
         bytes.len(),
@@ -299,7 +312,7 @@ fn import(
     let bb = Backbone::open(&bytes).context("the converted model does not validate")?;
     let out = bb.output_shape();
     write_atomic(output, &bytes)?;
-    println!(
+    out!(
         "wrote {} ({} layers, output {out}, {} bytes)",
         output.display(),
         bb.layers().len(),
@@ -360,21 +373,21 @@ fn inspect(path: &Path, json: bool) -> Result<()> {
             "output_shape": bb.output_shape().to_string(), "layers": layers,
             "totals": {"layers": rows.len(), "params": params, "bytes": bytes, "maskable": maskable, "macs": macs},
         });
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        out!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
-    println!(
+    out!(
         "{}: {} ({})",
         path.display(),
         g.provenance.name,
         g.provenance.source
     );
     if let Some(seed) = g.provenance.seed {
-        println!("seed      {seed}");
+        out!("seed      {seed}");
     }
-    println!("digest    {}", Hex(&bb.digest()));
-    println!("weights   {weights}");
-    println!(
+    out!("digest    {}", Hex(&bb.digest()));
+    out!("weights   {weights}");
+    out!(
         "input     {}x{}x{}  mean {:?}  std {:?}",
         inp.channels,
         inp.height,
@@ -382,19 +395,26 @@ fn inspect(path: &Path, json: bool) -> Result<()> {
         &inp.mean[..nc],
         &inp.std[..nc]
     );
-    println!(
+    out!(
         "\n{:>4}  {:<15} {:>5}  {:>12} -> {:<12} {:>10} {:>10} {:>10}  detail",
-        "#", "op", "in", "shape", "shape", "params", "bytes", "maskable"
+        "#",
+        "op",
+        "in",
+        "shape",
+        "shape",
+        "params",
+        "bytes",
+        "maskable"
     );
     for (i, op, inp, x, y, p, b, m, d) in &rows {
-        println!(
+        out!(
             "{i:>4}  {op:<15} {:>5}  {:>12} -> {:<12} {p:>10} {b:>10} {m:>10}  {d}",
             format!("v{inp}"),
             x.to_string(),
             y.to_string()
         );
     }
-    println!(
+    out!(
         "\n{} layers, {params} parameters, {bytes} bytes of tensors ({} bytes file), {maskable} maskable weights, {:.1} M MACs per sample",
         rows.len(),
         bb.view().file_len(),
@@ -409,14 +429,14 @@ fn verify(path: &Path, json: bool) -> Result<()> {
     let result = bb.verify();
     if json {
         let computed = bb.view().compute_digest();
-        println!(
+        out!(
             "{}",
             json!({"file": path, "ok": result.is_ok(), "recorded": Hex(&bb.digest()).to_string(), "computed": Hex(&computed).to_string()})
         );
     }
     result.with_context(|| format!("{} failed verification", path.display()))?;
     if !json {
-        println!("{}: ok, digest {}", path.display(), Hex(&bb.digest()));
+        out!("{}: ok, digest {}", path.display(), Hex(&bb.digest()));
     }
     Ok(())
 }
@@ -446,12 +466,12 @@ fn forward(path: &Path, inputs: &[PathBuf], json: bool) -> Result<()> {
                     p.display().to_string()
                 };
                 let tops: Vec<String> = top.iter().map(|(i, v)| format!("{i}:{v:.4}")).collect();
-                println!("{label}: {}", tops.join("  "));
+                out!("{label}: {}", tops.join("  "));
             }
         }
     }
     if json {
-        println!("{}", serde_json::to_string(&results)?);
+        out!("{}", serde_json::to_string(&results)?);
     }
     Ok(())
 }
@@ -466,19 +486,19 @@ fn kernels(json: bool) -> Result<()> {
             .iter()
             .map(|(s, d)| (s.to_string(), json!(d)))
             .collect();
-        println!(
+        out!(
             "{}",
             json!({"fast": k.fast, "forced_generic": forced, "threads": threads, "slots": slots})
         );
         return Ok(());
     }
-    println!("arch      {}", std::env::consts::ARCH);
-    println!("threads   {threads}");
+    out!("arch      {}", std::env::consts::ARCH);
+    out!("threads   {threads}");
     if forced {
-        println!("EDGECL_FORCE_GENERIC=1: reference kernels forced");
+        out!("EDGECL_FORCE_GENERIC=1: reference kernels forced");
     }
     for (slot, desc) in k.describe() {
-        println!("{slot:<18} {desc}");
+        out!("{slot:<18} {desc}");
     }
     Ok(())
 }

@@ -1,0 +1,182 @@
+//! Fast kernels against the reference kernels on random shapes (strides, padding, dilation,
+//! groups, depthwise, odd sizes), with int8 and f32 weights, and whole networks with batch > 1.
+//! Tolerance: |fast − ref| ≤ 1e-4 · (1 + |ref|) per element — 1e-4 relative, with an absolute
+//! floor for outputs near zero where summation order dominates.
+
+use edgecl::backbone::Backbone;
+use edgecl::format::graph::WeightFormat;
+use edgecl::import::init::{random_backbone, Arch};
+use edgecl::kernels::{fast, reference, ConvShape, Kernels, PostOp, Weights};
+use proptest::prelude::*;
+
+fn close(fast: &[f32], reference: &[f32]) -> Result<(), TestCaseError> {
+    prop_assert_eq!(fast.len(), reference.len());
+    for (i, (&a, &b)) in fast.iter().zip(reference).enumerate() {
+        prop_assert!(
+            (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+            "element {}: fast {} vs reference {}",
+            i,
+            a,
+            b
+        );
+    }
+    Ok(())
+}
+
+/// Deterministic pseudo-random floats in [-1, 1).
+fn floats(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn conv_shape() -> impl Strategy<Value = ConvShape> {
+    (
+        1usize..4,
+        1usize..6,
+        1usize..6,
+        1usize..4,
+        1usize..4,
+        1usize..3,
+        1usize..3,
+        0usize..3,
+        1usize..3,
+        1usize..12,
+        1usize..12,
+        any::<bool>(),
+    )
+        .prop_flat_map(
+            |(groups, cig, cog, kh, kw, sh, sw, pad, dil, h, w, depthwise)| {
+                let (groups, cig, cog) = if depthwise {
+                    (cig * groups, 1, 1)
+                } else {
+                    (groups, cig, cog)
+                };
+                (
+                    Just((groups, cig, cog, kh, kw, sh, sw, dil, h, w)),
+                    prop::array::uniform4(0usize..=pad),
+                )
+            },
+        )
+        .prop_filter_map(
+            "window must fit",
+            |((groups, cig, cog, kh, kw, sh, sw, dil, h, w), pad)| {
+                let s = ConvShape {
+                    c_in: groups * cig,
+                    h,
+                    w,
+                    c_out: groups * cog,
+                    kh,
+                    kw,
+                    sh,
+                    sw,
+                    pad,
+                    dh: dil,
+                    dw: dil,
+                    groups,
+                };
+                s.out_hw().map(|_| s)
+            },
+        )
+}
+
+fn run_conv(k: &Kernels, s: &ConvShape, weights: Weights, x: &[f32], post: &PostOp) -> Vec<f32> {
+    let mut y = vec![0.0; s.c_out * s.oh() * s.ow()];
+    if k.fast {
+        let mut scratch = vec![0.0; fast::conv_scratch_len(s, k)];
+        fast::conv2d(k, s, weights, x, &mut y, post, &mut scratch);
+    } else {
+        reference::conv2d(s, weights, x, &mut y, post);
+    }
+    y
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+    #[test]
+    fn conv_fast_matches_reference(s in conv_shape(), seed in any::<u64>(), int8 in any::<bool>(), act in 0u8..3) {
+        let nw = s.c_out * s.cin_g() * s.kh * s.kw;
+        let wf = floats(nw, seed);
+        let q: Vec<i8> = floats(nw, seed ^ 1).iter().map(|v| (v * 127.0) as i8).collect();
+        let scale = floats(s.c_out, seed ^ 2).iter().map(|v| v.abs() * 0.05 + 0.001).collect::<Vec<_>>();
+        let weights = if int8 { Weights::I8 { q: &q, scale: &scale } } else { Weights::F32(&wf) };
+        let x = floats(s.c_in * s.h * s.w, seed ^ 3);
+        let mul = floats(s.c_out, seed ^ 4);
+        let add = floats(s.c_out, seed ^ 5);
+        let (lo, hi) = [(f32::NEG_INFINITY, f32::INFINITY), (0.0, f32::INFINITY), (0.0, 6.0)][act as usize];
+        let post = PostOp { mul: &mul, add: &add, lo, hi };
+        let want = run_conv(&Kernels::generic(false), &s, weights, &x, &post);
+        close(&run_conv(&Kernels::generic(true), &s, weights, &x, &post), &want)?;
+        close(&run_conv(&Kernels::best_fast(), &s, weights, &x, &post), &want)?;
+    }
+
+    #[test]
+    fn linear_fast_matches_reference(i in 1usize..70, o in 1usize..40, seed in any::<u64>(), int8 in any::<bool>()) {
+        let wf = floats(i * o, seed);
+        let q: Vec<i8> = wf.iter().map(|v| (v * 127.0) as i8).collect();
+        let scale = vec![0.01; o];
+        let weights = if int8 { Weights::I8 { q: &q, scale: &scale } } else { Weights::F32(&wf) };
+        let x = floats(i, seed ^ 7);
+        let (mul, add) = (floats(o, seed ^ 8), floats(o, seed ^ 9));
+        let post = PostOp { mul: &mul, add: &add, lo: f32::NEG_INFINITY, hi: f32::INFINITY };
+        let (mut a, mut b) = (vec![0.0; o], vec![0.0; o]);
+        fast::linear(i, o, weights, &x, &mut a, &post);
+        reference::linear(i, o, weights, &x, &mut b, &post);
+        close(&a, &b)?;
+    }
+}
+
+/// The whole plan (fusions, buffer reuse, batch > 1) on the fast path equals the reference.
+#[test]
+fn whole_networks_fast_equal_reference_with_batches() {
+    for (arch, batch) in [(Arch::GemResnet18, 3), (Arch::Lenet, 5), (Arch::Fc1024, 2)] {
+        for format in [WeightFormat::I8, WeightFormat::F32] {
+            let bytes = random_backbone(arch, 7, 11).emit(format);
+            let bb = Backbone::open(&bytes).unwrap();
+            let x = floats(batch * bb.input_shape().len(), 5);
+            let run = |k: Kernels| {
+                let mut scratch = vec![0.0; bb.scratch_len(&k, batch)];
+                bb.forward(&k, &x, batch, &mut scratch).to_vec()
+            };
+            let want = run(Kernels::generic(false));
+            assert_eq!(want.len(), batch * 7);
+            assert!(
+                want.iter().any(|&v| v != 0.0),
+                "{arch:?}: the output is not all zeros"
+            );
+            for k in [Kernels::generic(true), Kernels::best_fast()] {
+                let got = run(k);
+                for (a, b) in got.iter().zip(&want) {
+                    assert!(
+                        (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                        "{arch:?} {format:?} {k:?}: {a} vs {b}"
+                    );
+                }
+            }
+            // Each sample of a batch equals that sample run alone.
+            let k = Kernels::best_fast();
+            let mut scratch = vec![0.0; bb.scratch_len(&k, 1)];
+            let per = bb.input_shape().len();
+            let batched = run(k);
+            for b in 0..batch {
+                let alone = bb
+                    .forward(&k, &x[b * per..(b + 1) * per], 1, &mut scratch)
+                    .to_vec();
+                assert_eq!(
+                    alone,
+                    batched[b * 7..(b + 1) * 7],
+                    "{arch:?}: sample {b} differs alone vs in a batch"
+                );
+            }
+        }
+    }
+}
