@@ -204,7 +204,9 @@ impl<'a> EcbView<'a> {
             count: self.graph.layer_count,
             weights: self.graph.weights,
             data: self.data,
-            next_free: 0,
+            cursor: [0, 0],
+            small_end: 0,
+            bulk_start: u64::MAX,
             done: false,
         }
     }
@@ -259,7 +261,11 @@ pub struct LayerIter<'a> {
     count: u32,
     weights: WeightFormat,
     data: &'a [u8],
-    next_free: u64,
+    /// Next free offset in each region: 0 = per-channel records, 1 = bulk weights.
+    cursor: [u64; 2],
+    /// End of the last record and start of the first weight tensor seen so far.
+    small_end: u64,
+    bulk_start: u64,
     done: bool,
 }
 
@@ -312,7 +318,6 @@ impl LayerIter<'_> {
             });
         }
         let bad = |what| FormatError::BadParam { layer: i, what };
-        let wbytes = self.weights.elem_bytes() as u64;
         match &layer.op {
             Op::Conv2d(c) => {
                 if c.in_channels == 0 || c.out_channels == 0 {
@@ -335,8 +340,7 @@ impl LayerIter<'_> {
                         c.kernel[1] as u64,
                     ],
                 )?;
-                self.tensor(i, "weight", c.weight, n * wbytes)?;
-                self.scale(i, c.scale, c.out_channels)?;
+                self.weights(i, c.weight, c.scale, n, c.out_channels)?;
                 self.optional(i, "bias", c.bias, c.out_channels, Finite)?;
             }
             Op::Linear(l) => {
@@ -348,8 +352,7 @@ impl LayerIter<'_> {
                     "weight count",
                     &[l.out_features as u64, l.in_features as u64],
                 )?;
-                self.tensor(i, "weight", l.weight, n * wbytes)?;
-                self.scale(i, l.scale, l.out_features)?;
+                self.weights(i, l.weight, l.scale, n, l.out_features)?;
                 self.optional(i, "bias", l.bias, l.out_features, Finite)?;
             }
             Op::BatchNorm(b) => {
@@ -399,6 +402,9 @@ impl LayerIter<'_> {
         Ok(())
     }
 
+    /// Checks bounds, alignment, length and placement of one tensor. Weight tensors (`bulk`)
+    /// come after every per-channel record, so opening a file touches only the small region
+    /// and the weights' pages stay untouched until a kernel reads them.
     fn tensor(
         &mut self,
         layer: u32,
@@ -406,6 +412,7 @@ impl LayerIter<'_> {
         t: TensorRef,
         expected: u64,
     ) -> Result<(), FormatError> {
+        let bulk = name == "weight";
         if !t.offset.is_multiple_of(ALIGN) {
             return Err(FormatError::TensorMisaligned {
                 layer,
@@ -427,13 +434,25 @@ impl LayerIter<'_> {
                 found: t.len,
             });
         }
-        if t.offset < self.next_free {
+        let region = bulk as usize;
+        if t.offset < self.cursor[region] {
             return Err(FormatError::TensorOrder {
                 layer,
                 tensor: name,
             });
         }
-        self.next_free = t.offset + t.len;
+        self.cursor[region] = t.offset + t.len;
+        if bulk {
+            self.bulk_start = self.bulk_start.min(t.offset);
+        } else {
+            self.small_end = self.small_end.max(t.offset + t.len);
+        }
+        if self.small_end > self.bulk_start {
+            return Err(FormatError::TensorOrder {
+                layer,
+                tensor: name,
+            });
+        }
         Ok(())
     }
 
@@ -477,17 +496,25 @@ impl LayerIter<'_> {
         }
     }
 
-    fn scale(&mut self, layer: u32, t: Option<TensorRef>, n: u32) -> Result<(), FormatError> {
-        match (self.weights, t) {
-            (WeightFormat::I8, Some(t)) => self.values(layer, "scale", t, n, NonNegative),
-            (WeightFormat::F32, None) => Ok(()),
-            (WeightFormat::I8, None) => Err(FormatError::BadParam {
-                layer,
-                what: "int8 weights need a scale",
-            }),
+    /// Checks a layer's weights: with a scale tensor they are int8 (`n` bytes), without one
+    /// f32 (`4n` bytes). An all-f32 file may not hold int8 layers.
+    fn weights(
+        &mut self,
+        layer: u32,
+        w: TensorRef,
+        scale: Option<TensorRef>,
+        n: u64,
+        rows: u32,
+    ) -> Result<(), FormatError> {
+        match (self.weights, scale) {
+            (_, None) => self.tensor(layer, "weight", w, n * 4),
+            (WeightFormat::I8, Some(s)) => {
+                self.tensor(layer, "weight", w, n)?;
+                self.values(layer, "scale", s, rows, NonNegative)
+            }
             (WeightFormat::F32, Some(_)) => Err(FormatError::BadParam {
                 layer,
-                what: "f32 weights take no scale",
+                what: "an all-f32 file holds an int8 layer",
             }),
         }
     }
@@ -519,7 +546,20 @@ mod writer {
         pub input: InputSpec,
         pub weights: WeightFormat,
         layers: Vec<Layer>,
-        data: Vec<u8>,
+        /// Per-channel records (scales, biases, norms) and the bulk weights; the file stores
+        /// the first, then the second.
+        small: Vec<u8>,
+        bulk: Vec<u8>,
+    }
+
+    fn push_aligned(buf: &mut Vec<u8>, bytes: &[u8]) -> TensorRef {
+        let offset = buf.len().next_multiple_of(ALIGN as usize);
+        buf.resize(offset, 0);
+        buf.extend_from_slice(bytes);
+        TensorRef {
+            offset: offset as u64,
+            len: bytes.len() as u64,
+        }
     }
 
     impl EcbWriter {
@@ -531,28 +571,26 @@ mod writer {
                 input,
                 weights,
                 layers: Vec::new(),
-                data: Vec::new(),
+                small: Vec::new(),
+                bulk: Vec::new(),
             }
         }
 
-        /// Appends raw bytes at the next 64-byte boundary.
-        pub fn add_bytes(&mut self, bytes: &[u8]) -> TensorRef {
-            let offset = self.data.len().next_multiple_of(ALIGN as usize);
-            self.data.resize(offset, 0);
-            self.data.extend_from_slice(bytes);
-            TensorRef {
-                offset: offset as u64,
-                len: bytes.len() as u64,
-            }
-        }
-
+        /// Appends a per-channel record (scale, bias, norm statistics) at the next 64-byte
+        /// boundary of the small region.
         pub fn add_f32(&mut self, xs: &[f32]) -> TensorRef {
-            let bytes: Vec<u8> = xs.iter().flat_map(|x| x.to_le_bytes()).collect();
-            self.add_bytes(&bytes)
+            push_aligned(&mut self.small, bytemuck::cast_slice(xs))
         }
 
-        pub fn add_i8(&mut self, xs: &[i8]) -> TensorRef {
-            self.add_bytes(bytemuck::cast_slice(xs))
+        /// Appends int8 weights to the bulk region. The returned offset is relative to the bulk
+        /// region until [`Self::finish`] relocates it.
+        pub fn add_weight_i8(&mut self, xs: &[i8]) -> TensorRef {
+            push_aligned(&mut self.bulk, bytemuck::cast_slice(xs))
+        }
+
+        /// Appends f32 weights to the bulk region (see [`Self::add_weight_i8`]).
+        pub fn add_weight_f32(&mut self, xs: &[f32]) -> TensorRef {
+            push_aligned(&mut self.bulk, bytemuck::cast_slice(xs))
         }
 
         /// Appends a layer and returns the id of the value it produces.
@@ -577,6 +615,18 @@ mod writer {
 
         /// Serialises the whole file, digest included.
         pub fn finish(&self) -> Vec<u8> {
+            let bulk_base = self.small.len().next_multiple_of(ALIGN as usize) as u64;
+            let mut layers = self.layers.clone();
+            for l in &mut layers {
+                match &mut l.op {
+                    Op::Conv2d(c) => c.weight.offset += bulk_base,
+                    Op::Linear(c) => c.weight.offset += bulk_base,
+                    _ => {}
+                }
+            }
+            let mut data = self.small.clone();
+            data.resize(bulk_base as usize, 0);
+            data.extend_from_slice(&self.bulk);
             let header = GraphHeader {
                 provenance: Provenance {
                     name: &self.name,
@@ -585,25 +635,25 @@ mod writer {
                 },
                 input: self.input,
                 weights: self.weights,
-                layer_count: self.layers.len() as u32,
+                layer_count: layers.len() as u32,
             };
             let mut graph = postcard::to_allocvec(&header).expect("graph header serialises");
-            for l in &self.layers {
+            for l in &layers {
                 graph.extend(postcard::to_allocvec(l).expect("layer serialises"));
             }
             let graph_end = HEADER_LEN + graph.len();
             let data_offset = graph_end.next_multiple_of(ALIGN as usize);
-            let mut out = Vec::with_capacity(data_offset + self.data.len());
+            let mut out = Vec::with_capacity(data_offset + data.len());
             out.resize(HEADER_LEN, 0);
             out.extend_from_slice(&graph);
             out.resize(data_offset, 0);
-            out.extend_from_slice(&self.data);
+            out.extend_from_slice(&data);
             let h = Header {
                 version: VERSION,
                 graph_offset: HEADER_LEN as u64,
                 graph_len: graph.len() as u64,
                 data_offset: data_offset as u64,
-                data_len: self.data.len() as u64,
+                data_len: data.len() as u64,
                 digest: sha256(&out[HEADER_LEN..]),
             };
             out[..HEADER_LEN].copy_from_slice(&h.to_bytes());

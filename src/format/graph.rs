@@ -6,12 +6,15 @@
 
 use serde::{Deserialize, Serialize};
 
-/// How the weights of conv and linear layers are stored in the data section.
+/// How the weights of conv and linear layers are stored in the data section. Each layer says
+/// for itself: a layer with a scale tensor holds int8, one without holds f32.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WeightFormat {
-    /// Symmetric per-output-channel int8: `w = scale[o] * q`, `q` in [-127, 127].
+    /// Symmetric per-output-channel int8 (`w = scale[o] * q`, `q` in [-127, 127]) for the bulk
+    /// of the weights; the importer keeps a few small, quantisation-sensitive layers in f32
+    /// (see `import::keeps_f32`).
     I8,
-    /// Plain f32, for exact comparisons with a float model (`--weights f32`).
+    /// Plain f32 everywhere, for exact comparisons with a float model (`--weights f32`).
     F32,
 }
 

@@ -8,6 +8,10 @@
 //! It knows nothing about how a network is executed: shapes across layers are checked by
 //! [`crate::backbone`], which is the first user of these views.
 
+// Tensors are read in place as little-endian f32/i8; every supported target is little-endian.
+#[cfg(target_endian = "big")]
+compile_error!("edgecl's file formats are read in place and need a little-endian target");
+
 pub mod ecb;
 pub mod graph;
 

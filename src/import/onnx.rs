@@ -46,6 +46,8 @@ struct Const {
     /// int8 values, per-channel scales and the channel axis, when this came out of a
     /// DequantizeLinear of an int8 tensor with zero point 0.
     quant: Option<(Vec<i8>, Vec<f32>, usize)>,
+    /// Stored as uint8 (the zero-point type of an unsigned QuantizeLinear).
+    unsigned: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -198,9 +200,32 @@ impl Converter {
                 self.set(node, v)
             }
             "QuantizeLinear" => {
-                // Activations stay f32: the quantise/dequantise pair is an identity here.
+                // Activations stay f32, so the quantise/dequantise pair becomes an identity,
+                // except for its lower saturation: quantisers drop a Relu/Clip before an
+                // activation whose zero point is the type's minimum, and rely on the
+                // quantised range to clamp at 0. That clamp is kept as a Relu (the upper
+                // saturation, a calibration artefact, is not).
                 let v = self.value(node, 0)?;
-                self.set(node, Val::Value(v))
+                let clamps_at_zero = match self.opt_const(node, 2)? {
+                    None => true, // the default zero point is uint8 0
+                    Some(z) => {
+                        !z.data.is_empty()
+                            && z.data
+                                .iter()
+                                .all(|&q| q == if z.unsigned { 0.0 } else { -128.0 })
+                    }
+                };
+                let after_act = v > 0
+                    && v == self.ir.last()
+                    && matches!(
+                        self.ir.layers.last(),
+                        Some((_, IrOp::Plain(Op::Relu | Op::Relu6)))
+                    );
+                if clamps_at_zero && !after_act && v > 0 {
+                    self.push(node, v, plain(Op::Relu))
+                } else {
+                    self.set(node, Val::Value(v))
+                }
             }
             "DequantizeLinear" => match self.get(node, 0)? {
                 Val::Value(v) => self.set(node, Val::Value(v)),
@@ -553,6 +578,7 @@ impl Converter {
             dims: x.dims,
             data,
             quant,
+            unsigned: false,
         })
     }
 }
@@ -684,6 +710,7 @@ fn load_tensor(t: &pb::TensorProto) -> Result<Const, ImportError> {
             )))
         }
     };
+    let unsigned = dt == D::Uint8;
     let (data, quant): (Vec<f32>, Option<Vec<i8>>) = match dt {
         D::Float if !raw.is_empty() => {
             check(raw.len() / 4, "float")?;
@@ -749,5 +776,6 @@ fn load_tensor(t: &pb::TensorProto) -> Result<Const, ImportError> {
         dims,
         data,
         quant: quant.map(|q| (q, Vec::new(), usize::MAX)),
+        unsigned,
     })
 }
