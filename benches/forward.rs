@@ -15,10 +15,7 @@ use std::path::Path;
 use tract_linalg::multithread::{multithread_tract_scope, Executor};
 use tract_onnx::prelude::*;
 
-const LITE0: &str = concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/models/efficientnet-lite0.onnx"
-);
+const LITE0: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/efficientnet-lite0.onnx");
 
 fn lite0_ecb(size: u32) -> Vec<u8> {
     let opts = ImportOptions {
@@ -28,15 +25,11 @@ fn lite0_ecb(size: u32) -> Vec<u8> {
         drop_head: false,
         name: "lite0".into(),
     };
-    import(Path::new(LITE0), &opts)
-        .expect("import Lite0")
-        .emit(WeightFormat::I8)
+    import(Path::new(LITE0), &opts).expect("import Lite0").emit(WeightFormat::I8)
 }
 
 fn input(size: usize) -> Vec<f32> {
-    (0..3 * size * size)
-        .map(|i| ((i * 7919) % 255) as f32 / 127.5 - 1.0)
-        .collect()
+    (0..3 * size * size).map(|i| ((i * 7919) % 255) as f32 / 127.5 - 1.0).collect()
 }
 
 fn forward(c: &mut Criterion) {
@@ -58,14 +51,9 @@ fn forward(c: &mut Criterion) {
             .unwrap()
             .into_runnable()
             .unwrap();
-        let tx: Tensor = tract_ndarray::Array4::from_shape_vec((1, 3, size, size), x.clone())
-            .unwrap()
-            .into();
+        let tx: Tensor = tract_ndarray::Array4::from_shape_vec((1, 3, size, size), x.clone()).unwrap().into();
         for threads in [1usize, 2] {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
             let mut scratch = vec![0.0; bb.scratch_len(&k, 1)];
             g.bench_function(BenchmarkId::new(format!("{size}/edgecl"), threads), |b| {
                 pool.install(|| b.iter(|| bb.forward(&k, &x, 1, &mut scratch)[0]))
@@ -90,46 +78,27 @@ fn open(c: &mut Criterion) {
     // SAFETY: the file is private to this process and not modified while mapped.
     #[allow(unsafe_code)]
     let map = unsafe { MappedFile::open(&path) }.unwrap();
-    c.bench_function("open/lite0-mapped", |b| {
-        b.iter(|| Backbone::open(map.bytes()).unwrap().layers().len())
-    });
-    let small = edgecl::import::init::random_backbone(edgecl::import::init::Arch::Lenet, 10, 0)
-        .emit(WeightFormat::I8);
-    c.bench_function("open/lenet", |b| {
-        b.iter(|| Backbone::open(&small).unwrap().layers().len())
-    });
+    c.bench_function("open/lite0-mapped", |b| b.iter(|| Backbone::open(map.bytes()).unwrap().layers().len()));
+    let small = edgecl::import::init::random_backbone(edgecl::import::init::Arch::Lenet, 10, 0).emit(WeightFormat::I8);
+    c.bench_function("open/lenet", |b| b.iter(|| Backbone::open(&small).unwrap().layers().len()));
     let _ = std::fs::remove_file(path);
 }
 
 /// Pointwise (1×1) conv shapes of Lite0 at 224×224: (M = out channels, K = in channels, N = H·W).
-const SHAPES: [(usize, usize, usize); 6] = [
-    (16, 32, 12544),
-    (96, 16, 12544),
-    (24, 144, 3136),
-    (240, 40, 784),
-    (480, 80, 196),
-    (1152, 192, 49),
-];
+const SHAPES: [(usize, usize, usize); 6] =
+    [(16, 32, 12544), (96, 16, 12544), (24, 144, 3136), (240, 40, 784), (480, 80, 196), (1152, 192, 49)];
 
 fn gemm_bench(c: &mut Criterion) {
     let mut g = c.benchmark_group("gemm");
     let k = Kernels::best_fast();
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(1)
-        .build()
-        .unwrap();
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().unwrap();
     for (m, kk, n) in SHAPES {
         let q: Vec<i8> = (0..m * kk).map(|i| (i % 255) as i8).collect();
         let scale = vec![0.01; m];
         let b = input(kk * n);
         let b = &b[..kk * n];
         let (mul, add) = (vec![1.0; m], vec![0.0; m]);
-        let post = PostOp {
-            mul: &mul,
-            add: &add,
-            lo: f32::NEG_INFINITY,
-            hi: f32::INFINITY,
-        };
+        let post = PostOp { mul: &mul, add: &add, lo: f32::NEG_INFINITY, hi: f32::INFINITY };
         let mut pa = vec![0.0; gemm::packed_a_len(m, kk, k.micro.mr)];
         let mut pb = vec![0.0; gemm::packed_b_len(kk, n, k.micro.nr)];
         let mut cm = vec![0.0; m * n];
@@ -137,19 +106,9 @@ fn gemm_bench(c: &mut Criterion) {
         g.bench_function(format!("{m}x{kk}x{n}"), |bch| {
             pool.install(|| {
                 bch.iter(|| {
-                    gemm::pack_a(
-                        Weights::I8 {
-                            q: &q,
-                            scale: &scale,
-                        },
-                        0,
-                        m,
-                        kk,
-                        k.micro.mr,
-                        &mut pa,
-                    );
+                    gemm::pack_a(Weights::I8 { q: &q, scale: &scale }, 0, m, kk, k.micro.mr, &mut pa);
                     gemm::pack_b(b, kk, n, n, k.micro.nr, &mut pb);
-                    gemm::gemm_packed(&k.micro, m, n, kk, &pa, &pb, &mut cm, &post, 0);
+                    gemm::gemm_packed(&k, m, n, kk, &pa, &pb, &mut cm, &post, 0);
                     cm[0]
                 })
             })

@@ -4,11 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn edgecl(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_edgecl"))
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("run edgecl")
+    Command::new(env!("CARGO_BIN_EXE_edgecl")).args(args).current_dir(dir).output().expect("run edgecl")
 }
 
 fn tempdir(name: &str) -> PathBuf {
@@ -19,11 +15,7 @@ fn tempdir(name: &str) -> PathBuf {
 }
 
 fn ok(o: &Output) -> String {
-    assert!(
-        o.status.success(),
-        "failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    assert!(o.status.success(), "failed: {}", String::from_utf8_lossy(&o.stderr));
     String::from_utf8(o.stdout.clone()).unwrap()
 }
 
@@ -33,29 +25,12 @@ fn ok(o: &Output) -> String {
 #[test]
 fn init_then_inspect_matches_the_golden_output() {
     let d = tempdir("golden");
-    ok(&edgecl(
-        &d,
-        &[
-            "init",
-            "--arch",
-            "lenet",
-            "--outputs",
-            "10",
-            "--seed",
-            "1",
-            "-o",
-            "lenet.ecb",
-        ],
-    ));
+    ok(&edgecl(&d, &["init", "--arch", "lenet", "--outputs", "10", "--seed", "1", "-o", "lenet.ecb"]));
     let text = ok(&edgecl(&d, &["inspect", "lenet.ecb"]));
-    let golden = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/data/lenet-seed1.inspect.txt"
-    ))
-    .unwrap();
+    let golden =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/lenet-seed1.inspect.txt")).unwrap();
     assert_eq!(text, golden);
-    let json: serde_json::Value =
-        serde_json::from_str(&ok(&edgecl(&d, &["inspect", "--json", "lenet.ecb"]))).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&ok(&edgecl(&d, &["inspect", "--json", "lenet.ecb"]))).unwrap();
     assert_eq!(json["totals"]["maskable"], 784 * 300 + 300 * 100 + 100 * 10);
     assert_eq!(json["seed"], 1);
     assert_eq!(json["layers"].as_array().unwrap().len(), 6);
@@ -74,37 +49,22 @@ fn verify_fails_on_a_modified_file_and_names_both_digests() {
     assert_eq!(o.status.code(), Some(1));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("digest mismatch"), "{err}");
-    let json: serde_json::Value =
-        serde_json::from_slice(&edgecl(&d, &["verify", "--json", "b.ecb"]).stdout).unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&edgecl(&d, &["verify", "--json", "b.ecb"]).stdout).unwrap();
     assert_eq!(json["ok"], false);
     for key in ["recorded", "computed"] {
-        assert!(
-            err.contains(json[key].as_str().unwrap()),
-            "stderr names the {key} digest"
-        );
+        assert!(err.contains(json[key].as_str().unwrap()), "stderr names the {key} digest");
     }
 }
 
 #[test]
 fn forward_on_npy_and_images_prints_top5_and_json() {
     let d = tempdir("forward");
-    ok(&edgecl(
-        &d,
-        &["init", "--arch", "lenet", "--outputs", "10", "-o", "l.ecb"],
-    ));
+    ok(&edgecl(&d, &["init", "--arch", "lenet", "--outputs", "10", "-o", "l.ecb"]));
     let x: Vec<f32> = (0..2 * 784).map(|i| (i % 17) as f32 / 17.0).collect();
-    std::fs::write(
-        d.join("x.npy"),
-        edgecl::data::npy::write(&[2, 1, 28, 28], &x),
-    )
-    .unwrap();
+    std::fs::write(d.join("x.npy"), edgecl::data::npy::write(&[2, 1, 28, 28], &x)).unwrap();
     let text = ok(&edgecl(&d, &["forward", "l.ecb", "x.npy"]));
     assert_eq!(text.lines().count(), 2, "{text}");
-    assert_eq!(
-        text.lines().next().unwrap().split_whitespace().count(),
-        6,
-        "name + 5 entries"
-    );
+    assert_eq!(text.lines().next().unwrap().split_whitespace().count(), 6, "name + 5 entries");
     let json: serde_json::Value =
         serde_json::from_str(&ok(&edgecl(&d, &["forward", "--json", "l.ecb", "x.npy"]))).unwrap();
     let out = json[1]["output"].as_array().unwrap();
@@ -131,29 +91,19 @@ fn bad_inputs_give_messages_not_panics() {
     let d = tempdir("errors");
     std::fs::write(d.join("junk.ecb"), b"definitely not a backbone").unwrap();
     ok(&edgecl(&d, &["init", "--arch", "lenet", "-o", "l.ecb"]));
-    std::fs::write(
-        d.join("bad.npy"),
-        b"\x93NUMPY\x01\x00\x10\x00{'descr': '<f8'}",
-    )
-    .unwrap();
+    std::fs::write(d.join("bad.npy"), b"\x93NUMPY\x01\x00\x10\x00{'descr': '<f8'}").unwrap();
     let cases: [(&[&str], &str); 5] = [
         (&["inspect", "junk.ecb"], "not a valid backbone"),
         (&["inspect", "missing.ecb"], "missing.ecb"),
         (&["forward", "l.ecb", "bad.npy"], "bad.npy"),
         (&["forward", "l.ecb", "l.ecb"], "not a readable PNG or JPEG"),
-        (
-            &["init", "--arch", "lenet", "--outputs", "0", "-o", "z.ecb"],
-            "--outputs",
-        ),
+        (&["init", "--arch", "lenet", "--outputs", "0", "-o", "z.ecb"], "--outputs"),
     ];
     for (args, needle) in cases {
         let o = edgecl(&d, args);
         let err = String::from_utf8_lossy(&o.stderr);
         assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
-        assert!(
-            err.starts_with("error: ") && err.contains(needle),
-            "{args:?}: {err}"
-        );
+        assert!(err.starts_with("error: ") && err.contains(needle), "{args:?}: {err}");
         assert!(!err.contains("panicked"), "{args:?}: {err}");
     }
     assert!(!d.join("z.ecb").exists(), "nothing written on error");

@@ -16,11 +16,7 @@ fn round_trip_init_write_open() {
             let ir = random_backbone(arch, 10, 42);
             let bytes = ir.emit(format);
             assert_eq!(bytes, ir.emit(format), "emit is deterministic");
-            assert_eq!(
-                bytes,
-                random_backbone(arch, 10, 42).emit(format),
-                "the seed regenerates the file"
-            );
+            assert_eq!(bytes, random_backbone(arch, 10, 42).emit(format), "the seed regenerates the file");
             let bb = Backbone::open(&bytes).unwrap();
             bb.verify().unwrap();
             assert_eq!(bb.view().graph.provenance.seed, Some(42));
@@ -30,12 +26,7 @@ fn round_trip_init_write_open() {
                 let (w, s) = match (&l.op, irop) {
                     (Op::Conv2d(c), IrOp::Conv { weight, .. }) => ((c.weight, c.scale), weight),
                     (Op::Linear(c), IrOp::Linear { weight, .. }) => ((c.weight, c.scale), weight),
-                    (
-                        Op::BatchNorm(b),
-                        IrOp::BatchNorm {
-                            mean, var, affine, ..
-                        },
-                    ) => {
+                    (Op::BatchNorm(b), IrOp::BatchNorm { mean, var, affine, .. }) => {
                         assert_eq!(bb.view().f32s(b.mean), &mean[..]);
                         assert_eq!(bb.view().f32s(b.var), &var[..]);
                         assert_eq!(b.gamma.is_some(), affine.is_some());
@@ -47,9 +38,7 @@ fn round_trip_init_write_open() {
                     }
                     (op, ir) => panic!("layer kinds differ: {op:?} vs {ir:?}"),
                 };
-                let IrWeights::I8 { q, scale } = s else {
-                    panic!("init makes int8 weights")
-                };
+                let IrWeights::I8 { q, scale } = s else { panic!("init makes int8 weights") };
                 match format {
                     WeightFormat::I8 => {
                         assert_eq!(bb.view().i8s(w.0), &q[..]);
@@ -89,13 +78,7 @@ fn every_truncation_is_a_named_error() {
     for cut in 0..bytes.len() {
         let e = open_never_panics(&bytes[..cut], &format!("truncation to {cut} bytes"));
         let e = e.unwrap_or_else(|| panic!("a file truncated to {cut} bytes opened"));
-        assert!(
-            matches!(
-                e,
-                FormatError::Truncated { .. } | FormatError::BadLayout { .. }
-            ),
-            "cut {cut}: {e}"
-        );
+        assert!(matches!(e, FormatError::Truncated { .. } | FormatError::BadLayout { .. }), "cut {cut}: {e}");
         assert!(!e.to_string().is_empty());
     }
 }
@@ -109,11 +92,7 @@ fn random_mutations_never_panic_and_are_caught_by_verify() {
         let mut m = bytes.clone();
         let flips = 1 + (rng.next_u64() % 4) as usize;
         // Half the mutations hit the header and graph, where structure lives.
-        let region = if round % 2 == 0 {
-            512.min(m.len())
-        } else {
-            m.len()
-        };
+        let region = if round % 2 == 0 { 512.min(m.len()) } else { m.len() };
         for _ in 0..flips {
             let at = (rng.next_u64() as usize) % region;
             m[at] ^= 1 + (rng.next_u64() % 255) as u8;
@@ -124,22 +103,15 @@ fn random_mutations_never_panic_and_are_caught_by_verify() {
                 // Structure intact: the digest still catches the change, unless the flip only
                 // touched the digest itself (then the recorded digest is what changed).
                 let bb = Backbone::open(&m).unwrap();
-                let mut scratch =
-                    vec![0.0; bb.scratch_len(&edgecl::kernels::Kernels::best_fast(), 1)];
+                let mut scratch = vec![0.0; bb.scratch_len(&edgecl::kernels::Kernels::best_fast(), 1)];
                 let x = vec![0.5; bb.input_shape().len()];
                 // Forward on a structurally valid file never fails or panics.
                 let _ = bb.forward(&edgecl::kernels::Kernels::best_fast(), &x, 1, &mut scratch);
-                assert!(
-                    bb.verify().is_err(),
-                    "round {round}: a modified file verified"
-                );
+                assert!(bb.verify().is_err(), "round {round}: a modified file verified");
             }
         }
     }
-    assert!(
-        rejected_at_open > 500,
-        "most structural mutations are caught at open ({rejected_at_open})"
-    );
+    assert!(rejected_at_open > 500, "most structural mutations are caught at open ({rejected_at_open})");
 }
 
 #[test]
@@ -149,9 +121,7 @@ fn bad_digest_names_both_digests() {
     bytes[last] ^= 0x40;
     let bb = Backbone::open(&bytes).unwrap();
     let e = bb.verify().unwrap_err();
-    let FormatError::DigestMismatch { recorded, computed } = e else {
-        panic!("{e}")
-    };
+    let FormatError::DigestMismatch { recorded, computed } = e else { panic!("{e}") };
     let msg = e.to_string();
     assert!(msg.contains(&edgecl::format::Hex(&recorded).to_string()));
     assert!(msg.contains(&edgecl::format::Hex(&computed).to_string()));
@@ -161,13 +131,8 @@ fn bad_digest_names_both_digests() {
 #[test]
 fn header_fields_are_checked() {
     let good = sample_file();
-    let cases: [(usize, u8, &str); 5] = [
-        (0, b'X', "magic"),
-        (8, 2, "version"),
-        (10, 64, "header length"),
-        (12, 1, "flags"),
-        (100, 1, "reserved"),
-    ];
+    let cases: [(usize, u8, &str); 5] =
+        [(0, b'X', "magic"), (8, 2, "version"), (10, 64, "header length"), (12, 1, "flags"), (100, 1, "reserved")];
     for (at, v, what) in cases {
         let mut b = good.clone();
         b[at] = v;
@@ -175,10 +140,7 @@ fn header_fields_are_checked() {
     }
     let mut extra = good.clone();
     extra.push(0);
-    assert_eq!(
-        EcbView::parse(&extra).unwrap_err(),
-        FormatError::TrailingBytes { extra: 1 }
-    );
+    assert_eq!(EcbView::parse(&extra).unwrap_err(), FormatError::TrailingBytes { extra: 1 });
     assert!(good.len() > HEADER_LEN);
 }
 
@@ -189,9 +151,6 @@ fn misaligned_buffers_are_rejected_not_misread() {
     shifted[1..].copy_from_slice(&good);
     // Vec<u8> allocations are at least 8-aligned in practice, so offset 1 is misaligned.
     if !(shifted[1..].as_ptr() as usize).is_multiple_of(4) {
-        assert_eq!(
-            Backbone::open(&shifted[1..]).unwrap_err(),
-            FormatError::BufferMisaligned
-        );
+        assert_eq!(Backbone::open(&shifted[1..]).unwrap_err(), FormatError::BufferMisaligned);
     }
 }

@@ -15,13 +15,7 @@ fn repo(p: &str) -> PathBuf {
 }
 
 fn opts(input: [u32; 3], mean: f32, std: f32) -> ImportOptions {
-    ImportOptions {
-        input,
-        mean: vec![mean; 3],
-        std: vec![std; 3],
-        drop_head: false,
-        name: "t".into(),
-    }
+    ImportOptions { input, mean: vec![mean; 3], std: vec![std; 3], drop_head: false, name: "t".into() }
 }
 
 fn run_edgecl(bytes: &[u8], x: &[f32], batch: usize) -> Vec<f32> {
@@ -43,16 +37,9 @@ fn run_tract(model: &Path, x: &[f32], shape: [usize; 4]) -> Vec<f32> {
         .unwrap()
         .into_runnable()
         .unwrap();
-    let t: Tensor = tract_ndarray::Array4::from_shape_vec(shape, x.to_vec())
-        .unwrap()
-        .into();
+    let t: Tensor = tract_ndarray::Array4::from_shape_vec(shape, x.to_vec()).unwrap().into();
     let out = m.run(tvec!(t.into())).unwrap();
-    out[0]
-        .to_plain_array_view::<f32>()
-        .unwrap()
-        .iter()
-        .copied()
-        .collect()
+    out[0].to_plain_array_view::<f32>().unwrap().iter().copied().collect()
 }
 
 fn npy(p: &str) -> (Vec<usize>, Vec<f32>) {
@@ -75,9 +62,7 @@ fn argmax(v: &[f32]) -> usize {
 #[test]
 fn test_ops_model_f32_matches_tract_and_onnxruntime() {
     let model = repo("models/test-ops.onnx");
-    let bytes = import(&model, &opts([3, 16, 16], 0.0, 1.0))
-        .unwrap()
-        .emit(WeightFormat::F32);
+    let bytes = import(&model, &opts([3, 16, 16], 0.0, 1.0)).unwrap().emit(WeightFormat::F32);
     let (shape, x) = npy("tests/data/test-ops.input.npy");
     assert_eq!(shape, [2, 3, 16, 16]);
     let ours = run_edgecl(&bytes, &x, 2);
@@ -86,10 +71,7 @@ fn test_ops_model_f32_matches_tract_and_onnxruntime() {
     let scale = theirs.iter().fold(1.0f32, |m, v| m.max(v.abs()));
     for ((a, b), c) in ours.iter().zip(&theirs).zip(&ort) {
         assert!((a - b).abs() <= 1e-4 * scale, "edgecl {a} vs tract {b}");
-        assert!(
-            (a - c).abs() <= 1e-4 * scale,
-            "edgecl {a} vs onnxruntime {c}"
-        );
+        assert!((a - c).abs() <= 1e-4 * scale, "edgecl {a} vs onnxruntime {c}");
     }
     // Every supported layer kind is exercised.
     let bb = Backbone::open(&bytes).unwrap();
@@ -110,9 +92,7 @@ fn test_ops_model_f32_matches_tract_and_onnxruntime() {
         assert!(names.contains(kind), "test model lacks {kind}: {names:?}");
     }
     // int8 quantisation stays close to the float model.
-    let q = import(&model, &opts([3, 16, 16], 0.0, 1.0))
-        .unwrap()
-        .emit(WeightFormat::I8);
+    let q = import(&model, &opts([3, 16, 16], 0.0, 1.0)).unwrap().emit(WeightFormat::I8);
     let qo = run_edgecl(&q, &x, 2);
     for s in 0..2 {
         assert!(cosine(&qo[s * 10..(s + 1) * 10], &theirs[s * 10..(s + 1) * 10]) > 0.999);
@@ -131,40 +111,16 @@ fn qdq_model_uses_its_own_int8_weights() {
     let model = pb::ModelProto::decode(&*std::fs::read(&path).unwrap()).unwrap();
     let g = model.graph.unwrap();
     let conv = g.node.iter().find(|n| n.op_type == "Conv").unwrap();
-    let dq = g
-        .node
-        .iter()
-        .find(|n| n.op_type == "DequantizeLinear" && n.output[0] == conv.input[1])
-        .unwrap();
-    let scale_t = g
-        .initializer
-        .iter()
-        .find(|t| t.name == dq.input[1])
-        .unwrap();
+    let dq = g.node.iter().find(|n| n.op_type == "DequantizeLinear" && n.output[0] == conv.input[1]).unwrap();
+    let scale_t = g.initializer.iter().find(|t| t.name == dq.input[1]).unwrap();
     let scales: Vec<f32> = if scale_t.raw_data.is_empty() {
         scale_t.float_data.clone()
     } else {
-        scale_t
-            .raw_data
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-            .collect()
+        scale_t.raw_data.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()
     };
-    let Op::Conv2d(c) = bb
-        .layers()
-        .iter()
-        .find(|l| matches!(l.op, Op::Conv2d(_)))
-        .unwrap()
-        .op
-    else {
-        unreachable!()
-    };
+    let Op::Conv2d(c) = bb.layers().iter().find(|l| matches!(l.op, Op::Conv2d(_))).unwrap().op else { unreachable!() };
     let file_scales = bb.view().f32s(c.scale.unwrap());
-    let want: Vec<f32> = if scales.len() == 1 {
-        vec![scales[0]; file_scales.len()]
-    } else {
-        scales
-    };
+    let want: Vec<f32> = if scales.len() == 1 { vec![scales[0]; file_scales.len()] } else { scales };
     assert_eq!(file_scales, &want[..]);
     let (_, x) = npy("tests/data/test-ops.input.npy");
     let ours = run_edgecl(&bytes, &x, 2);
@@ -177,10 +133,7 @@ fn qdq_model_uses_its_own_int8_weights() {
 
 /// Preprocess an image exactly as `edgecl forward` does, for both engines.
 fn image_input(p: &Path, size: u32, mean: &[f32; 3], std: &[f32; 3]) -> Vec<f32> {
-    let img = image::open(p)
-        .unwrap()
-        .resize_exact(size, size, image::imageops::FilterType::Triangle)
-        .to_rgb32f();
+    let img = image::open(p).unwrap().resize_exact(size, size, image::imageops::FilterType::Triangle).to_rgb32f();
     let plane = (size * size) as usize;
     let mut x = vec![0.0; 3 * plane];
     for (i, px) in img.pixels().enumerate() {
@@ -237,13 +190,8 @@ fn lite0_norm() -> ([f32; 3], [f32; 3]) {
             .lines()
             .find(|l| l.trim_start().starts_with(key))
             .unwrap_or_else(|| panic!("models/README.md has no `{key}` line"));
-        let v: Vec<f32> = line
-            .split(':')
-            .nth(1)
-            .unwrap()
-            .split(',')
-            .map(|s| s.trim().trim_matches('`').parse().unwrap())
-            .collect();
+        let v: Vec<f32> =
+            line.split(':').nth(1).unwrap().split(',').map(|s| s.trim().trim_matches('`').parse().unwrap()).collect();
         [v[0], v[1], v[2]]
     };
     (grab("- mean:"), grab("- std:"))
@@ -254,9 +202,7 @@ fn lite0_norm() -> ([f32; 3], [f32; 3]) {
 fn drop_head_leaves_features() {
     let mut o = opts([3, 96, 96], 0.5, 0.5);
     o.drop_head = true;
-    let bytes = import(&repo("models/efficientnet-lite0.onnx"), &o)
-        .unwrap()
-        .emit(WeightFormat::I8);
+    let bytes = import(&repo("models/efficientnet-lite0.onnx"), &o).unwrap().emit(WeightFormat::I8);
     assert_eq!(Backbone::open(&bytes).unwrap().output_shape().c, 1280);
 }
 
@@ -283,22 +229,13 @@ fn model_with(node: pb::NodeProto, extra: Vec<pb::TensorProto>) -> Vec<u8> {
     let graph = pb::GraphProto {
         node: vec![conv, node],
         initializer: init,
-        input: vec![pb::ValueInfoProto {
-            name: "x".into(),
-            ..Default::default()
-        }],
-        output: vec![pb::ValueInfoProto {
-            name: "z".into(),
-            ..Default::default()
-        }],
+        input: vec![pb::ValueInfoProto { name: "x".into(), ..Default::default() }],
+        output: vec![pb::ValueInfoProto { name: "z".into(), ..Default::default() }],
         ..Default::default()
     };
     pb::ModelProto {
         ir_version: 8,
-        opset_import: vec![pb::OperatorSetIdProto {
-            domain: String::new(),
-            version: 18,
-        }],
+        opset_import: vec![pb::OperatorSetIdProto { domain: String::new(), version: 18 }],
         graph: Some(graph),
         ..Default::default()
     }
@@ -318,10 +255,7 @@ fn unsupported_ops_are_named() {
         ..Default::default()
     };
     let cases = [
-        (
-            model_with(node("Softmax", &["y"]), vec![]),
-            "unsupported op `Softmax`",
-        ),
+        (model_with(node("Softmax", &["y"]), vec![]), "unsupported op `Softmax`"),
         (
             model_with(
                 node("Clip", &["y", "lo", "hi"]),
@@ -329,26 +263,16 @@ fn unsupported_ops_are_named() {
             ),
             "Clip(0, 6)",
         ),
-        (
-            model_with(
-                node("Add", &["y", "c"]),
-                vec![f32_tensor("c", &[1], &[1.0])],
-            ),
-            "bias of a MatMul/Gemm",
-        ),
+        (model_with(node("Add", &["y", "c"]), vec![f32_tensor("c", &[1], &[1.0])]), "bias of a MatMul/Gemm"),
     ];
     for (i, (bytes, needle)) in cases.into_iter().enumerate() {
         let p = dir.join(format!("m{i}.onnx"));
         std::fs::write(&p, bytes).unwrap();
-        let e = import(&p, &opts([1, 4, 4], 0.0, 1.0))
-            .unwrap_err()
-            .to_string();
+        let e = import(&p, &opts([1, 4, 4], 0.0, 1.0)).unwrap_err().to_string();
         assert!(e.contains(needle), "{e}");
         assert!(e.contains("node `my_"), "the node is named: {e}");
     }
-    let e = import(&dir.join("m0.onnx"), &opts([1, 4, 4], 0.0, 1.0))
-        .unwrap_err()
-        .to_string();
+    let e = import(&dir.join("m0.onnx"), &opts([1, 4, 4], 0.0, 1.0)).unwrap_err().to_string();
     assert!(e.contains("supported: Conv"), "{e}");
     let _ = std::fs::remove_dir_all(dir);
 }

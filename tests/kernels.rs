@@ -12,87 +12,58 @@ use proptest::prelude::*;
 fn close(fast: &[f32], reference: &[f32]) -> Result<(), TestCaseError> {
     prop_assert_eq!(fast.len(), reference.len());
     for (i, (&a, &b)) in fast.iter().zip(reference).enumerate() {
-        prop_assert!(
-            (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
-            "element {}: fast {} vs reference {}",
-            i,
-            a,
-            b
-        );
+        prop_assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "element {}: fast {} vs reference {}", i, a, b);
     }
     Ok(())
 }
 
 /// Deterministic pseudo-random floats in [-1, 1).
 fn floats(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
     (0..n)
         .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
         })
         .collect()
 }
 
+/// Random conv geometry: groups, depthwise (half the cases), kernels 1–5 (square in half the
+/// cases, which selects the specialised small-plane depthwise kernels), strides 1–2, padding
+/// 0–2 per side, dilation 1–2, sides 1–13.
 fn conv_shape() -> impl Strategy<Value = ConvShape> {
-    (
-        1usize..4,
-        1usize..6,
-        1usize..6,
-        1usize..4,
-        1usize..4,
-        1usize..3,
-        1usize..3,
-        0usize..3,
-        1usize..3,
-        1usize..12,
-        1usize..12,
-        any::<bool>(),
-    )
-        .prop_flat_map(
-            |(groups, cig, cog, kh, kw, sh, sw, pad, dil, h, w, depthwise)| {
-                let (groups, cig, cog) = if depthwise {
-                    (cig * groups, 1, 1)
-                } else {
-                    (groups, cig, cog)
-                };
-                (
-                    Just((groups, cig, cog, kh, kw, sh, sw, dil, h, w)),
-                    prop::array::uniform4(0usize..=pad),
-                )
-            },
-        )
-        .prop_filter_map(
-            "window must fit",
-            |((groups, cig, cog, kh, kw, sh, sw, dil, h, w), pad)| {
-                let s = ConvShape {
-                    c_in: groups * cig,
-                    h,
-                    w,
-                    c_out: groups * cog,
-                    kh,
-                    kw,
-                    sh,
-                    sw,
-                    pad,
-                    dh: dil,
-                    dw: dil,
-                    groups,
-                };
-                s.out_hw().map(|_| s)
-            },
-        )
+    let dims = (1usize..4, 1usize..6, 1usize..6, 1usize..6, 1usize..6, any::<bool>());
+    let geometry = (1usize..3, 1usize..3, 0usize..3, 1usize..3, 1usize..14, 1usize..14, any::<bool>());
+    (dims, geometry)
+        .prop_flat_map(|((groups, cig, cog, kh, kw, square), (sh, sw, pad, dil, h, w, depthwise))| {
+            let (groups, cig, cog) = if depthwise { (cig * groups, 1, 1) } else { (groups, cig, cog) };
+            let (kw, sw, dil) = if square { (kh, sh, 1) } else { (kw, sw, dil) };
+            (Just((groups, cig, cog, kh, kw, sh, sw, dil, h, w)), prop::array::uniform4(0usize..=pad))
+        })
+        .prop_filter_map("window must fit", |((groups, cig, cog, kh, kw, sh, sw, dil, h, w), pad)| {
+            let s = ConvShape {
+                c_in: groups * cig,
+                h,
+                w,
+                c_out: groups * cog,
+                kh,
+                kw,
+                sh,
+                sw,
+                pad,
+                dh: dil,
+                dw: dil,
+                groups,
+            };
+            s.out_hw().map(|_| s)
+        })
 }
 
 fn run_conv(k: &Kernels, s: &ConvShape, weights: Weights, x: &[f32], post: &PostOp) -> Vec<f32> {
     let mut y = vec![0.0; s.c_out * s.oh() * s.ow()];
     if k.fast {
         let mut scratch = vec![0.0; fast::conv_scratch_len(s, k)];
-        fast::conv2d(k, s, weights, x, &mut y, post, &mut scratch);
+        (k.conv2d)(k, s, weights, x, &mut y, post, &mut scratch);
     } else {
         reference::conv2d(s, weights, x, &mut y, post);
     }
@@ -129,7 +100,8 @@ proptest! {
         let (mul, add) = (floats(o, seed ^ 8), floats(o, seed ^ 9));
         let post = PostOp { mul: &mul, add: &add, lo: f32::NEG_INFINITY, hi: f32::INFINITY };
         let (mut a, mut b) = (vec![0.0; o], vec![0.0; o]);
-        fast::linear(i, o, weights, &x, &mut a, &post);
+        let k = Kernels::best_fast();
+        (k.linear)(&k, i, o, weights, &x, &mut a, &post);
         reference::linear(i, o, weights, &x, &mut b, &post);
         close(&a, &b)?;
     }
@@ -149,17 +121,11 @@ fn whole_networks_fast_equal_reference_with_batches() {
             };
             let want = run(Kernels::generic(false));
             assert_eq!(want.len(), batch * 7);
-            assert!(
-                want.iter().any(|&v| v != 0.0),
-                "{arch:?}: the output is not all zeros"
-            );
+            assert!(want.iter().any(|&v| v != 0.0), "{arch:?}: the output is not all zeros");
             for k in [Kernels::generic(true), Kernels::best_fast()] {
                 let got = run(k);
                 for (a, b) in got.iter().zip(&want) {
-                    assert!(
-                        (a - b).abs() <= 1e-4 * (1.0 + b.abs()),
-                        "{arch:?} {format:?} {k:?}: {a} vs {b}"
-                    );
+                    assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{arch:?} {format:?} {k:?}: {a} vs {b}");
                 }
             }
             // Each sample of a batch equals that sample run alone.
@@ -168,14 +134,8 @@ fn whole_networks_fast_equal_reference_with_batches() {
             let per = bb.input_shape().len();
             let batched = run(k);
             for b in 0..batch {
-                let alone = bb
-                    .forward(&k, &x[b * per..(b + 1) * per], 1, &mut scratch)
-                    .to_vec();
-                assert_eq!(
-                    alone,
-                    batched[b * 7..(b + 1) * 7],
-                    "{arch:?}: sample {b} differs alone vs in a batch"
-                );
+                let alone = bb.forward(&k, &x[b * per..(b + 1) * per], 1, &mut scratch).to_vec();
+                assert_eq!(alone, batched[b * 7..(b + 1) * 7], "{arch:?}: sample {b} differs alone vs in a batch");
             }
         }
     }

@@ -14,12 +14,7 @@ fn rss() -> (usize, usize) {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
     let get = |key: &str| -> usize {
         let l = status.lines().find(|l| l.starts_with(key)).unwrap();
-        l.split_whitespace()
-            .nth(1)
-            .unwrap()
-            .parse::<usize>()
-            .unwrap()
-            * 1024
+        l.split_whitespace().nth(1).unwrap().parse::<usize>().unwrap() * 1024
     };
     (get("VmRSS:"), get("RssAnon:"))
 }
@@ -32,10 +27,7 @@ fn open_and_measure(path: &std::path::Path) -> (usize, usize) {
     let bb = Backbone::open(map.bytes()).unwrap();
     let after = rss();
     assert_eq!(bb.layers().len(), 94);
-    (
-        after.0.saturating_sub(before.0),
-        after.1.saturating_sub(before.1),
-    )
+    (after.0.saturating_sub(before.0), after.1.saturating_sub(before.1))
 }
 
 #[test]
@@ -49,13 +41,8 @@ fn opening_lite0_does_not_copy_weights() {
             drop_head: false,
             name: "lite0".into(),
         };
-        let model = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/models/efficientnet-lite0.onnx"
-        );
-        let bytes = import(std::path::Path::new(model), &opts)
-            .unwrap()
-            .emit(WeightFormat::I8);
+        let model = concat!(env!("CARGO_MANIFEST_DIR"), "/models/efficientnet-lite0.onnx");
+        let bytes = import(std::path::Path::new(model), &opts).unwrap().emit(WeightFormat::I8);
         std::fs::write(&path, &bytes).unwrap();
     }
     let file_len = std::fs::metadata(&path).unwrap().len() as usize;
@@ -78,13 +65,7 @@ fn opening_lite0_does_not_copy_weights() {
     // anonymous memory, where a copy would land, still grows by less than 1 MB.
     let (warm_rss, warm_anon) = open_and_measure(&path);
     eprintln!("warm cache: RSS +{warm_rss} B, anonymous +{warm_anon} B");
-    assert!(
-        warm_anon < 1 << 20,
-        "warm open grew anonymous memory by {warm_anon} bytes"
-    );
-    assert!(
-        warm_rss < file_len / 2,
-        "warm open made {warm_rss} bytes of a {file_len}-byte file resident"
-    );
+    assert!(warm_anon < 1 << 20, "warm open grew anonymous memory by {warm_anon} bytes");
+    assert!(warm_rss < file_len / 2, "warm open made {warm_rss} bytes of a {file_len}-byte file resident");
     let _ = std::fs::remove_file(path);
 }

@@ -25,22 +25,9 @@ impl Backbone<'_> {
     ///
     /// # Panics
     /// If `x` or `scratch` has the wrong length.
-    pub fn forward<'s>(
-        &self,
-        k: &Kernels,
-        x: &[f32],
-        batch: usize,
-        scratch: &'s mut [f32],
-    ) -> &'s [f32] {
-        assert_eq!(
-            x.len(),
-            batch * self.input_shape().len(),
-            "input length must be batch × input shape"
-        );
-        assert!(
-            scratch.len() >= self.scratch_len(k, batch),
-            "scratch smaller than scratch_len()"
-        );
+    pub fn forward<'s>(&self, k: &Kernels, x: &[f32], batch: usize, scratch: &'s mut [f32]) -> &'s [f32] {
+        assert_eq!(x.len(), batch * self.input_shape().len(), "input length must be batch × input shape");
+        assert!(scratch.len() >= self.scratch_len(k, batch), "scratch smaller than scratch_len()");
         let arena_len = self.plan.arena_per_sample * batch;
         let (arena, rest) = scratch.split_at_mut(arena_len);
         let (post_buf, conv_scratch) = rest.split_at_mut(2 * self.plan.max_channels);
@@ -54,14 +41,8 @@ impl Backbone<'_> {
                 Loc::Slot(s) => self.plan.slot_range(s, batch),
                 Loc::Input => unreachable!("the plan materialises every step output"),
             };
-            let (ins, y) = split_io(
-                arena,
-                [
-                    self.loc_range(step.in_loc, batch),
-                    self.loc_range(step.other_loc, batch),
-                ],
-                out_range,
-            );
+            let (ins, y) =
+                split_io(arena, [self.loc_range(step.in_loc, batch), self.loc_range(step.other_loc, batch)], out_range);
             let xin = ins[0].unwrap_or(x);
             let (lo, hi) = step.act.bounds();
             match step.kind {
@@ -76,25 +57,15 @@ impl Backbone<'_> {
                         _ => unreachable!("matmul steps are conv or linear"),
                     };
                     let c = ys.c;
-                    self.fill_post(
-                        bias.map(|b| self.view.f32s(b)),
-                        bn.as_ref(),
-                        &mut mul[..c],
-                        &mut add[..c],
-                    );
-                    let post = PostOp {
-                        mul: &mul[..c],
-                        add: &add[..c],
-                        lo,
-                        hi,
-                    };
+                    self.fill_post(bias.map(|b| self.view.f32s(b)), bn.as_ref(), &mut mul[..c], &mut add[..c]);
+                    let post = PostOp { mul: &mul[..c], add: &add[..c], lo, hi };
                     for b in 0..batch {
                         let (xb, yb) = (&xin[b * xl..(b + 1) * xl], &mut y[b * yl..(b + 1) * yl]);
                         match &layer.op {
                             Op::Conv2d(cv) => {
                                 let s = conv_shape(cv, xs);
                                 if k.fast {
-                                    fast::conv2d(k, &s, w, xb, yb, &post, conv_scratch);
+                                    (k.conv2d)(k, &s, w, xb, yb, &post, conv_scratch);
                                 } else {
                                     reference::conv2d(&s, w, xb, yb, &post);
                                 }
@@ -102,7 +73,7 @@ impl Backbone<'_> {
                             Op::Linear(l) => {
                                 let (i, o) = (l.in_features as usize, l.out_features as usize);
                                 if k.fast {
-                                    fast::linear(i, o, w, xb, yb, &post);
+                                    (k.linear)(k, i, o, w, xb, yb, &post);
                                 } else {
                                     reference::linear(i, o, w, xb, yb, &post);
                                 }
@@ -112,17 +83,10 @@ impl Backbone<'_> {
                     }
                 }
                 StepKind::Norm => {
-                    let Op::BatchNorm(bn) = &layer.op else {
-                        unreachable!("norm steps are batch norms")
-                    };
+                    let Op::BatchNorm(bn) = &layer.op else { unreachable!("norm steps are batch norms") };
                     let c = xs.c;
                     self.fill_post(None, Some(bn), &mut mul[..c], &mut add[..c]);
-                    let post = PostOp {
-                        mul: &mul[..c],
-                        add: &add[..c],
-                        lo,
-                        hi,
-                    };
+                    let post = PostOp { mul: &mul[..c], add: &add[..c], lo, hi };
                     for b in 0..batch {
                         reference::channel_affine(
                             c,
@@ -136,18 +100,10 @@ impl Backbone<'_> {
                 StepKind::Act => reference::clamp(&xin[..batch * xl], &mut y[..batch * yl], lo, hi),
                 StepKind::Add => {
                     let other = ins[1].unwrap_or(x);
-                    reference::add(
-                        &xin[..batch * xl],
-                        &other[..batch * xl],
-                        &mut y[..batch * yl],
-                        lo,
-                        hi,
-                    );
+                    reference::add(&xin[..batch * xl], &other[..batch * xl], &mut y[..batch * yl], lo, hi);
                 }
                 StepKind::MaxPool | StepKind::AvgPool => {
-                    let (Op::MaxPool(p) | Op::AvgPool(p)) = &layer.op else {
-                        unreachable!()
-                    };
+                    let (Op::MaxPool(p) | Op::AvgPool(p)) = &layer.op else { unreachable!() };
                     let ps = pool_shape(p, xs);
                     for b in 0..batch {
                         reference::pool(
@@ -186,13 +142,7 @@ impl Backbone<'_> {
 
     /// Folds bias and batch norm into `y = acc * mul + add`:
     /// `mul = g / sqrt(var + eps)`, `add = (bias - mean) * mul + b`.
-    fn fill_post(
-        &self,
-        bias: Option<&[f32]>,
-        bn: Option<&BatchNorm>,
-        mul: &mut [f32],
-        add: &mut [f32],
-    ) {
+    fn fill_post(&self, bias: Option<&[f32]>, bn: Option<&BatchNorm>, mul: &mut [f32], add: &mut [f32]) {
         match bias {
             Some(b) => add.copy_from_slice(b),
             None => add.fill(0.0),
@@ -215,11 +165,7 @@ impl Backbone<'_> {
 
 /// Borrows up to two input ranges and one output range of the arena at once. The plan never
 /// lets an output slot overlap a slot read by the same step.
-fn split_io(
-    arena: &mut [f32],
-    ins: [Option<Range<usize>>; 2],
-    out: Range<usize>,
-) -> ([Option<&[f32]>; 2], &mut [f32]) {
+fn split_io(arena: &mut [f32], ins: [Option<Range<usize>>; 2], out: Range<usize>) -> ([Option<&[f32]>; 2], &mut [f32]) {
     let (left, rest) = arena.split_at_mut(out.start);
     let (y, right) = rest.split_at_mut(out.end - out.start);
     let (left, right): (&[f32], &[f32]) = (left, right);
@@ -228,10 +174,7 @@ fn split_io(
             if r.end <= out.start {
                 &left[r]
             } else {
-                assert!(
-                    r.start >= out.end,
-                    "plan error: a step reads its own output slot"
-                );
+                assert!(r.start >= out.end, "plan error: a step reads its own output slot");
                 &right[r.start - out.end..r.end - out.end]
             }
         })

@@ -37,10 +37,7 @@ pub(crate) fn push<T>(s: &mut Seq<T>, x: T) -> Result<(), FormatError> {
     }
     #[cfg(not(feature = "alloc"))]
     {
-        s.push(x).map_err(|_| FormatError::TooManyLayers {
-            count: MAX_LAYERS as u32 + 1,
-            max: MAX_LAYERS as u32,
-        })
+        s.push(x).map_err(|_| FormatError::TooManyLayers { count: MAX_LAYERS as u32 + 1, max: MAX_LAYERS as u32 })
     }
 }
 
@@ -96,27 +93,14 @@ impl<'a> Backbone<'a> {
         let view = EcbView::parse(bytes)?;
         let input = view.graph.input;
         if input.channels == 0 || input.height == 0 || input.width == 0 {
-            return Err(FormatError::BadParam {
-                layer: 0,
-                what: "input shape has a zero dimension",
-            });
+            return Err(FormatError::BadParam { layer: 0, what: "input shape has a zero dimension" });
         }
         if input.height > MAX_SIDE || input.width > MAX_SIDE || input.channels > MAX_SIDE {
-            return Err(FormatError::TooLarge {
-                layer: 0,
-                what: "input shape",
-            });
+            return Err(FormatError::TooLarge { layer: 0, what: "input shape" });
         }
-        let in_shape = Shape {
-            c: input.channels as usize,
-            h: input.height as usize,
-            w: input.width as usize,
-        };
+        let in_shape = Shape { c: input.channels as usize, h: input.height as usize, w: input.width as usize };
         if in_shape.len() > MAX_VALUE_ELEMS {
-            return Err(FormatError::TooLarge {
-                layer: 0,
-                what: "input shape",
-            });
+            return Err(FormatError::TooLarge { layer: 0, what: "input shape" });
         }
         let mut layers = Seq::new();
         let mut shapes = Seq::new();
@@ -128,12 +112,7 @@ impl<'a> Backbone<'a> {
             push(&mut shapes, out)?;
         }
         let plan = Plan::build(&layers, &shapes)?;
-        Ok(Backbone {
-            view,
-            layers,
-            shapes,
-            plan,
-        })
+        Ok(Backbone { view, layers, shapes, plan })
     }
 
     pub fn view(&self) -> &EcbView<'a> {
@@ -169,10 +148,7 @@ impl<'a> Backbone<'a> {
     /// The weights of a conv or linear layer, as the kernels take them.
     pub fn weights(&self, w: TensorRef, scale: Option<TensorRef>) -> Weights<'a> {
         match scale {
-            Some(s) => Weights::I8 {
-                q: self.view.i8s(w),
-                scale: self.view.f32s(s),
-            },
+            Some(s) => Weights::I8 { q: self.view.i8s(w), scale: self.view.f32s(s) },
             None => Weights::F32(self.view.f32s(w)),
         }
     }
@@ -192,9 +168,7 @@ impl<'a> Backbone<'a> {
         match &self.layers[i].op {
             Op::Conv2d(c) => n(Some(c.weight), wb) + n(c.bias, 4),
             Op::Linear(l) => n(Some(l.weight), wb) + n(l.bias, 4),
-            Op::BatchNorm(b) => {
-                n(Some(b.mean), 4) + n(Some(b.var), 4) + n(b.gamma, 4) + n(b.beta, 4)
-            }
+            Op::BatchNorm(b) => n(Some(b.mean), 4) + n(Some(b.var), 4) + n(b.gamma, 4) + n(b.beta, 4),
             _ => 0,
         }
     }
@@ -248,10 +222,7 @@ pub(crate) fn conv_shape(c: &crate::format::graph::Conv2d, x: Shape) -> ConvShap
     }
 }
 
-pub(crate) fn pool_shape(
-    p: &crate::format::graph::Pool,
-    x: Shape,
-) -> crate::kernels::reference::PoolShape {
+pub(crate) fn pool_shape(p: &crate::format::graph::Pool, x: Shape) -> crate::kernels::reference::PoolShape {
     let u = |v: u32| v as usize;
     crate::kernels::reference::PoolShape {
         c: x.c,
@@ -275,52 +246,26 @@ fn infer_shape(i: u32, layer: &Layer, shapes: &[Shape]) -> Result<Shape, FormatE
     let out = match &layer.op {
         Op::Conv2d(c) => {
             if c.in_channels as usize != x.c {
-                return Err(mismatch(
-                    "conv input channels differ from the incoming value",
-                ));
+                return Err(mismatch("conv input channels differ from the incoming value"));
             }
-            if !(c
-                .kernel
-                .iter()
-                .chain(&c.stride)
-                .chain(&c.pad)
-                .chain(&c.dilation)
-                .all(|&v| small(v)))
-            {
-                return Err(FormatError::TooLarge {
-                    layer: i,
-                    what: "kernel, stride, padding or dilation",
-                });
+            if !(c.kernel.iter().chain(&c.stride).chain(&c.pad).chain(&c.dilation).all(|&v| small(v))) {
+                return Err(FormatError::TooLarge { layer: i, what: "kernel, stride, padding or dilation" });
             }
-            let (oh, ow) = conv_shape(c, x)
-                .out_hw()
-                .ok_or(mismatch("conv window larger than the padded input"))?;
-            Shape {
-                c: c.out_channels as usize,
-                h: oh,
-                w: ow,
-            }
+            let (oh, ow) = conv_shape(c, x).out_hw().ok_or(mismatch("conv window larger than the padded input"))?;
+            Shape { c: c.out_channels as usize, h: oh, w: ow }
         }
         Op::Linear(l) => {
             if x.h != 1 || x.w != 1 {
                 return Err(mismatch("linear needs a flat input (add a flatten)"));
             }
             if l.in_features as usize != x.c {
-                return Err(mismatch(
-                    "linear input features differ from the incoming value",
-                ));
+                return Err(mismatch("linear input features differ from the incoming value"));
             }
-            Shape {
-                c: l.out_features as usize,
-                h: 1,
-                w: 1,
-            }
+            Shape { c: l.out_features as usize, h: 1, w: 1 }
         }
         Op::BatchNorm(b) => {
             if b.channels as usize != x.c {
-                return Err(mismatch(
-                    "batch-norm channels differ from the incoming value",
-                ));
+                return Err(mismatch("batch-norm channels differ from the incoming value"));
             }
             x
         }
@@ -332,40 +277,18 @@ fn infer_shape(i: u32, layer: &Layer, shapes: &[Shape]) -> Result<Shape, FormatE
             x
         }
         Op::MaxPool(p) | Op::AvgPool(p) => {
-            if !(p
-                .kernel
-                .iter()
-                .chain(&p.stride)
-                .chain(&p.pad)
-                .all(|&v| small(v)))
-            {
-                return Err(FormatError::TooLarge {
-                    layer: i,
-                    what: "pooling window",
-                });
+            if !(p.kernel.iter().chain(&p.stride).chain(&p.pad).all(|&v| small(v))) {
+                return Err(FormatError::TooLarge { layer: i, what: "pooling window" });
             }
-            let (oh, ow) = pool_shape(p, x)
-                .out_hw()
-                .ok_or(mismatch("pooling window larger than the padded input"))?;
-            Shape {
-                c: x.c,
-                h: oh,
-                w: ow,
-            }
+            let (oh, ow) = pool_shape(p, x).out_hw().ok_or(mismatch("pooling window larger than the padded input"))?;
+            Shape { c: x.c, h: oh, w: ow }
         }
         Op::GlobalAvgPool => Shape { c: x.c, h: 1, w: 1 },
-        Op::Flatten => Shape {
-            c: x.len(),
-            h: 1,
-            w: 1,
-        },
+        Op::Flatten => Shape { c: x.len(), h: 1, w: 1 },
     };
     let elems = out.c.checked_mul(out.h).and_then(|n| n.checked_mul(out.w));
     if elems.is_none_or(|n| n > MAX_VALUE_ELEMS) {
-        return Err(FormatError::TooLarge {
-            layer: i,
-            what: "output value",
-        });
+        return Err(FormatError::TooLarge { layer: i, what: "output value" });
     }
     Ok(out)
 }

@@ -120,10 +120,7 @@ impl Plan {
             let (kind, mut last) = match &l.op {
                 Op::Conv2d(_) | Op::Linear(_) => {
                     let bn = match layers.get(i + 1) {
-                        Some(n)
-                            if matches!(n.op, Op::BatchNorm(_))
-                                && only_reader_is_next(i + 1, i + 1) =>
-                        {
+                        Some(n) if matches!(n.op, Op::BatchNorm(_)) && only_reader_is_next(i + 1, i + 1) => {
                             Some(i as u32 + 1)
                         }
                         _ => None,
@@ -175,11 +172,7 @@ impl Plan {
                     None => Some(s),
                     Some(b) => {
                         let (cb, cs) = (slot_cap[b], slot_cap[s]);
-                        let better = if cs >= need {
-                            cb < need || cs < cb
-                        } else {
-                            cb < need && cs > cb
-                        };
+                        let better = if cs >= need { cb < need || cs < cb } else { cb < need && cs > cb };
                         Some(if better { s } else { b })
                     }
                 };
@@ -197,10 +190,7 @@ impl Plan {
                 }
             };
             if slot > u16::MAX as usize {
-                return Err(FormatError::TooLarge {
-                    layer: i as u32,
-                    what: "number of live buffers",
-                });
+                return Err(FormatError::TooLarge { layer: i as u32, what: "number of live buffers" });
             }
             value_loc[out_v] = Loc::Slot(slot as u16);
             let other = match l.op {
@@ -234,19 +224,9 @@ impl Plan {
         let mut total: usize = 0;
         for &c in slot_cap.iter() {
             push(&mut slot_off, total)?;
-            total = total.checked_add(c).ok_or(FormatError::TooLarge {
-                layer: 0,
-                what: "activation memory",
-            })?;
+            total = total.checked_add(c).ok_or(FormatError::TooLarge { layer: 0, what: "activation memory" })?;
         }
-        Ok(Plan {
-            steps,
-            slot_off,
-            slot_cap,
-            value_loc,
-            arena_per_sample: total,
-            max_channels,
-        })
+        Ok(Plan { steps, slot_off, slot_cap, value_loc, arena_per_sample: total, max_channels })
     }
 
     /// Arena range of slot `s` for a batch.

@@ -27,17 +27,13 @@ pub fn parse(bytes: &[u8]) -> Result<(Vec<usize>, Vec<f32>), NpyError> {
     }
     let (hlen, start) = match bytes[6] {
         1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
-        2 | 3 if bytes.len() >= 12 => (
-            u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
-            12,
-        ),
+        2 | 3 if bytes.len() >= 12 => (u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize, 12),
         v => return Err(NpyError(format!("unsupported format version {v}"))),
     };
     if hlen > MAX_HEADER || start + hlen > bytes.len() {
         return Err(e("header length runs past the end of the file"));
     }
-    let header =
-        std::str::from_utf8(&bytes[start..start + hlen]).map_err(|_| e("header is not text"))?;
+    let header = std::str::from_utf8(&bytes[start..start + hlen]).map_err(|_| e("header is not text"))?;
     let field = |key: &str| -> Option<&str> {
         let at = header.find(&format!("'{key}'"))? + key.len() + 2;
         let rest = header[at..].trim_start().strip_prefix(':')?.trim_start();
@@ -52,25 +48,17 @@ pub fn parse(bytes: &[u8]) -> Result<(Vec<usize>, Vec<f32>), NpyError> {
     }
     let fortran = field("fortran_order").ok_or_else(|| e("no 'fortran_order' in header"))?;
     if !fortran.starts_with("False") {
-        return Err(e(
-            "Fortran-order arrays are not supported; save with np.ascontiguousarray",
-        ));
+        return Err(e("Fortran-order arrays are not supported; save with np.ascontiguousarray"));
     }
     let shape_txt = field("shape").ok_or_else(|| e("no 'shape' in header"))?;
-    let inner = shape_txt
-        .strip_prefix('(')
-        .and_then(|s| s.split(')').next())
-        .ok_or_else(|| e("malformed shape"))?;
+    let inner = shape_txt.strip_prefix('(').and_then(|s| s.split(')').next()).ok_or_else(|| e("malformed shape"))?;
     let shape: Vec<usize> = inner
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
         .map(|s| s.parse::<usize>().map_err(|_| e("malformed shape")))
         .collect::<Result<_, _>>()?;
-    let n = shape
-        .iter()
-        .try_fold(1usize, |a, &d| a.checked_mul(d))
-        .ok_or_else(|| e("shape too large"))?;
+    let n = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or_else(|| e("shape too large"))?;
     let data = &bytes[start + hlen..];
     if Some(data.len()) != n.checked_mul(4) {
         return Err(NpyError(format!(
@@ -79,22 +67,13 @@ pub fn parse(bytes: &[u8]) -> Result<(Vec<usize>, Vec<f32>), NpyError> {
             data.len()
         )));
     }
-    Ok((
-        shape,
-        data.chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect(),
-    ))
+    Ok((shape, data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect()))
 }
 
 /// Serialises f32 data of `shape` as an `.npy` (version 1) file.
 pub fn write(shape: &[usize], data: &[f32]) -> Vec<u8> {
     let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
-    let tuple = if dims.len() == 1 {
-        format!("({},)", dims[0])
-    } else {
-        format!("({})", dims.join(", "))
-    };
+    let tuple = if dims.len() == 1 { format!("({},)", dims[0]) } else { format!("({})", dims.join(", ")) };
     let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {tuple}, }}");
     // Pad so that the data starts on a 64-byte boundary, ending the header with a newline.
     while (10 + header.len() + 1) % 64 != 0 {

@@ -67,15 +67,10 @@ impl Header {
         }
         let version = u16_at(h, 8);
         if version != VERSION {
-            return Err(FormatError::UnsupportedVersion {
-                found: version,
-                supported: VERSION,
-            });
+            return Err(FormatError::UnsupportedVersion { found: version, supported: VERSION });
         }
         if u16_at(h, 10) as usize != HEADER_LEN {
-            return Err(FormatError::BadHeader {
-                field: "header length",
-            });
+            return Err(FormatError::BadHeader { field: "header length" });
         }
         if u32_at(h, 12) != 0 {
             return Err(FormatError::BadHeader { field: "flags" });
@@ -94,43 +89,20 @@ impl Header {
             digest,
         };
         if hdr.graph_offset != HEADER_LEN as u64 || hdr.graph_len == 0 {
-            return Err(FormatError::BadLayout {
-                section: Section::Graph,
-            });
+            return Err(FormatError::BadLayout { section: Section::Graph });
         }
         let graph_end =
-            hdr.graph_offset
-                .checked_add(hdr.graph_len)
-                .ok_or(FormatError::BadLayout {
-                    section: Section::Graph,
-                })?;
+            hdr.graph_offset.checked_add(hdr.graph_len).ok_or(FormatError::BadLayout { section: Section::Graph })?;
         if graph_end > avail {
-            return Err(FormatError::Truncated {
-                section: Section::Graph,
-                needed: graph_end,
-                available: avail,
-            });
+            return Err(FormatError::Truncated { section: Section::Graph, needed: graph_end, available: avail });
         }
-        if hdr.data_offset < graph_end
-            || !hdr.data_offset.is_multiple_of(ALIGN)
-            || hdr.data_offset - graph_end >= ALIGN
+        if hdr.data_offset < graph_end || !hdr.data_offset.is_multiple_of(ALIGN) || hdr.data_offset - graph_end >= ALIGN
         {
-            return Err(FormatError::BadLayout {
-                section: Section::Data,
-            });
+            return Err(FormatError::BadLayout { section: Section::Data });
         }
-        let end = hdr
-            .data_offset
-            .checked_add(hdr.data_len)
-            .ok_or(FormatError::BadLayout {
-                section: Section::Data,
-            })?;
+        let end = hdr.data_offset.checked_add(hdr.data_len).ok_or(FormatError::BadLayout { section: Section::Data })?;
         if end > avail {
-            return Err(FormatError::Truncated {
-                section: Section::Data,
-                needed: end,
-                available: avail,
-            });
+            return Err(FormatError::Truncated { section: Section::Data, needed: end, available: avail });
         }
         if end < avail {
             return Err(FormatError::TrailingBytes { extra: avail - end });
@@ -173,9 +145,7 @@ impl<'a> EcbView<'a> {
         let g1 = g0 + header.graph_len as usize;
         let d0 = header.data_offset as usize;
         if bytes[g1..d0].iter().any(|&b| b != 0) {
-            return Err(FormatError::BadLayout {
-                section: Section::Data,
-            });
+            return Err(FormatError::BadLayout { section: Section::Data });
         }
         let data = &bytes[d0..];
         if !(data.as_ptr() as usize).is_multiple_of(4) {
@@ -186,13 +156,7 @@ impl<'a> EcbView<'a> {
         if graph.layer_count == 0 {
             return Err(FormatError::EmptyGraph);
         }
-        Ok(EcbView {
-            header,
-            graph,
-            bytes,
-            layer_bytes,
-            data,
-        })
+        Ok(EcbView { header, graph, bytes, layer_bytes, data })
     }
 
     /// Decodes and checks every layer, in order. Yields at most `layer_count` items; a graph
@@ -240,10 +204,7 @@ impl<'a> EcbView<'a> {
     pub fn verify(&self) -> Result<(), FormatError> {
         let computed = self.compute_digest();
         if computed != self.header.digest {
-            return Err(FormatError::DigestMismatch {
-                recorded: self.header.digest,
-                computed,
-            });
+            return Err(FormatError::DigestMismatch { recorded: self.header.digest, computed });
         }
         Ok(())
     }
@@ -278,11 +239,7 @@ impl Iterator for LayerIter<'_> {
         }
         if self.index == self.count {
             self.done = true;
-            return if self.rest.is_empty() {
-                None
-            } else {
-                Some(Err(FormatError::GraphTrailing))
-            };
+            return if self.rest.is_empty() { None } else { Some(Err(FormatError::GraphTrailing)) };
         }
         let i = self.index;
         let item = match postcard::take_from_bytes::<Layer>(self.rest) {
@@ -312,10 +269,7 @@ impl LayerIter<'_> {
     fn check(&mut self, i: u32, layer: &Layer) -> Result<(), FormatError> {
         let produced = i + 1; // values 0..=i exist before layer i runs
         if layer.input >= produced {
-            return Err(FormatError::BadValueRef {
-                layer: i,
-                value: layer.input,
-            });
+            return Err(FormatError::BadValueRef { layer: i, value: layer.input });
         }
         let bad = |what| FormatError::BadParam { layer: i, what };
         match &layer.op {
@@ -326,19 +280,13 @@ impl LayerIter<'_> {
                 if c.kernel.contains(&0) || c.stride.contains(&0) || c.dilation.contains(&0) {
                     return Err(bad("zero kernel size, stride or dilation"));
                 }
-                if c.groups == 0 || c.in_channels % c.groups != 0 || c.out_channels % c.groups != 0
-                {
+                if c.groups == 0 || c.in_channels % c.groups != 0 || c.out_channels % c.groups != 0 {
                     return Err(bad("groups must divide input and output channels"));
                 }
                 let n = product(
                     i,
                     "weight count",
-                    &[
-                        c.out_channels as u64,
-                        (c.in_channels / c.groups) as u64,
-                        c.kernel[0] as u64,
-                        c.kernel[1] as u64,
-                    ],
+                    &[c.out_channels as u64, (c.in_channels / c.groups) as u64, c.kernel[0] as u64, c.kernel[1] as u64],
                 )?;
                 self.weights(i, c.weight, c.scale, n, c.out_channels)?;
                 self.optional(i, "bias", c.bias, c.out_channels, Finite)?;
@@ -347,11 +295,7 @@ impl LayerIter<'_> {
                 if l.in_features == 0 || l.out_features == 0 {
                     return Err(bad("zero features"));
                 }
-                let n = product(
-                    i,
-                    "weight count",
-                    &[l.out_features as u64, l.in_features as u64],
-                )?;
+                let n = product(i, "weight count", &[l.out_features as u64, l.in_features as u64])?;
                 self.weights(i, l.weight, l.scale, n, l.out_features)?;
                 self.optional(i, "bias", l.bias, l.out_features, Finite)?;
             }
@@ -369,20 +313,14 @@ impl LayerIter<'_> {
                 self.values(i, "var", b.var, b.channels, NonNegative)?;
                 // With eps = 0 a zero variance would divide by zero.
                 if b.eps == 0.0 && self.f32s(b.var).iter().any(|&v| v <= 0.0) {
-                    return Err(FormatError::BadValue {
-                        layer: i,
-                        tensor: "var",
-                    });
+                    return Err(FormatError::BadValue { layer: i, tensor: "var" });
                 }
                 self.optional(i, "gamma", b.gamma, b.channels, Finite)?;
                 self.optional(i, "beta", b.beta, b.channels, Finite)?;
             }
             Op::Add { other } => {
                 if *other >= produced {
-                    return Err(FormatError::BadValueRef {
-                        layer: i,
-                        value: *other,
-                    });
+                    return Err(FormatError::BadValueRef { layer: i, value: *other });
                 }
             }
             Op::MaxPool(p) | Op::AvgPool(p) => {
@@ -405,41 +343,21 @@ impl LayerIter<'_> {
     /// Checks bounds, alignment, length and placement of one tensor. Weight tensors (`bulk`)
     /// come after every per-channel record, so opening a file touches only the small region
     /// and the weights' pages stay untouched until a kernel reads them.
-    fn tensor(
-        &mut self,
-        layer: u32,
-        name: &'static str,
-        t: TensorRef,
-        expected: u64,
-    ) -> Result<(), FormatError> {
+    fn tensor(&mut self, layer: u32, name: &'static str, t: TensorRef, expected: u64) -> Result<(), FormatError> {
         let bulk = name == "weight";
         if !t.offset.is_multiple_of(ALIGN) {
-            return Err(FormatError::TensorMisaligned {
-                layer,
-                tensor: name,
-            });
+            return Err(FormatError::TensorMisaligned { layer, tensor: name });
         }
         let end = t.offset.checked_add(t.len);
         if end.is_none_or(|e| e > self.data.len() as u64) {
-            return Err(FormatError::TensorOutOfBounds {
-                layer,
-                tensor: name,
-            });
+            return Err(FormatError::TensorOutOfBounds { layer, tensor: name });
         }
         if t.len != expected {
-            return Err(FormatError::TensorLength {
-                layer,
-                tensor: name,
-                expected,
-                found: t.len,
-            });
+            return Err(FormatError::TensorLength { layer, tensor: name, expected, found: t.len });
         }
         let region = bulk as usize;
         if t.offset < self.cursor[region] {
-            return Err(FormatError::TensorOrder {
-                layer,
-                tensor: name,
-            });
+            return Err(FormatError::TensorOrder { layer, tensor: name });
         }
         self.cursor[region] = t.offset + t.len;
         if bulk {
@@ -448,10 +366,7 @@ impl LayerIter<'_> {
             self.small_end = self.small_end.max(t.offset + t.len);
         }
         if self.small_end > self.bulk_start {
-            return Err(FormatError::TensorOrder {
-                layer,
-                tensor: name,
-            });
+            return Err(FormatError::TensorOrder { layer, tensor: name });
         }
         Ok(())
     }
@@ -460,24 +375,14 @@ impl LayerIter<'_> {
         bytemuck::cast_slice(&self.data[t.offset as usize..(t.offset + t.len) as usize])
     }
 
-    fn values(
-        &mut self,
-        layer: u32,
-        name: &'static str,
-        t: TensorRef,
-        n: u32,
-        rule: Rule,
-    ) -> Result<(), FormatError> {
+    fn values(&mut self, layer: u32, name: &'static str, t: TensorRef, n: u32, rule: Rule) -> Result<(), FormatError> {
         self.tensor(layer, name, t, n as u64 * 4)?;
         let ok = |v: f32| match rule {
             Finite => v.is_finite(),
             NonNegative => v.is_finite() && v >= 0.0,
         };
         if !self.f32s(t).iter().all(|&v| ok(v)) {
-            return Err(FormatError::BadValue {
-                layer,
-                tensor: name,
-            });
+            return Err(FormatError::BadValue { layer, tensor: name });
         }
         Ok(())
     }
@@ -512,10 +417,9 @@ impl LayerIter<'_> {
                 self.tensor(layer, "weight", w, n)?;
                 self.values(layer, "scale", s, rows, NonNegative)
             }
-            (WeightFormat::F32, Some(_)) => Err(FormatError::BadParam {
-                layer,
-                what: "an all-f32 file holds an int8 layer",
-            }),
+            (WeightFormat::F32, Some(_)) => {
+                Err(FormatError::BadParam { layer, what: "an all-f32 file holds an int8 layer" })
+            }
         }
     }
 }
@@ -556,10 +460,7 @@ mod writer {
         let offset = buf.len().next_multiple_of(ALIGN as usize);
         buf.resize(offset, 0);
         buf.extend_from_slice(bytes);
-        TensorRef {
-            offset: offset as u64,
-            len: bytes.len() as u64,
-        }
+        TensorRef { offset: offset as u64, len: bytes.len() as u64 }
     }
 
     impl EcbWriter {
@@ -628,11 +529,7 @@ mod writer {
             data.resize(bulk_base as usize, 0);
             data.extend_from_slice(&self.bulk);
             let header = GraphHeader {
-                provenance: Provenance {
-                    name: &self.name,
-                    source: &self.source,
-                    seed: self.seed,
-                },
+                provenance: Provenance { name: &self.name, source: &self.source, seed: self.seed },
                 input: self.input,
                 weights: self.weights,
                 layer_count: layers.len() as u32,

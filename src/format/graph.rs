@@ -46,13 +46,7 @@ pub struct InputSpec {
 impl InputSpec {
     /// An input with the identity normalisation.
     pub const fn plain(channels: u32, height: u32, width: u32) -> Self {
-        InputSpec {
-            channels,
-            height,
-            width,
-            mean: [0.0; 4],
-            std: [1.0; 4],
-        }
+        InputSpec { channels, height, width, mean: [0.0; 4], std: [1.0; 4] }
     }
 }
 

@@ -45,11 +45,7 @@ pub enum Section {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FormatError {
     /// The file is shorter than its header or than a section it declares.
-    Truncated {
-        section: Section,
-        needed: u64,
-        available: u64,
-    },
+    Truncated { section: Section, needed: u64, available: u64 },
     /// The first eight bytes are not this format's magic.
     BadMagic,
     /// A version this build does not read.
@@ -79,12 +75,7 @@ pub enum FormatError {
     /// A tensor is not 64-byte aligned inside the data section.
     TensorMisaligned { layer: u32, tensor: &'static str },
     /// A tensor's byte length does not match the layer's parameters.
-    TensorLength {
-        layer: u32,
-        tensor: &'static str,
-        expected: u64,
-        found: u64,
-    },
+    TensorLength { layer: u32, tensor: &'static str, expected: u64, found: u64 },
     /// Tensors overlap or are not stored in the order the graph references them.
     TensorOrder { layer: u32, tensor: &'static str },
     /// A stored value is not finite, or a variance is negative, or a scale is not positive.
@@ -111,11 +102,7 @@ impl fmt::Display for FormatError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         use FormatError::*;
         match *self {
-            Truncated {
-                section,
-                needed,
-                available,
-            } => write!(
+            Truncated { section, needed, available } => write!(
                 f,
                 "file is truncated: the {section} needs {needed} bytes but only {available} are \
                  there (copy the file again)"
@@ -128,10 +115,7 @@ impl fmt::Display for FormatError {
             ),
             BadHeader { field } => write!(f, "corrupt header: field `{field}` is invalid"),
             BadLayout { section } => {
-                write!(
-                    f,
-                    "corrupt file layout: the {section} overlaps another or is misaligned"
-                )
+                write!(f, "corrupt file layout: the {section} overlaps another or is misaligned")
             }
             TrailingBytes { extra } => write!(f, "{extra} unexpected bytes after the last section"),
             BufferMisaligned => f.write_str(
@@ -141,49 +125,30 @@ impl fmt::Display for FormatError {
             GraphDecode { layer: Some(l) } => {
                 write!(f, "corrupt graph: layer {l} cannot be decoded")
             }
-            GraphDecode { layer: None } => {
-                f.write_str("corrupt graph: the graph header cannot be decoded")
-            }
+            GraphDecode { layer: None } => f.write_str("corrupt graph: the graph header cannot be decoded"),
             GraphTrailing => f.write_str("corrupt graph: bytes after the last layer"),
             TooManyLayers { count, max } => {
-                write!(
-                    f,
-                    "the graph has {count} layers; this build holds at most {max}"
-                )
+                write!(f, "the graph has {count} layers; this build holds at most {max}")
             }
             EmptyGraph => f.write_str("the graph has no layers"),
-            BadValueRef { layer, value } => write!(
-                f,
-                "layer {layer} reads value {value}, which is not produced before it"
-            ),
+            BadValueRef { layer, value } => {
+                write!(f, "layer {layer} reads value {value}, which is not produced before it")
+            }
             BadParam { layer, what } => write!(f, "layer {layer}: invalid parameter: {what}"),
             TensorOutOfBounds { layer, tensor } => {
-                write!(
-                    f,
-                    "layer {layer}: tensor `{tensor}` lies outside the data section"
-                )
+                write!(f, "layer {layer}: tensor `{tensor}` lies outside the data section")
             }
             TensorMisaligned { layer, tensor } => {
                 write!(f, "layer {layer}: tensor `{tensor}` is not 64-byte aligned")
             }
-            TensorLength {
-                layer,
-                tensor,
-                expected,
-                found,
-            } => write!(
-                f,
-                "layer {layer}: tensor `{tensor}` has {found} bytes, its shape needs {expected}"
-            ),
-            TensorOrder { layer, tensor } => write!(
-                f,
-                "layer {layer}: tensor `{tensor}` overlaps an earlier tensor or is out of order"
-            ),
+            TensorLength { layer, tensor, expected, found } => {
+                write!(f, "layer {layer}: tensor `{tensor}` has {found} bytes, its shape needs {expected}")
+            }
+            TensorOrder { layer, tensor } => {
+                write!(f, "layer {layer}: tensor `{tensor}` overlaps an earlier tensor or is out of order")
+            }
             BadValue { layer, tensor } => {
-                write!(
-                    f,
-                    "layer {layer}: tensor `{tensor}` holds a value out of range"
-                )
+                write!(f, "layer {layer}: tensor `{tensor}` holds a value out of range")
             }
             ShapeMismatch { layer, what } => write!(f, "layer {layer}: shape mismatch: {what}"),
             TooLarge { layer, what } => write!(f, "layer {layer}: {what} is too large"),

@@ -66,23 +66,12 @@ impl Builder {
             q.extend((0..64.min(n - q.len())).map(|b| if bits >> b & 1 == 1 { 1i8 } else { -1 }));
         }
         let c = (2.0 / fan_in as f64).sqrt() as f32;
-        IrWeights::I8 {
-            q,
-            scale: vec![c; rows],
-        }
+        IrWeights::I8 { q, scale: vec![c; rows] }
     }
 
     fn linear(&mut self, input: ValueId, i: usize, o: usize) -> ValueId {
         let weight = self.signs(o, i);
-        self.ir.push(
-            input,
-            IrOp::Linear {
-                in_features: i as u32,
-                out_features: o as u32,
-                weight,
-                bias: None,
-            },
-        )
+        self.ir.push(input, IrOp::Linear { in_features: i as u32, out_features: o as u32, weight, bias: None })
     }
 
     fn conv(&mut self, input: ValueId, cin: usize, cout: usize, k: u32, stride: u32) -> ValueId {
@@ -105,15 +94,7 @@ impl Builder {
     }
 
     fn norm(&mut self, input: ValueId, c: usize) -> ValueId {
-        self.ir.push(
-            input,
-            IrOp::BatchNorm {
-                eps: 1e-5,
-                mean: vec![0.0; c],
-                var: vec![1.0; c],
-                affine: None,
-            },
-        )
+        self.ir.push(input, IrOp::BatchNorm { eps: 1e-5, mean: vec![0.0; c], var: vec![1.0; c], affine: None })
     }
 
     fn plain(&mut self, input: ValueId, op: Op) -> ValueId {
@@ -157,12 +138,7 @@ impl Builder {
                 cin = width;
             }
         }
-        let pool = Pool {
-            kernel: [4, 4],
-            stride: [4, 4],
-            pad: [0; 4],
-            count_include_pad: false,
-        };
+        let pool = Pool { kernel: [4, 4], stride: [4, 4], pad: [0; 4], count_include_pad: false };
         v = self.plain(v, Op::AvgPool(pool));
         v = self.plain(v, Op::Flatten);
         self.linear(v, cin, outputs);
@@ -173,29 +149,13 @@ impl Builder {
 pub fn random_backbone(arch: Arch, outputs: usize, seed: u64) -> Ir {
     let (input, norm) = match arch {
         // MNIST-style normalisation (0.1307, 0.3081), as the SupSup MNIST loaders use.
-        Arch::Lenet | Arch::Fc1024 => (
-            InputSpec::plain(1, 28, 28),
-            ([0.1307, 0.0, 0.0, 0.0], [0.3081, 1.0, 1.0, 1.0]),
-        ),
+        Arch::Lenet | Arch::Fc1024 => (InputSpec::plain(1, 28, 28), ([0.1307, 0.0, 0.0, 0.0], [0.3081, 1.0, 1.0, 1.0])),
         // CIFAR-100 statistics of the SupSup SplitCIFAR100 loader.
-        Arch::GemResnet18 => (
-            InputSpec::plain(3, 32, 32),
-            ([0.491, 0.482, 0.447, 0.0], [0.247, 0.243, 0.262, 1.0]),
-        ),
+        Arch::GemResnet18 => (InputSpec::plain(3, 32, 32), ([0.491, 0.482, 0.447, 0.0], [0.247, 0.243, 0.262, 1.0])),
     };
-    let input = InputSpec {
-        mean: norm.0,
-        std: norm.1,
-        ..input
-    };
-    let source = format!(
-        "edgecl init --arch {} --outputs {outputs} --seed {seed}",
-        arch.name()
-    );
-    let mut b = Builder {
-        ir: Ir::new(arch.name(), &source, input),
-        rng: SplitMix64::new(seed),
-    };
+    let input = InputSpec { mean: norm.0, std: norm.1, ..input };
+    let source = format!("edgecl init --arch {} --outputs {outputs} --seed {seed}", arch.name());
+    let mut b = Builder { ir: Ir::new(arch.name(), &source, input), rng: SplitMix64::new(seed) };
     b.ir.seed = Some(seed);
     match arch {
         Arch::Lenet => b.mlp(&[784, 300, 100], outputs),
@@ -220,18 +180,12 @@ mod tests {
     #[test]
     fn signed_kaiming_constant() {
         let ir = random_backbone(Arch::Lenet, 10, 7);
-        let IrOp::Linear {
-            weight: IrWeights::I8 { q, scale },
-            ..
-        } = &ir.layers[1].1
-        else {
+        let IrOp::Linear { weight: IrWeights::I8 { q, scale }, .. } = &ir.layers[1].1 else {
             panic!("layer 1 is linear")
         };
         assert!(q.iter().all(|&v| v == 1 || v == -1));
         let pos = q.iter().filter(|&&v| v == 1).count() as f64 / q.len() as f64;
         assert!((pos - 0.5).abs() < 0.01, "signs are balanced: {pos}");
-        assert!(scale
-            .iter()
-            .all(|&s| (s - (2.0f32 / 784.0).sqrt()).abs() < 1e-7));
+        assert!(scale.iter().all(|&s| (s - (2.0f32 / 784.0).sqrt()).abs() < 1e-7));
     }
 }

@@ -12,9 +12,7 @@ pub mod init;
 pub mod onnx;
 
 use crate::format::ecb::EcbWriter;
-use crate::format::graph::{
-    BatchNorm, Conv2d, InputSpec, Linear, Op, TensorRef, ValueId, WeightFormat,
-};
+use crate::format::graph::{BatchNorm, Conv2d, InputSpec, Linear, Op, TensorRef, ValueId, WeightFormat};
 use std::fmt;
 
 /// Why a model could not be turned into a backbone file.
@@ -78,13 +76,7 @@ pub struct Ir {
 
 impl Ir {
     pub fn new(name: &str, source: &str, input: InputSpec) -> Self {
-        Ir {
-            name: name.into(),
-            source: source.into(),
-            seed: None,
-            input,
-            layers: Vec::new(),
-        }
+        Ir { name: name.into(), source: source.into(), seed: None, input, layers: Vec::new() }
     }
 
     /// Appends a layer reading `input`; returns the id of its output.
@@ -103,25 +95,10 @@ impl Ir {
         let mut w = EcbWriter::new(&self.name, &self.source, self.input, format);
         w.seed = self.seed;
         for (input, op) in &self.layers {
-            let format = if keeps_f32(op) {
-                WeightFormat::F32
-            } else {
-                format
-            };
+            let format = if keeps_f32(op) { WeightFormat::F32 } else { format };
             let op = match op {
-                IrOp::Conv {
-                    in_channels,
-                    out_channels,
-                    kernel,
-                    stride,
-                    pad,
-                    dilation,
-                    groups,
-                    weight,
-                    bias,
-                } => {
-                    let (weight, scale) =
-                        store_weights(&mut w, weight, *out_channels as usize, format);
+                IrOp::Conv { in_channels, out_channels, kernel, stride, pad, dilation, groups, weight, bias } => {
+                    let (weight, scale) = store_weights(&mut w, weight, *out_channels as usize, format);
                     let bias = bias.as_ref().map(|b| w.add_f32(b));
                     Op::Conv2d(Conv2d {
                         in_channels: *in_channels,
@@ -136,29 +113,12 @@ impl Ir {
                         bias,
                     })
                 }
-                IrOp::Linear {
-                    in_features,
-                    out_features,
-                    weight,
-                    bias,
-                } => {
-                    let (weight, scale) =
-                        store_weights(&mut w, weight, *out_features as usize, format);
+                IrOp::Linear { in_features, out_features, weight, bias } => {
+                    let (weight, scale) = store_weights(&mut w, weight, *out_features as usize, format);
                     let bias = bias.as_ref().map(|b| w.add_f32(b));
-                    Op::Linear(Linear {
-                        in_features: *in_features,
-                        out_features: *out_features,
-                        weight,
-                        scale,
-                        bias,
-                    })
+                    Op::Linear(Linear { in_features: *in_features, out_features: *out_features, weight, scale, bias })
                 }
-                IrOp::BatchNorm {
-                    eps,
-                    mean,
-                    var,
-                    affine,
-                } => {
+                IrOp::BatchNorm { eps, mean, var, affine } => {
                     let mean_t = w.add_f32(mean);
                     let var_t = w.add_f32(var);
                     let (gamma, beta) = match affine {
@@ -191,16 +151,10 @@ impl Ir {
 /// SupSup backbones, QDQ models) are never touched.
 pub fn keeps_f32(op: &IrOp) -> bool {
     match op {
-        IrOp::Conv {
-            weight: IrWeights::F32(w),
-            groups,
-            in_channels,
-            ..
-        } => *groups > 1 || *in_channels <= 4 || w.len() < 4096,
-        IrOp::Linear {
-            weight: IrWeights::F32(w),
-            ..
-        } => w.len() < 4096,
+        IrOp::Conv { weight: IrWeights::F32(w), groups, in_channels, .. } => {
+            *groups > 1 || *in_channels <= 4 || w.len() < 4096
+        }
+        IrOp::Linear { weight: IrWeights::F32(w), .. } => w.len() < 4096,
         _ => false,
     }
 }
@@ -213,16 +167,12 @@ fn store_weights(
 ) -> (TensorRef, Option<TensorRef>) {
     match (weights, format) {
         (IrWeights::F32(x), WeightFormat::F32) => (w.add_weight_f32(x), None),
-        (IrWeights::I8 { q, scale }, WeightFormat::F32) => {
-            (w.add_weight_f32(&dequantize(q, scale)), None)
-        }
+        (IrWeights::I8 { q, scale }, WeightFormat::F32) => (w.add_weight_f32(&dequantize(q, scale)), None),
         (IrWeights::F32(x), WeightFormat::I8) => {
             let (q, scale) = quantize_rows(x, rows);
             (w.add_weight_i8(&q), Some(w.add_f32(&scale)))
         }
-        (IrWeights::I8 { q, scale }, WeightFormat::I8) => {
-            (w.add_weight_i8(q), Some(w.add_f32(scale)))
-        }
+        (IrWeights::I8 { q, scale }, WeightFormat::I8) => (w.add_weight_i8(q), Some(w.add_f32(scale))),
     }
 }
 
@@ -237,15 +187,8 @@ pub fn quantize_rows(w: &[f32], rows: usize) -> (Vec<i8>, Vec<f32>) {
     let mut scales = Vec::with_capacity(rows);
     for row in w.chunks(cols.max(1)).take(rows) {
         let max = row.iter().fold(0.0f32, |m, &v| m.max(v.abs()));
-        let s = if max > 0.0 && max.is_finite() {
-            max / 127.0
-        } else {
-            1.0
-        };
-        q.extend(
-            row.iter()
-                .map(|&v| (v / s).round().clamp(-127.0, 127.0) as i8),
-        );
+        let s = if max > 0.0 && max.is_finite() { max / 127.0 } else { 1.0 };
+        q.extend(row.iter().map(|&v| (v / s).round().clamp(-127.0, 127.0) as i8));
         scales.push(s);
     }
     (q, scales)
@@ -254,10 +197,7 @@ pub fn quantize_rows(w: &[f32], rows: usize) -> (Vec<i8>, Vec<f32>) {
 /// `w[r][..] = scale[r] * q[r][..]`.
 pub fn dequantize(q: &[i8], scale: &[f32]) -> Vec<f32> {
     let cols = q.len() / scale.len().max(1);
-    q.chunks(cols.max(1))
-        .zip(scale)
-        .flat_map(|(row, &s)| row.iter().map(move |&v| v as f32 * s))
-        .collect()
+    q.chunks(cols.max(1)).zip(scale).flat_map(|(row, &s)| row.iter().map(move |&v| v as f32 * s)).collect()
 }
 
 #[cfg(test)]
@@ -266,9 +206,7 @@ mod tests {
 
     #[test]
     fn quantize_round_trip_error_is_at_most_half_a_step() {
-        let w: Vec<f32> = (0..60)
-            .map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.013)
-            .collect();
+        let w: Vec<f32> = (0..60).map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.013).collect();
         let (q, s) = quantize_rows(&w, 3);
         let d = dequantize(&q, &s);
         for (r, (row, drow)) in w.chunks(20).zip(d.chunks(20)).enumerate() {
@@ -276,13 +214,7 @@ mod tests {
                 assert!((a - b).abs() <= s[r] * 0.5 + 1e-7, "{a} vs {b}");
             }
             // The largest magnitude maps to ±127 exactly.
-            assert_eq!(
-                q[r * 20..(r + 1) * 20]
-                    .iter()
-                    .map(|v| v.unsigned_abs())
-                    .max(),
-                Some(127)
-            );
+            assert_eq!(q[r * 20..(r + 1) * 20].iter().map(|v| v.unsigned_abs()).max(), Some(127));
         }
     }
 

@@ -3,7 +3,7 @@
 //! Each is property-tested against [`super::reference`].
 
 use super::gemm::{gemm_packed, pack_a, pack_b, packed_a_len, packed_b_len};
-use super::{for_each_chunk, ConvShape, Kernels, PostOp, Weights};
+use super::{clamp, for_each_chunk, ConvShape, Kernels, PostOp, Weights};
 
 /// Scratch floats [`conv2d`] needs for this shape with these kernels.
 pub fn conv_scratch_len(s: &ConvShape, k: &Kernels) -> usize {
@@ -20,8 +20,20 @@ fn is_pointwise(s: &ConvShape) -> bool {
     s.kh == 1 && s.kw == 1 && s.sh == 1 && s.sw == 1 && s.pad == [0; 4]
 }
 
-/// One sample: `x` is `[c_in][h][w]`, `y` is `[c_out][oh][ow]`.
-pub fn conv2d(
+/// One sample: `x` is `[c_in][h][w]`, `y` is `[c_out][oh][ow]`. Compiled for the baseline ISA;
+/// per-ISA tables compile [`conv2d_inline`] again with more features enabled.
+pub fn conv2d(k: &Kernels, s: &ConvShape, w: Weights, x: &[f32], y: &mut [f32], post: &PostOp, scratch: &mut [f32]) {
+    conv2d_inline(k, s, w, x, y, post, scratch)
+}
+
+/// [`linear_inline`] compiled for the baseline ISA.
+pub fn linear(k: &Kernels, in_f: usize, out_f: usize, w: Weights, x: &[f32], y: &mut [f32], post: &PostOp) {
+    linear_inline(k, in_f, out_f, w, x, y, post)
+}
+
+/// The body of [`conv2d`], inlined into each ISA's instance.
+#[inline(always)]
+pub fn conv2d_inline(
     k: &Kernels,
     s: &ConvShape,
     w: Weights,
@@ -31,7 +43,7 @@ pub fn conv2d(
     scratch: &mut [f32],
 ) {
     if s.is_depthwise() {
-        return depthwise(s, w, x, y, post);
+        return depthwise(k, s, w, x, y, post);
     }
     let (mr, nr) = (k.micro.mr, k.micro.nr);
     let kk = s.cin_g() * s.kh * s.kw;
@@ -48,22 +60,13 @@ pub fn conv2d(
             im2col_packed(s, xg, nr, b);
         }
         pack_a(w, g * m, m, kk, mr, a);
-        gemm_packed(
-            &k.micro,
-            m,
-            n,
-            kk,
-            a,
-            b,
-            &mut y[g * m * n..(g + 1) * m * n],
-            post,
-            g * m,
-        );
+        gemm_packed(k, m, n, kk, a, b, &mut y[g * m * n..(g + 1) * m * n], post, g * m);
     }
 }
 
 /// im2col of one group written straight into `nr`-wide B panels: row `(ci, ky, kx)`, column
 /// `oy * ow + ox`; taps in the padding are zero.
+#[inline(always)]
 fn im2col_packed(s: &ConvShape, xg: &[f32], nr: usize, dst: &mut [f32]) {
     let (oh, ow) = (s.oh(), s.ow());
     let n = oh * ow;
@@ -104,85 +107,172 @@ fn im2col_packed(s: &ConvShape, xg: &[f32], nr: usize, dst: &mut [f32]) {
 /// Depthwise conv (one kernel per channel), channels split across threads. For each output
 /// row and tap, the range of output columns whose input column is inside the image is computed
 /// once, so the inner loop is a plain strided multiply-add.
-fn depthwise(s: &ConvShape, w: Weights, x: &[f32], y: &mut [f32], post: &PostOp) {
+#[inline(always)]
+fn depthwise(k: &Kernels, s: &ConvShape, w: Weights, x: &[f32], y: &mut [f32], post: &PostOp) {
+    let plane = s.oh() * s.ow();
+    // Whole channels per task, about four tasks per thread.
+    let per_task = s.c_out.div_ceil(super::threads() * 4).max(1);
+    for_each_chunk(&mut y[..s.c_out * plane], per_task * plane, |t, out| {
+        (k.depthwise)(s, w, t * per_task, x, out, post)
+    });
+}
+
+/// Channels `c0 ..` of a depthwise conv: `x` is the whole input, `out` holds the output planes
+/// of this block of channels.
+#[inline(always)]
+pub fn depthwise_channels_inline(s: &ConvShape, w: Weights, c0: usize, x: &[f32], out: &mut [f32], post: &PostOp) {
+    let (plane_in, plane_out) = (s.h * s.w, s.oh() * s.ow());
+    let (ph, pw) = (s.h + s.pad[0] + s.pad[2], s.w + s.pad[1] + s.pad[3]);
+    if s.dh == 1 && s.dw == 1 && s.kh == s.kw && s.sh == s.sw && ph * pw <= DW_PAD_MAX {
+        // One zeroed buffer per block: only the interior is rewritten per channel, so the
+        // padding stays zero. Direct calls, not a function pointer, so each instance is
+        // compiled with the enclosing ISA's features.
+        let mut buf = [0.0f32; DW_PAD_MAX];
+        let pad = &mut buf[..ph * pw];
+        for (i, o) in out.chunks_exact_mut(plane_out).enumerate() {
+            let c = c0 + i;
+            let xin = &x[c * plane_in..(c + 1) * plane_in];
+            for (y, row) in xin.chunks_exact(s.w).enumerate() {
+                pad[(y + s.pad[0]) * pw + s.pad[1]..][..s.w].copy_from_slice(row);
+            }
+            match (s.kh, s.sh) {
+                (3, 1) => dw_padded::<3, 1>(s, w, c, pad, o, post),
+                (3, 2) => dw_padded::<3, 2>(s, w, c, pad, o, post),
+                (5, 1) => dw_padded::<5, 1>(s, w, c, pad, o, post),
+                (5, 2) => dw_padded::<5, 2>(s, w, c, pad, o, post),
+                _ => dw_rows(s, w, c, xin, o, post),
+            }
+        }
+    } else {
+        for (i, o) in out.chunks_exact_mut(plane_out).enumerate() {
+            let c = c0 + i;
+            dw_rows(s, w, c, &x[c * plane_in..(c + 1) * plane_in], o, post);
+        }
+    }
+}
+
+/// [`depthwise_channels_inline`] compiled for the baseline ISA.
+pub fn depthwise_channels(s: &ConvShape, w: Weights, c0: usize, x: &[f32], out: &mut [f32], post: &PostOp) {
+    depthwise_channels_inline(s, w, c0, x, out, post)
+}
+
+/// Largest zero-padded input plane (floats) that the small-plane depthwise path copies to
+/// the stack: 16 KB, e.g. 64 × 64. Small planes (most of a mobile net past its first stages,
+/// 24×24 down to 3×3) run through kernels specialised for the common square kernels and
+/// strides, whose taps unroll: there the bounds bookkeeping of the general path costs more
+/// than the arithmetic. Other planes take the general row-wise path.
+const DW_PAD_MAX: usize = 4096;
+
+/// Small planes, `K × K` taps, stride `S`, no dilation, on the zero-padded plane `pad`: one
+/// unrolled dot per output.
+#[inline(always)]
+fn dw_padded<const K: usize, const S: usize>(
+    s: &ConvShape,
+    w: Weights,
+    c: usize,
+    pad: &[f32],
+    out: &mut [f32],
+    post: &PostOp,
+) {
+    let (oh, ow) = (s.oh(), s.ow());
+    let pw = s.w + s.pad[1] + s.pad[3];
+    let mut wk = [[0.0f32; K]; K];
+    for (t, v) in wk.iter_mut().flatten().enumerate() {
+        *v = w.get(c, c * K * K + t);
+    }
+    let (mul, add) = (post.mul[c], post.add[c]);
+    // Every tap of every output lies inside the padded plane (ConvShape::out_hw).
+    let span = (ow - 1) * S + K;
+    for (oy, orow) in out[..oh * ow].chunks_exact_mut(ow).enumerate() {
+        let rows: [&[f32]; K] = core::array::from_fn(|ky| &pad[(oy * S + ky) * pw..][..span]);
+        for (ox, o) in orow.iter_mut().enumerate() {
+            let mut acc = 0.0f32;
+            for ky in 0..K {
+                for kx in 0..K {
+                    acc += wk[ky][kx] * rows[ky][ox * S + kx];
+                }
+            }
+            *o = clamp(acc * mul + add, post.lo, post.hi);
+        }
+    }
+}
+
+/// Any depthwise geometry: for each output row and tap, the range of output columns whose
+/// input column lies inside the image is computed once, so the inner loop is a plain
+/// strided multiply-add.
+#[inline(always)]
+fn dw_rows(s: &ConvShape, w: Weights, c: usize, xin: &[f32], out: &mut [f32], post: &PostOp) {
     let (oh, ow) = (s.oh(), s.ow());
     let taps = s.kh * s.kw;
-    let plane_in = s.h * s.w;
-    for_each_chunk(&mut y[..s.c_out * oh * ow], oh * ow, |c, out| {
-        let xin = &x[c * plane_in..(c + 1) * plane_in];
-        let mut wk = [0.0f32; 64];
-        let wk: &mut [f32] = if taps <= 64 { &mut wk[..taps] } else { &mut [] };
-        for (t, v) in wk.iter_mut().enumerate() {
-            *v = w.get(c, c * taps + t);
-        }
-        let (mul, add) = (post.mul[c], post.add[c]);
-        for oy in 0..oh {
-            let orow = &mut out[oy * ow..(oy + 1) * ow];
-            orow.fill(0.0);
-            for ky in 0..s.kh {
-                let iy = (oy * s.sh + ky * s.dh) as isize - s.pad[0] as isize;
-                if iy < 0 || iy as usize >= s.h {
+    let mut wk = [0.0f32; 64];
+    let wk: &mut [f32] = if taps <= 64 { &mut wk[..taps] } else { &mut [] };
+    for (t, v) in wk.iter_mut().enumerate() {
+        *v = w.get(c, c * taps + t);
+    }
+    let (mul, add) = (post.mul[c], post.add[c]);
+    for oy in 0..oh {
+        let orow = &mut out[oy * ow..(oy + 1) * ow];
+        orow.fill(0.0);
+        for ky in 0..s.kh {
+            let iy = (oy * s.sh + ky * s.dh) as isize - s.pad[0] as isize;
+            if iy < 0 || iy as usize >= s.h {
+                continue;
+            }
+            let irow = &xin[iy as usize * s.w..(iy as usize + 1) * s.w];
+            for kx in 0..s.kw {
+                let wv = if wk.is_empty() { w.get(c, c * taps + ky * s.kw + kx) } else { wk[ky * s.kw + kx] };
+                // ix = ox*sw + kx*dw - pl must lie in [0, w).
+                let off = (kx * s.dw) as isize - s.pad[1] as isize;
+                let lo = if off >= 0 { 0 } else { ((-off) as usize).div_ceil(s.sw) };
+                let hi = if (s.w as isize) <= off { 0 } else { ((s.w as isize - off) as usize).div_ceil(s.sw).min(ow) };
+                if lo >= hi {
                     continue;
                 }
-                let irow = &xin[iy as usize * s.w..(iy as usize + 1) * s.w];
-                for kx in 0..s.kw {
-                    let wv = if wk.is_empty() {
-                        w.get(c, c * taps + ky * s.kw + kx)
-                    } else {
-                        wk[ky * s.kw + kx]
-                    };
-                    // ix = ox*sw + kx*dw - pl must lie in [0, w).
-                    let off = (kx * s.dw) as isize - s.pad[1] as isize;
-                    let lo = if off >= 0 {
-                        0
-                    } else {
-                        ((-off) as usize).div_ceil(s.sw)
-                    };
-                    let hi = if (s.w as isize) <= off {
-                        0
-                    } else {
-                        (((s.w as isize - off) as usize).div_ceil(s.sw)).min(ow)
-                    };
-                    if lo >= hi {
-                        continue;
+                let src = &irow[((lo * s.sw) as isize + off) as usize..];
+                if s.sw == 1 {
+                    for (o, &v) in orow[lo..hi].iter_mut().zip(src) {
+                        *o += wv * v;
                     }
-                    let start = (lo * s.sw) as isize + off;
-                    let src = &irow[start as usize..];
-                    if s.sw == 1 {
-                        for (o, &v) in orow[lo..hi].iter_mut().zip(src) {
-                            *o += wv * v;
-                        }
-                    } else {
-                        for (o, &v) in orow[lo..hi].iter_mut().zip(src.iter().step_by(s.sw)) {
-                            *o += wv * v;
-                        }
+                } else {
+                    for (o, &v) in orow[lo..hi].iter_mut().zip(src.iter().step_by(s.sw)) {
+                        *o += wv * v;
                     }
                 }
             }
-            for o in orow.iter_mut() {
-                *o = (*o * mul + add).max(post.lo).min(post.hi);
-            }
         }
-    });
+        for o in orow.iter_mut() {
+            *o = clamp(*o * mul + add, post.lo, post.hi);
+        }
+    }
 }
 
 /// `y[o] = post(w[o] · x)` for one sample, output rows split across threads.
-pub fn linear(in_f: usize, out_f: usize, w: Weights, x: &[f32], y: &mut [f32], post: &PostOp) {
+#[inline(always)]
+pub fn linear_inline(k: &Kernels, in_f: usize, out_f: usize, w: Weights, x: &[f32], y: &mut [f32], post: &PostOp) {
     let rows_per_task = out_f.div_ceil(super::threads() * 4).max(16);
-    for_each_chunk(&mut y[..out_f], rows_per_task, |t, ys| {
-        for (i, yo) in ys.iter_mut().enumerate() {
-            let o = t * rows_per_task + i;
-            let acc = match w {
-                Weights::I8 { q, scale } => scale[o] * dot_i8(&q[o * in_f..(o + 1) * in_f], x),
-                Weights::F32(wf) => dot_f32(&wf[o * in_f..(o + 1) * in_f], x),
-            };
-            *yo = post.apply(o, acc);
-        }
-    });
+    for_each_chunk(&mut y[..out_f], rows_per_task, |t, ys| (k.linear_rows)(t * rows_per_task, in_f, w, x, ys, post));
+}
+
+/// Rows `first ..` of a linear layer, one per element of `ys`.
+#[inline(always)]
+pub fn linear_rows_inline(first: usize, in_f: usize, w: Weights, x: &[f32], ys: &mut [f32], post: &PostOp) {
+    for (i, yo) in ys.iter_mut().enumerate() {
+        let o = first + i;
+        let acc = match w {
+            Weights::I8 { q, scale } => scale[o] * dot_i8(&q[o * in_f..(o + 1) * in_f], x),
+            Weights::F32(wf) => dot_f32(&wf[o * in_f..(o + 1) * in_f], x),
+        };
+        *yo = post.apply(o, acc);
+    }
+}
+
+/// [`linear_rows_inline`] compiled for the baseline ISA.
+pub fn linear_rows(first: usize, in_f: usize, w: Weights, x: &[f32], ys: &mut [f32], post: &PostOp) {
+    linear_rows_inline(first, in_f, w, x, ys, post)
 }
 
 /// Eight independent lanes so the compiler can vectorise without reassociating one sum.
-#[inline]
+#[inline(always)]
 fn dot_i8(q: &[i8], x: &[f32]) -> f32 {
     let mut acc = [0.0f32; 8];
     let (qc, qr) = q.as_chunks::<8>();
@@ -196,7 +286,7 @@ fn dot_i8(q: &[i8], x: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-#[inline]
+#[inline(always)]
 fn dot_f32(w: &[f32], x: &[f32]) -> f32 {
     let mut acc = [0.0f32; 8];
     let (wc, wr) = w.as_chunks::<8>();

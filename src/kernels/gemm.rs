@@ -1,26 +1,23 @@
 //! Packed GEMM: `C[m][n] = post(A[m][k] · B[k][n])`, with A the layer's weights.
 //!
-//! A is packed in panels of `mr` rows (`[panel][k][mr]`), dequantising int8 on the way, so the
-//! weights are read from the file exactly once per call and a mask or overlay (later issues)
-//! costs nothing beyond this pass. B is packed in panels of `nr` columns (`[panel][k][nr]`),
+//! A is dequantised into plain rows (`[m rounded up to mr][k]`, rows past `m` zero): a straight,
+//! vectorised pass that reads the weights from the file once per call, and where a mask or
+//! overlay (later issues) costs nothing extra. The micro-kernel reads `mr` rows at stride `k`,
+//! broadcasting one value of each per step, so A needs no transposing pack. (A transposing
+//! `[k][mr]` pack was measured at 17 % of a Lite0 forward pass: its stores are scattered.) B is packed in panels of `nr` columns (`[panel][k][nr]`),
 //! straight from im2col (see [`super::fast`]) or from a plain matrix. The micro-kernel computes
 //! one `mr × nr` tile over the whole `k`; the epilogue applies the per-row [`PostOp`] while the
 //! tile is in registers or L1. Rows of C are split across threads; packed A and B are shared.
 
-use super::{for_each_chunk, MicroKernel, PostOp, Weights};
+use super::{clamp, for_each_chunk, Kernels, MicroKernel, PostOp, Weights};
 
 /// Largest `mr * nr` of any micro-kernel (the epilogue's stack tile).
 pub const MAX_TILE: usize = 128;
 
 /// The portable micro-kernel, 4 × 8: written so that the compiler keeps the tile in registers.
-pub const GENERIC_MICRO: MicroKernel = MicroKernel {
-    name: "generic 4x8",
-    mr: 4,
-    nr: 8,
-    run: micro_4x8,
-};
+pub const GENERIC_MICRO: MicroKernel = MicroKernel { name: "generic 4x8", mr: 4, nr: 8, run: micro_4x8 };
 
-fn micro_4x8(k: usize, a: &[f32], b: &[f32], tile: &mut [f32], accumulate: bool) {
+fn micro_4x8(k: usize, a: &[f32], lda: usize, b: &[f32], tile: &mut [f32], accumulate: bool) {
     const MR: usize = 4;
     const NR: usize = 8;
     let mut t = [[0.0f32; NR]; MR];
@@ -29,13 +26,12 @@ fn micro_4x8(k: usize, a: &[f32], b: &[f32], tile: &mut [f32], accumulate: bool)
             row.copy_from_slice(&tile[i * NR..(i + 1) * NR]);
         }
     }
-    for (ap, bp) in a[..k * MR]
-        .chunks_exact(MR)
-        .zip(b[..k * NR].chunks_exact(NR))
-    {
+    let rows: [&[f32]; MR] = core::array::from_fn(|i| &a[i * lda..i * lda + k]);
+    for (p, bp) in b[..k * NR].chunks_exact(NR).enumerate() {
         for i in 0..MR {
+            let av = rows[i][p];
             for j in 0..NR {
-                t[i][j] += ap[i] * bp[j];
+                t[i][j] += av * bp[j];
             }
         }
     }
@@ -44,7 +40,7 @@ fn micro_4x8(k: usize, a: &[f32], b: &[f32], tile: &mut [f32], accumulate: bool)
     }
 }
 
-/// Floats needed to pack `m × k` of A with panel height `mr`.
+/// Floats needed for `m × k` of A as rows padded to a multiple of `mr`.
 pub fn packed_a_len(m: usize, k: usize, mr: usize) -> usize {
     m.div_ceil(mr) * mr * k
 }
@@ -54,45 +50,30 @@ pub fn packed_b_len(k: usize, n: usize, nr: usize) -> usize {
     n.div_ceil(nr) * nr * k
 }
 
-/// Packs rows `row0 .. row0 + m` of the weight matrix (row length `k`), dequantised.
-/// Rows past `m` in the last panel are zero.
+/// Dequantises rows `row0 .. row0 + m` of the weight matrix (row length `k`) into `dst`
+/// (`[m rounded up to mr][k]`); the padding rows are zero.
+#[inline(always)]
 pub fn pack_a(w: Weights, row0: usize, m: usize, k: usize, mr: usize, dst: &mut [f32]) {
-    let panels = m.div_ceil(mr);
-    for p in 0..panels {
-        let panel = &mut dst[p * mr * k..(p + 1) * mr * k];
-        for i in 0..mr {
-            let r = p * mr + i;
-            if r >= m {
-                for kk in 0..k {
-                    panel[kk * mr + i] = 0.0;
-                }
-                continue;
-            }
-            let row = row0 + r;
-            let src = row * k..(row + 1) * k;
-            match w {
-                Weights::I8 { q, scale } => {
-                    let s = scale[row];
-                    for (kk, &v) in q[src].iter().enumerate() {
-                        panel[kk * mr + i] = v as f32 * s;
-                    }
-                }
-                Weights::F32(wf) => {
-                    for (kk, &v) in wf[src].iter().enumerate() {
-                        panel[kk * mr + i] = v;
-                    }
+    let dst = &mut dst[..packed_a_len(m, k, mr)];
+    let (rows, pad) = dst.split_at_mut(m * k);
+    match w {
+        Weights::I8 { q, scale } => {
+            for (r, d) in rows.chunks_exact_mut(k).enumerate() {
+                let s = scale[row0 + r];
+                for (o, &v) in d.iter_mut().zip(&q[(row0 + r) * k..(row0 + r + 1) * k]) {
+                    *o = v as f32 * s;
                 }
             }
         }
+        Weights::F32(wf) => rows.copy_from_slice(&wf[row0 * k..(row0 + m) * k]),
     }
+    pad.fill(0.0);
 }
 
 /// Packs a row-major `k × n` matrix (row stride `ld`) into `nr`-wide panels, zero-padded.
+#[inline(always)]
 pub fn pack_b(src: &[f32], k: usize, n: usize, ld: usize, nr: usize, dst: &mut [f32]) {
-    for (q, panel) in dst[..packed_b_len(k, n, nr)]
-        .chunks_exact_mut(k * nr)
-        .enumerate()
-    {
+    for (q, panel) in dst[..packed_b_len(k, n, nr)].chunks_exact_mut(k * nr).enumerate() {
         let c0 = q * nr;
         let w = nr.min(n - c0);
         for kk in 0..k {
@@ -103,11 +84,13 @@ pub fn pack_b(src: &[f32], k: usize, n: usize, ld: usize, nr: usize, dst: &mut [
     }
 }
 
-/// `C = post(A · B)` on packed operands. `c` is `m × n` row-major; row `r` uses post-op
-/// channel `post_row0 + r`.
+/// `C = post(A · B)` on packed operands (A as rows, see [`pack_a`]). `c` is `m × n` row-major;
+/// row `r` uses post-op channel `post_row0 + r`. Row blocks go to threads; each block runs the
+/// table's [`GemmRowsFn`](super::GemmRowsFn).
 #[allow(clippy::too_many_arguments)]
+#[inline(always)]
 pub fn gemm_packed(
-    micro: &MicroKernel,
+    kern: &Kernels,
     m: usize,
     n: usize,
     k: usize,
@@ -117,34 +100,67 @@ pub fn gemm_packed(
     post: &PostOp,
     post_row0: usize,
 ) {
-    let (mr, nr) = (micro.mr, micro.nr);
+    let mr = kern.micro.mr;
     let panels = m.div_ceil(mr);
     // Rows per task: whole panels, about two tasks per thread for balance.
     let tasks = (super::threads() * 2).min(panels).max(1);
     let rows_per_task = panels.div_ceil(tasks) * mr;
     for_each_chunk(&mut c[..m * n], rows_per_task * n, |t, cchunk| {
-        let mut tile = [0.0f32; MAX_TILE];
-        let tile = &mut tile[..mr * nr];
-        let first_row = t * rows_per_task;
-        let rows_here = cchunk.len() / n;
-        for pi in 0..rows_here.div_ceil(mr) {
-            let r0 = pi * mr;
-            let ap = &a[(first_row / mr + pi) * mr * k..][..mr * k];
-            let m_eff = mr.min(rows_here - r0);
-            for q in 0..n.div_ceil(nr) {
-                let bp = &b[q * nr * k..][..nr * k];
-                (micro.run)(k, ap, bp, tile, false);
-                let c0 = q * nr;
-                let n_eff = nr.min(n - c0);
-                for i in 0..m_eff {
-                    let ch = post_row0 + first_row + r0 + i;
-                    let (mul, add) = (post.mul[ch], post.add[ch]);
-                    let dst = &mut cchunk[(r0 + i) * n + c0..][..n_eff];
-                    for (d, &v) in dst.iter_mut().zip(&tile[i * nr..i * nr + n_eff]) {
-                        *d = (v * mul + add).max(post.lo).min(post.hi);
-                    }
+        let first = t * rows_per_task;
+        (kern.gemm_rows)(&kern.micro, n, k, &a[first * k..], b, cchunk, post, post_row0 + first)
+    });
+}
+
+/// One block of rows of [`gemm_packed`]: `a` starts at the block's first row, `c` holds the
+/// block's rows, `post_row0` is the post-op channel of its first row.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+pub fn gemm_rows_inline(
+    micro: &MicroKernel,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    b: &[f32],
+    c: &mut [f32],
+    post: &PostOp,
+    post_row0: usize,
+) {
+    let (mr, nr) = (micro.mr, micro.nr);
+    let mut tile = [0.0f32; MAX_TILE];
+    let tile = &mut tile[..mr * nr];
+    let rows = c.len() / n;
+    for pi in 0..rows.div_ceil(mr) {
+        let r0 = pi * mr;
+        let ap = &a[r0 * k..][..mr * k];
+        let m_eff = mr.min(rows - r0);
+        for q in 0..n.div_ceil(nr) {
+            let bp = &b[q * nr * k..][..nr * k];
+            (micro.run)(k, ap, k, bp, tile, false);
+            let c0 = q * nr;
+            let n_eff = nr.min(n - c0);
+            for i in 0..m_eff {
+                let ch = post_row0 + r0 + i;
+                let (mul, add) = (post.mul[ch], post.add[ch]);
+                let dst = &mut c[(r0 + i) * n + c0..][..n_eff];
+                for (d, &v) in dst.iter_mut().zip(&tile[i * nr..i * nr + n_eff]) {
+                    *d = clamp(v * mul + add, post.lo, post.hi);
                 }
             }
         }
-    });
+    }
+}
+
+/// [`gemm_rows_inline`] compiled for the baseline ISA.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_rows(
+    micro: &MicroKernel,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    b: &[f32],
+    c: &mut [f32],
+    post: &PostOp,
+    r0: usize,
+) {
+    gemm_rows_inline(micro, n, k, a, b, c, post, r0)
 }

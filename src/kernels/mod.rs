@@ -66,7 +66,20 @@ pub struct PostOp<'a> {
 impl PostOp<'_> {
     #[inline(always)]
     pub fn apply(&self, c: usize, acc: f32) -> f32 {
-        (acc * self.mul[c] + self.add[c]).max(self.lo).min(self.hi)
+        clamp(acc * self.mul[c] + self.add[c], self.lo, self.hi)
+    }
+}
+
+/// `lo ≤ v ≤ hi` by comparisons: compiles to one max and one min instruction, where
+/// `f32::max`/`min` add NaN handling (measured: the compare-and-blend was the hottest
+/// instruction of the depthwise kernel). A NaN passes through unchanged.
+#[inline(always)]
+pub fn clamp(v: f32, lo: f32, hi: f32) -> f32 {
+    let v = if v < lo { lo } else { v };
+    if v > hi {
+        hi
+    } else {
+        v
     }
 }
 
@@ -139,8 +152,20 @@ impl ConvShape {
     }
 }
 
-/// A packed-GEMM micro-kernel: `tile[mr][nr] (+)= a[k][mr] * b[k][nr]` over `k` steps.
-pub type MicroKernelFn = fn(k: usize, a: &[f32], b: &[f32], tile: &mut [f32], accumulate: bool);
+/// A GEMM micro-kernel: `tile[i][j] (+)= Σ_p a[i * lda + p] · b[p][j]` for `i < mr`, `j < nr`,
+/// `p < k`; `b` is one packed `[k][nr]` panel.
+pub type MicroKernelFn = fn(k: usize, a: &[f32], lda: usize, b: &[f32], tile: &mut [f32], accumulate: bool);
+
+/// A convolution on one sample (see [`fast::conv2d`]).
+pub type ConvFn = fn(&Kernels, &ConvShape, Weights, &[f32], &mut [f32], &PostOp, &mut [f32]);
+/// A linear layer on one sample (see [`fast::linear`]).
+pub type LinearFn = fn(&Kernels, usize, usize, Weights, &[f32], &mut [f32], &PostOp);
+/// One thread's block of GEMM rows (see [`gemm::gemm_rows_inline`]).
+pub type GemmRowsFn = fn(&MicroKernel, usize, usize, &[f32], &[f32], &mut [f32], &PostOp, usize);
+/// One thread's block of depthwise channels (see [`fast::depthwise_channels_inline`]).
+pub type DepthwiseFn = fn(&ConvShape, Weights, usize, &[f32], &mut [f32], &PostOp);
+/// One thread's block of linear-layer rows (see [`fast::linear_rows_inline`]).
+pub type LinearRowsFn = fn(usize, usize, Weights, &[f32], &mut [f32], &PostOp);
 
 /// A micro-kernel and its tile size.
 #[derive(Clone, Copy)]
@@ -156,13 +181,23 @@ pub struct MicroKernel {
 pub struct Kernels {
     /// `false`: the reference kernels for every op.
     pub fast: bool,
+    /// What the fast path's portable code was compiled for, e.g. `baseline` or `avx2+fma`.
+    pub isa: &'static str,
     pub micro: MicroKernel,
+    /// Drivers (im2col, packing) and the leaf kernels that threads run. Each ISA compiles
+    /// the same portable code with its own features, so every slot is vectorised for it.
+    pub conv2d: ConvFn,
+    pub linear: LinearFn,
+    pub gemm_rows: GemmRowsFn,
+    pub depthwise: DepthwiseFn,
+    pub linear_rows: LinearRowsFn,
 }
 
 impl core::fmt::Debug for Kernels {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("Kernels")
             .field("fast", &self.fast)
+            .field("isa", &self.isa)
             .field("micro", &self.micro.name)
             .finish()
     }
@@ -173,7 +208,13 @@ impl Kernels {
     pub const fn generic(fast: bool) -> Self {
         Kernels {
             fast,
+            isa: "baseline",
             micro: gemm::GENERIC_MICRO,
+            conv2d: fast::conv2d,
+            linear: fast::linear,
+            gemm_rows: gemm::gemm_rows,
+            depthwise: fast::depthwise_channels,
+            linear_rows: fast::linear_rows,
         }
     }
 
@@ -189,20 +230,21 @@ impl Kernels {
     /// The fast path with the best micro-kernel for this CPU.
     pub fn best_fast() -> Self {
         #[cfg(all(target_arch = "x86_64", feature = "std"))]
-        if let Some(micro) = x86_64::detect() {
-            return Kernels { fast: true, micro };
+        if let Some(k) = x86_64::detect() {
+            return k;
         }
         Self::generic(true)
     }
 
     /// One line per kernel slot, for `edgecl kernels`.
-    pub fn describe(&self) -> [(&'static str, &'static str); 4] {
+    pub fn describe(&self) -> [(&'static str, &'static str); 5] {
         if self.fast {
             [
-                ("conv2d", "im2col + packed GEMM"),
+                ("conv2d", "im2col + GEMM"),
                 ("gemm micro-kernel", self.micro.name),
                 ("depthwise", "row-wise, padding-free inner loop"),
                 ("linear", "int8 dot product, 8 lanes"),
+                ("compiled for", self.isa),
             ]
         } else {
             [
@@ -210,6 +252,7 @@ impl Kernels {
                 ("gemm micro-kernel", "unused"),
                 ("depthwise", "reference (direct loops)"),
                 ("linear", "reference (direct loops)"),
+                ("compiled for", "baseline"),
             ]
         }
     }
@@ -217,6 +260,7 @@ impl Kernels {
 
 /// Runs `f(index, chunk)` over `chunk`-sized pieces of `data`, on the rayon pool when std is
 /// available and it has more than one thread.
+#[inline(always)]
 pub fn for_each_chunk<F>(data: &mut [f32], chunk: usize, f: F)
 where
     F: Fn(usize, &mut [f32]) + Sync + Send,
@@ -225,9 +269,7 @@ where
     #[cfg(feature = "std")]
     if rayon::current_num_threads() > 1 && data.len() > chunk {
         use rayon::prelude::*;
-        data.par_chunks_mut(chunk)
-            .enumerate()
-            .for_each(|(i, c)| f(i, c));
+        data.par_chunks_mut(chunk).enumerate().for_each(|(i, c)| f(i, c));
         return;
     }
     for (i, c) in data.chunks_mut(chunk).enumerate() {

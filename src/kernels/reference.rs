@@ -67,14 +67,14 @@ pub fn channel_affine(c: usize, plane: usize, x: &[f32], y: &mut [f32], post: &P
 /// `y = clamp(x, lo, hi)` (ReLU, ReLU6).
 pub fn clamp(x: &[f32], y: &mut [f32], lo: f32, hi: f32) {
     for (yo, &xi) in y.iter_mut().zip(x) {
-        *yo = xi.max(lo).min(hi);
+        *yo = super::clamp(xi, lo, hi);
     }
 }
 
 /// `y = clamp(a + b, lo, hi)`.
 pub fn add(a: &[f32], b: &[f32], y: &mut [f32], lo: f32, hi: f32) {
     for ((yo, &ai), &bi) in y.iter_mut().zip(a).zip(b) {
-        *yo = (ai + bi).max(lo).min(hi);
+        *yo = super::clamp(ai + bi, lo, hi);
     }
 }
 
@@ -111,16 +111,10 @@ pub fn pool(s: &PoolShape, max: bool, x: &[f32], y: &mut [f32]) {
         let plane = &x[c * s.h * s.w..(c + 1) * s.h * s.w];
         for oy in 0..oh {
             let y0 = (oy * s.sh) as isize - s.pad[0] as isize;
-            let (ya, yb) = (
-                y0.max(0) as usize,
-                ((y0 + s.kh as isize).min(s.h as isize)).max(0) as usize,
-            );
+            let (ya, yb) = (y0.max(0) as usize, ((y0 + s.kh as isize).min(s.h as isize)).max(0) as usize);
             for ox in 0..ow {
                 let x0 = (ox * s.sw) as isize - s.pad[1] as isize;
-                let (xa, xb) = (
-                    x0.max(0) as usize,
-                    ((x0 + s.kw as isize).min(s.w as isize)).max(0) as usize,
-                );
+                let (xa, xb) = (x0.max(0) as usize, ((x0 + s.kw as isize).min(s.w as isize)).max(0) as usize);
                 let mut m = f32::NEG_INFINITY;
                 let mut sum = 0.0f32;
                 for iy in ya..yb {

@@ -8,10 +8,7 @@ use std::path::Path;
 /// Reads `path` as a batch of inputs for `bb`; returns the data (NCHW) and the batch size.
 pub fn load(path: &Path, bb: &Backbone) -> Result<(Vec<f32>, usize)> {
     let shape = bb.input_shape();
-    let ext = path
-        .extension()
-        .map(|e| e.to_string_lossy().to_lowercase())
-        .unwrap_or_default();
+    let ext = path.extension().map(|e| e.to_string_lossy().to_lowercase()).unwrap_or_default();
     if ext == "npy" {
         let bytes = std::fs::read(path)?;
         let (dims, data) = edgecl::data::npy::parse(&bytes)?;
@@ -35,11 +32,7 @@ pub fn load(path: &Path, bb: &Backbone) -> Result<(Vec<f32>, usize)> {
         return Ok((data, batch));
     }
     let img = image::open(path).context("not a readable PNG or JPEG image")?;
-    let img = img.resize_exact(
-        shape.w as u32,
-        shape.h as u32,
-        image::imageops::FilterType::Triangle,
-    );
+    let img = img.resize_exact(shape.w as u32, shape.h as u32, image::imageops::FilterType::Triangle);
     let spec = bb.input();
     let plane = shape.h * shape.w;
     let mut x = vec![0.0f32; shape.len()];
@@ -56,9 +49,7 @@ pub fn load(path: &Path, bb: &Backbone) -> Result<(Vec<f32>, usize)> {
                 }
             }
         }
-        c => bail!(
-            "images can feed 1- or 3-channel inputs; this backbone takes {c} channels (use .npy)"
-        ),
+        c => bail!("images can feed 1- or 3-channel inputs; this backbone takes {c} channels (use .npy)"),
     }
     Ok((x, 1))
 }

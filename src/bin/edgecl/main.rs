@@ -152,46 +152,17 @@ fn run(cli: Cli) -> Result<()> {
         if t == 0 {
             bail!("--threads must be at least 1");
         }
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(t)
-            .build_global()
-            .context("setting up the thread pool")?;
+        rayon::ThreadPoolBuilder::new().num_threads(t).build_global().context("setting up the thread pool")?;
     }
     match cli.cmd {
-        Cmd::Init {
-            arch,
-            outputs,
-            seed,
-            weights,
-            output,
-        } => init(&arch, outputs, seed, weights.into(), &output),
+        Cmd::Init { arch, outputs, seed, weights, output } => init(&arch, outputs, seed, weights.into(), &output),
         #[cfg(feature = "import")]
-        Cmd::Import {
-            model,
-            input,
-            mean,
-            std,
-            drop_head,
-            weights,
-            name,
-            output,
-        } => import(
-            &model,
-            &input,
-            mean,
-            std,
-            drop_head,
-            weights.into(),
-            name,
-            &output,
-        ),
+        Cmd::Import { model, input, mean, std, drop_head, weights, name, output } => {
+            import(&model, &input, mean, std, drop_head, weights.into(), name, &output)
+        }
         Cmd::Inspect { file, json } => inspect(&file, json),
         Cmd::Verify { file, json } => verify(&file, json),
-        Cmd::Forward {
-            backbone,
-            inputs,
-            json,
-        } => forward(&backbone, &inputs, json),
+        Cmd::Forward { backbone, inputs, json } => forward(&backbone, &inputs, json),
         Cmd::Kernels { json } => kernels(json),
     }
 }
@@ -200,16 +171,9 @@ fn run(cli: Cli) -> Result<()> {
 /// leaves a partial file and a mapped old file is never rewritten in place.
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let name = path.file_name().context("output path has no file name")?;
-    let tmp = dir.join(format!(
-        ".{}.tmp{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
+    let tmp = dir.join(format!(".{}.tmp{}", name.to_string_lossy(), std::process::id()));
     let result = (|| -> std::io::Result<()> {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;
@@ -227,14 +191,12 @@ fn open_backbone(path: &Path) -> Result<(MappedFile, PathBuf)> {
     // SAFETY: edgecl never rewrites a backbone in place (see write_atomic); the user is told in
     // the README not to overwrite a backbone that a running edgecl has open.
     #[allow(unsafe_code)]
-    let map =
-        unsafe { MappedFile::open(path) }.with_context(|| format!("opening {}", path.display()))?;
+    let map = unsafe { MappedFile::open(path) }.with_context(|| format!("opening {}", path.display()))?;
     Ok((map, path.to_path_buf()))
 }
 
 fn backbone<'a>(map: &'a MappedFile, path: &Path) -> Result<Backbone<'a>> {
-    Backbone::open(map.bytes())
-        .with_context(|| format!("{} is not a valid backbone file", path.display()))
+    Backbone::open(map.bytes()).with_context(|| format!("{} is not a valid backbone file", path.display()))
 }
 
 fn init(arch: &str, outputs: usize, seed: u64, weights: WeightFormat, output: &Path) -> Result<()> {
@@ -245,12 +207,7 @@ fn init(arch: &str, outputs: usize, seed: u64, weights: WeightFormat, output: &P
     let bytes = random_backbone(arch, outputs, seed).emit(weights);
     Backbone::open(&bytes).context("internal error: the new backbone does not validate")?;
     write_atomic(output, &bytes)?;
-    out!(
-        "wrote {} ({} bytes, {} seed {seed})",
-        output.display(),
-        bytes.len(),
-        arch.name()
-    );
+    out!("wrote {} ({} bytes, {} seed {seed})", output.display(), bytes.len(), arch.name());
     Ok(())
 }
 
@@ -272,9 +229,7 @@ fn import(
         .map(|d| d.trim().parse::<u32>())
         .collect::<Result<_, _>>()
         .with_context(|| format!("--input {input:?}: expected CxHxW, e.g. 3x224x224"))?;
-    let [c, h, w] = dims[..] else {
-        bail!("--input {input:?}: expected three dimensions CxHxW")
-    };
+    let [c, h, w] = dims[..] else { bail!("--input {input:?}: expected three dimensions CxHxW") };
     let n = c as usize;
     let fill = |v: Vec<f32>, default: f32, what: &str| -> Result<Vec<f32>> {
         match v.len() {
@@ -285,39 +240,20 @@ fn import(
         }
     };
     let (mean, std) = (fill(mean, 0.0, "mean")?, fill(std, 1.0, "std")?);
-    if std
-        .iter()
-        .any(|&s| s.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater))
-    {
+    if std.iter().any(|&s| s.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater)) {
         bail!("--std values must be positive");
     }
     if n > 4 && (mean.iter().any(|&m| m != 0.0) || std.iter().any(|&s| s != 1.0)) {
         bail!("input normalisation is recorded for at most 4 channels");
     }
-    let name = name.unwrap_or_else(|| {
-        model
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default()
-    });
-    let opts = ImportOptions {
-        input: [c, h, w],
-        mean,
-        std,
-        drop_head,
-        name,
-    };
+    let name = name.unwrap_or_else(|| model.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default());
+    let opts = ImportOptions { input: [c, h, w], mean, std, drop_head, name };
     let ir = import(model, &opts)?;
     let bytes = ir.emit(weights);
     let bb = Backbone::open(&bytes).context("the converted model does not validate")?;
     let out = bb.output_shape();
     write_atomic(output, &bytes)?;
-    out!(
-        "wrote {} ({} layers, output {out}, {} bytes)",
-        output.display(),
-        bb.layers().len(),
-        bytes.len()
-    );
+    out!("wrote {} ({} layers, output {out}, {} bytes)", output.display(), bb.layers().len(), bytes.len());
     Ok(())
 }
 
@@ -342,17 +278,7 @@ fn inspect(path: &Path, json: bool) -> Result<()> {
         if let edgecl::format::graph::Op::Add { other } = l.op {
             detail = format!("+ v{other}");
         }
-        rows.push((
-            i,
-            l.op.name(),
-            l.input,
-            x,
-            y,
-            bb.layer_params(i),
-            bb.layer_bytes(i),
-            bb.maskable(i),
-            detail,
-        ));
+        rows.push((i, l.op.name(), l.input, x, y, bb.layer_params(i), bb.layer_bytes(i), bb.maskable(i), detail));
     }
     let weights = match g.weights {
         WeightFormat::I8 => "int8 per-channel",
@@ -376,12 +302,7 @@ fn inspect(path: &Path, json: bool) -> Result<()> {
         out!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
-    out!(
-        "{}: {} ({})",
-        path.display(),
-        g.provenance.name,
-        g.provenance.source
-    );
+    out!("{}: {} ({})", path.display(), g.provenance.name, g.provenance.source);
     if let Some(seed) = g.provenance.seed {
         out!("seed      {seed}");
     }
@@ -448,8 +369,7 @@ fn forward(path: &Path, inputs: &[PathBuf], json: bool) -> Result<()> {
     let mut scratch = Vec::new();
     let mut results = Vec::new();
     for p in inputs {
-        let (x, batch) =
-            input::load(p, &bb).with_context(|| format!("reading input {}", p.display()))?;
+        let (x, batch) = input::load(p, &bb).with_context(|| format!("reading input {}", p.display()))?;
         scratch.resize(bb.scratch_len(&k, batch), 0.0);
         let y = bb.forward(&k, &x, batch, &mut scratch);
         let n = bb.output_shape().len();
@@ -460,11 +380,7 @@ fn forward(path: &Path, inputs: &[PathBuf], json: bool) -> Result<()> {
             if json {
                 results.push(json!({"input": p, "sample": b, "top5": top, "output": out}));
             } else {
-                let label = if batch > 1 {
-                    format!("{}[{b}]", p.display())
-                } else {
-                    p.display().to_string()
-                };
+                let label = if batch > 1 { format!("{}[{b}]", p.display()) } else { p.display().to_string() };
                 let tops: Vec<String> = top.iter().map(|(i, v)| format!("{i}:{v:.4}")).collect();
                 out!("{label}: {}", tops.join("  "));
             }
@@ -481,15 +397,9 @@ fn kernels(json: bool) -> Result<()> {
     let forced = std::env::var_os("EDGECL_FORCE_GENERIC").is_some_and(|v| v == "1");
     let threads = edgecl::kernels::threads();
     if json {
-        let slots: serde_json::Map<String, serde_json::Value> = k
-            .describe()
-            .iter()
-            .map(|(s, d)| (s.to_string(), json!(d)))
-            .collect();
-        out!(
-            "{}",
-            json!({"fast": k.fast, "forced_generic": forced, "threads": threads, "slots": slots})
-        );
+        let slots: serde_json::Map<String, serde_json::Value> =
+            k.describe().iter().map(|(s, d)| (s.to_string(), json!(d))).collect();
+        out!("{}", json!({"fast": k.fast, "forced_generic": forced, "threads": threads, "slots": slots}));
         return Ok(());
     }
     out!("arch      {}", std::env::consts::ARCH);

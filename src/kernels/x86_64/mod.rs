@@ -1,47 +1,93 @@
-//! x86-64 micro-kernels, chosen at run time by CPU feature detection.
+//! x86-64 kernels, chosen at run time by CPU feature detection.
 //!
-//! AVX2 + FMA, 6 × 16 tile: 12 ymm accumulators, 2 ymm of B and one broadcast of A per step,
-//! the classic register blocking for 16 vector registers. Tested against the generic kernel.
+//! With AVX2 and FMA: a 6 × 16 GEMM micro-kernel (12 ymm accumulators, 2 ymm of B and one
+//! broadcast of A per step, the classic register blocking for 16 vector registers), and the
+//! portable fast path compiled a second time with those features enabled, so that the compiler
+//! vectorises im2col, packing, depthwise and the dot products 8 lanes wide with fused
+//! multiply-adds. Everything here is tested against the reference kernels.
 #![allow(unsafe_code)]
 
-use super::MicroKernel;
+use super::{fast, gemm, ConvShape, Kernels, MicroKernel, PostOp, Weights};
 
-/// The best micro-kernel this CPU runs, if better than the generic one.
-#[cfg(feature = "std")]
-pub fn detect() -> Option<MicroKernel> {
+/// The AVX2 + FMA table, if this CPU has both.
+pub fn detect() -> Option<Kernels> {
     if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        Some(AVX2_MICRO)
+        Some(Kernels {
+            fast: true,
+            isa: "x86_64 avx2+fma",
+            micro: AVX2_MICRO,
+            conv2d,
+            linear,
+            gemm_rows,
+            depthwise,
+            linear_rows,
+        })
     } else {
         None
     }
 }
 
-/// Only reachable through [`detect`], which checked AVX2 and FMA.
-pub(crate) const AVX2_MICRO: MicroKernel = MicroKernel {
-    name: "x86_64 avx2+fma 6x16",
-    mr: 6,
-    nr: 16,
-    run: micro_6x16,
-};
+// Each slot: a safe wrapper for the table, and the portable body compiled with AVX2 + FMA.
+// SAFETY (every wrapper below): only reachable through the table that `detect` returns after
+// checking AVX2 and FMA, so the target features the callee assumes are present.
 
-fn micro_6x16(k: usize, a: &[f32], b: &[f32], tile: &mut [f32], accumulate: bool) {
-    assert!(a.len() >= k * 6 && b.len() >= k * 16 && tile.len() >= 96);
+fn conv2d(k: &Kernels, s: &ConvShape, w: Weights, x: &[f32], y: &mut [f32], post: &PostOp, scratch: &mut [f32]) {
+    unsafe { conv2d_avx2(k, s, w, x, y, post, scratch) }
+}
+#[target_feature(enable = "avx2,fma")]
+fn conv2d_avx2(k: &Kernels, s: &ConvShape, w: Weights, x: &[f32], y: &mut [f32], post: &PostOp, scratch: &mut [f32]) {
+    fast::conv2d_inline(k, s, w, x, y, post, scratch)
+}
+
+fn linear(k: &Kernels, i: usize, o: usize, w: Weights, x: &[f32], y: &mut [f32], post: &PostOp) {
+    unsafe { linear_avx2(k, i, o, w, x, y, post) }
+}
+#[target_feature(enable = "avx2,fma")]
+fn linear_avx2(k: &Kernels, i: usize, o: usize, w: Weights, x: &[f32], y: &mut [f32], post: &PostOp) {
+    fast::linear_inline(k, i, o, w, x, y, post)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn gemm_rows(m: &MicroKernel, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32], post: &PostOp, r0: usize) {
+    unsafe { gemm_rows_avx2(m, n, k, a, b, c, post, r0) }
+}
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma")]
+fn gemm_rows_avx2(m: &MicroKernel, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32], post: &PostOp, r0: usize) {
+    gemm::gemm_rows_inline(m, n, k, a, b, c, post, r0)
+}
+
+fn depthwise(s: &ConvShape, w: Weights, c0: usize, x: &[f32], y: &mut [f32], post: &PostOp) {
+    unsafe { depthwise_avx2(s, w, c0, x, y, post) }
+}
+#[target_feature(enable = "avx2,fma")]
+fn depthwise_avx2(s: &ConvShape, w: Weights, c0: usize, x: &[f32], y: &mut [f32], post: &PostOp) {
+    fast::depthwise_channels_inline(s, w, c0, x, y, post)
+}
+
+fn linear_rows(first: usize, i: usize, w: Weights, x: &[f32], ys: &mut [f32], post: &PostOp) {
+    unsafe { linear_rows_avx2(first, i, w, x, ys, post) }
+}
+#[target_feature(enable = "avx2,fma")]
+fn linear_rows_avx2(first: usize, i: usize, w: Weights, x: &[f32], ys: &mut [f32], post: &PostOp) {
+    fast::linear_rows_inline(first, i, w, x, ys, post)
+}
+
+/// Only reachable through [`detect`], which checked AVX2 and FMA.
+const AVX2_MICRO: MicroKernel = MicroKernel { name: "x86_64 avx2+fma 6x16", mr: 6, nr: 16, run: micro_6x16 };
+
+fn micro_6x16(k: usize, a: &[f32], lda: usize, b: &[f32], tile: &mut [f32], accumulate: bool) {
+    assert!(lda >= k && a.len() >= 5 * lda + k && b.len() >= k * 16 && tile.len() >= 96);
     // SAFETY: the slices hold what the kernel reads and writes (asserted above), and this
     // function is only reachable through `detect`, which confirmed AVX2 and FMA.
-    unsafe { micro_6x16_avx2(k, a.as_ptr(), b.as_ptr(), tile.as_mut_ptr(), accumulate) }
+    unsafe { micro_6x16_avx2(k, a.as_ptr(), lda, b.as_ptr(), tile.as_mut_ptr(), accumulate) }
 }
 
 #[target_feature(enable = "avx2,fma")]
-unsafe fn micro_6x16_avx2(
-    k: usize,
-    a: *const f32,
-    b: *const f32,
-    tile: *mut f32,
-    accumulate: bool,
-) {
+unsafe fn micro_6x16_avx2(k: usize, a: *const f32, lda: usize, b: *const f32, tile: *mut f32, accumulate: bool) {
     use core::arch::x86_64::*;
-    // SAFETY (whole body): the caller guarantees `a` has 6k, `b` 16k and `tile` 96 floats;
-    // every load and store below stays inside those bounds.
+    // SAFETY (whole body): the caller guarantees 6 rows of `k` floats at stride `lda` in `a`,
+    // 16k floats in `b` and 96 in `tile`; every load and store below stays inside them.
     unsafe {
         let mut c = [[_mm256_setzero_ps(); 2]; 6];
         if accumulate {
@@ -50,16 +96,16 @@ unsafe fn micro_6x16_avx2(
                 row[1] = _mm256_loadu_ps(tile.add(i * 16 + 8));
             }
         }
-        let (mut ap, mut bp) = (a, b);
-        for _ in 0..k {
+        let rows: [*const f32; 6] = core::array::from_fn(|i| a.add(i * lda));
+        let mut bp = b;
+        for p in 0..k {
             let b0 = _mm256_loadu_ps(bp);
             let b1 = _mm256_loadu_ps(bp.add(8));
             for (i, row) in c.iter_mut().enumerate() {
-                let av = _mm256_broadcast_ss(&*ap.add(i));
+                let av = _mm256_broadcast_ss(&*rows[i].add(p));
                 row[0] = _mm256_fmadd_ps(av, b0, row[0]);
                 row[1] = _mm256_fmadd_ps(av, b1, row[1]);
             }
-            ap = ap.add(6);
             bp = bp.add(16);
         }
         for (i, row) in c.iter().enumerate() {
