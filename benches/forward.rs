@@ -99,16 +99,16 @@ fn gemm_bench(c: &mut Criterion) {
         let b = &b[..kk * n];
         let (mul, add) = (vec![1.0; m], vec![0.0; m]);
         let post = PostOp { mul: &mul, add: &add, lo: f32::NEG_INFINITY, hi: f32::INFINITY };
-        let mut pa = vec![0.0; gemm::packed_a_len(m, kk, k.micro.mr)];
+        let mut pa = vec![0.0; gemm::a_scratch_len(kk, k.micro.mr)];
         let mut pb = vec![0.0; gemm::packed_b_len(kk, n, k.micro.nr)];
         let mut cm = vec![0.0; m * n];
+        let w = Weights::I8 { q: &q, scale: &scale };
         g.throughput(Throughput::Elements((2 * m * n * kk) as u64));
         g.bench_function(format!("{m}x{kk}x{n}"), |bch| {
             pool.install(|| {
                 bch.iter(|| {
-                    gemm::pack_a(Weights::I8 { q: &q, scale: &scale }, 0, m, kk, k.micro.mr, &mut pa);
                     gemm::pack_b(b, kk, n, n, k.micro.nr, &mut pb);
-                    gemm::gemm_packed(&k, m, n, kk, &pa, &pb, &mut cm, &post, 0);
+                    gemm::gemm_packed(&k, m, n, kk, w, 0, &pb, &mut cm, &post, &mut pa);
                     cm[0]
                 })
             })

@@ -2,7 +2,7 @@
 //! no bounds or padding tests, and an 8-lane int8 dot product for linear layers.
 //! Each is property-tested against [`super::reference`].
 
-use super::gemm::{gemm_packed, pack_a, pack_b, packed_a_len, packed_b_len};
+use super::gemm::{a_scratch_len, gemm_packed, pack_b, packed_b_len};
 use super::{clamp, for_each_chunk, ConvShape, Kernels, PostOp, Weights};
 
 /// Scratch floats [`conv2d`] needs for this shape with these kernels.
@@ -12,7 +12,7 @@ pub fn conv_scratch_len(s: &ConvShape, k: &Kernels) -> usize {
     }
     let kk = s.cin_g() * s.kh * s.kw;
     let n = s.oh() * s.ow();
-    packed_a_len(s.cout_g(), kk, k.micro.mr) + packed_b_len(kk, n, k.micro.nr)
+    a_scratch_len(kk, k.micro.mr) + packed_b_len(kk, n, k.micro.nr)
 }
 
 /// True when the conv reads its input as a plain `[c][h*w]` matrix (1×1, stride 1, no pad).
@@ -45,12 +45,11 @@ pub fn conv2d_inline(
     if s.is_depthwise() {
         return depthwise(k, s, w, x, y, post);
     }
-    let (mr, nr) = (k.micro.mr, k.micro.nr);
+    let nr = k.micro.nr;
     let kk = s.cin_g() * s.kh * s.kw;
     let n = s.oh() * s.ow();
     let m = s.cout_g();
-    let (a, rest) = scratch.split_at_mut(packed_a_len(m, kk, mr));
-    let b = &mut rest[..packed_b_len(kk, n, nr)];
+    let (b, a) = scratch.split_at_mut(packed_b_len(kk, n, nr));
     let plane = s.h * s.w;
     for g in 0..s.groups {
         let xg = &x[g * s.cin_g() * plane..(g + 1) * s.cin_g() * plane];
@@ -59,8 +58,7 @@ pub fn conv2d_inline(
         } else {
             im2col_packed(s, xg, nr, b);
         }
-        pack_a(w, g * m, m, kk, mr, a);
-        gemm_packed(k, m, n, kk, a, b, &mut y[g * m * n..(g + 1) * m * n], post, g * m);
+        gemm_packed(k, m, n, kk, w, g * m, b, &mut y[g * m * n..(g + 1) * m * n], post, a);
     }
 }
 
@@ -111,8 +109,9 @@ fn im2col_packed(s: &ConvShape, xg: &[f32], nr: usize, dst: &mut [f32]) {
 fn depthwise(k: &Kernels, s: &ConvShape, w: Weights, x: &[f32], y: &mut [f32], post: &PostOp) {
     let plane = s.oh() * s.ow();
     // Whole channels per task, about four tasks per thread.
-    let per_task = s.c_out.div_ceil(super::threads() * 4).max(1);
-    for_each_chunk(&mut y[..s.c_out * plane], per_task * plane, |t, out| {
+    let work = s.macs();
+    let per_task = s.c_out.div_ceil(super::tasks_for(work)).next_multiple_of(LANES);
+    for_each_chunk(&mut y[..s.c_out * plane], per_task * plane, work, |t, out| {
         (k.depthwise)(s, w, t * per_task, x, out, post)
     });
 }
@@ -123,10 +122,23 @@ fn depthwise(k: &Kernels, s: &ConvShape, w: Weights, x: &[f32], y: &mut [f32], p
 pub fn depthwise_channels_inline(s: &ConvShape, w: Weights, c0: usize, x: &[f32], out: &mut [f32], post: &PostOp) {
     let (plane_in, plane_out) = (s.h * s.w, s.oh() * s.ow());
     let (ph, pw) = (s.h + s.pad[0] + s.pad[2], s.w + s.pad[1] + s.pad[3]);
-    if s.dh == 1 && s.dw == 1 && s.kh == s.kw && s.sh == s.sw && ph * pw <= DW_PAD_MAX {
+    let square = s.dh == 1 && s.dw == 1 && s.kh == s.kw && s.sh == s.sw && matches!((s.kh, s.sh), (3 | 5, 1 | 2));
+    // Direct calls below, not function pointers, so each instance is compiled with the
+    // enclosing ISA's features.
+    if square && ph * pw <= DW_LANES_MAX {
+        let mut buf = [0.0f32; DW_LANES_MAX * LANES];
+        for (g, o) in out.chunks_mut(plane_out * LANES).enumerate() {
+            let c = c0 + g * LANES;
+            match (s.kh, s.sh) {
+                (3, 1) => dw_lanes::<3, 1>(s, w, c, x, &mut buf, o, post),
+                (3, 2) => dw_lanes::<3, 2>(s, w, c, x, &mut buf, o, post),
+                (5, 1) => dw_lanes::<5, 1>(s, w, c, x, &mut buf, o, post),
+                _ => dw_lanes::<5, 2>(s, w, c, x, &mut buf, o, post),
+            }
+        }
+    } else if square && ph * pw <= DW_PAD_MAX {
         // One zeroed buffer per block: only the interior is rewritten per channel, so the
-        // padding stays zero. Direct calls, not a function pointer, so each instance is
-        // compiled with the enclosing ISA's features.
+        // padding stays zero.
         let mut buf = [0.0f32; DW_PAD_MAX];
         let pad = &mut buf[..ph * pw];
         for (i, o) in out.chunks_exact_mut(plane_out).enumerate() {
@@ -139,14 +151,85 @@ pub fn depthwise_channels_inline(s: &ConvShape, w: Weights, c0: usize, x: &[f32]
                 (3, 1) => dw_padded::<3, 1>(s, w, c, pad, o, post),
                 (3, 2) => dw_padded::<3, 2>(s, w, c, pad, o, post),
                 (5, 1) => dw_padded::<5, 1>(s, w, c, pad, o, post),
-                (5, 2) => dw_padded::<5, 2>(s, w, c, pad, o, post),
-                _ => dw_rows(s, w, c, xin, o, post),
+                _ => dw_padded::<5, 2>(s, w, c, pad, o, post),
             }
         }
     } else {
         for (i, o) in out.chunks_exact_mut(plane_out).enumerate() {
             let c = c0 + i;
             dw_rows(s, w, c, &x[c * plane_in..(c + 1) * plane_in], o, post);
+        }
+    }
+}
+
+/// Channels computed together by [`dw_lanes`]: one 256-bit vector of f32.
+const LANES: usize = 8;
+/// Largest zero-padded plane (floats per channel) that [`dw_lanes`] takes: 32 × 32.
+const DW_LANES_MAX: usize = 1024;
+
+/// Tiny planes (a mobile net's last stages: 12×12 down to 3×3 with hundreds of channels):
+/// `LANES` channels at once, interleaved as `[position][lane]`, so that every tap is one
+/// vector multiply-add whatever the stride, and rows shorter than a vector cost nothing extra.
+/// `out` holds the output planes of up to `LANES` channels starting at `c0`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn dw_lanes<const K: usize, const S: usize>(
+    s: &ConvShape,
+    w: Weights,
+    c0: usize,
+    x: &[f32],
+    buf: &mut [f32; DW_LANES_MAX * LANES],
+    out: &mut [f32],
+    post: &PostOp,
+) {
+    let (oh, ow) = (s.oh(), s.ow());
+    let (plane_in, plane_out) = (s.h * s.w, oh * ow);
+    let pw = s.w + s.pad[1] + s.pad[3];
+    let ph = s.h + s.pad[0] + s.pad[2];
+    let n = out.len() / plane_out;
+    let buf = &mut buf[..ph * pw * LANES];
+    buf.fill(0.0);
+    let mut wk = [[0.0f32; LANES]; 25];
+    let (mut mul, mut add) = ([0.0f32; LANES], [0.0f32; LANES]);
+    for l in 0..n {
+        let c = c0 + l;
+        for (y, row) in x[c * plane_in..(c + 1) * plane_in].chunks_exact(s.w).enumerate() {
+            let base = (y + s.pad[0]) * pw + s.pad[1];
+            for (xx, &v) in row.iter().enumerate() {
+                buf[(base + xx) * LANES + l] = v;
+            }
+        }
+        for (t, lanes) in wk[..K * K].iter_mut().enumerate() {
+            lanes[l] = w.get(c, c * K * K + t);
+        }
+        (mul[l], add[l]) = (post.mul[c], post.add[c]);
+    }
+    for oy in 0..oh {
+        for ox in 0..ow {
+            let mut acc = [0.0f32; LANES];
+            for ky in 0..K {
+                let row = &buf[((oy * S + ky) * pw + ox * S) * LANES..][..K * LANES];
+                for kx in 0..K {
+                    let (wv, xv) = (&wk[ky * K + kx], &row[kx * LANES..(kx + 1) * LANES]);
+                    for l in 0..LANES {
+                        acc[l] += wv[l] * xv[l];
+                    }
+                }
+            }
+            let mut res = [0.0f32; LANES];
+            for l in 0..LANES {
+                res[l] = clamp(acc[l] * mul[l] + add[l], post.lo, post.hi);
+            }
+            let pos = oy * ow + ox;
+            if n == LANES {
+                for l in 0..LANES {
+                    out[l * plane_out + pos] = res[l];
+                }
+            } else {
+                for l in 0..n {
+                    out[l * plane_out + pos] = res[l];
+                }
+            }
         }
     }
 }
@@ -185,7 +268,26 @@ fn dw_padded<const K: usize, const S: usize>(
     let span = (ow - 1) * S + K;
     for (oy, orow) in out[..oh * ow].chunks_exact_mut(ow).enumerate() {
         let rows: [&[f32]; K] = core::array::from_fn(|ky| &pad[(oy * S + ky) * pw..][..span]);
-        for (ox, o) in orow.iter_mut().enumerate() {
+        // Blocks of LANES outputs: each tap is one vector multiply-add on LANES inputs.
+        let (blocks, tail) = orow.as_chunks_mut::<LANES>();
+        for (b, ob) in blocks.iter_mut().enumerate() {
+            let mut acc = [0.0f32; LANES];
+            for ky in 0..K {
+                for kx in 0..K {
+                    let wv = wk[ky][kx];
+                    let src = &rows[ky][b * LANES * S + kx..][..(LANES - 1) * S + 1];
+                    for l in 0..LANES {
+                        acc[l] += wv * src[l * S];
+                    }
+                }
+            }
+            for l in 0..LANES {
+                ob[l] = clamp(acc[l] * mul + add, post.lo, post.hi);
+            }
+        }
+        let done = blocks.len() * LANES;
+        for (i, o) in tail.iter_mut().enumerate() {
+            let ox = done + i;
             let mut acc = 0.0f32;
             for ky in 0..K {
                 for kx in 0..K {
@@ -249,8 +351,11 @@ fn dw_rows(s: &ConvShape, w: Weights, c: usize, xin: &[f32], out: &mut [f32], po
 /// `y[o] = post(w[o] · x)` for one sample, output rows split across threads.
 #[inline(always)]
 pub fn linear_inline(k: &Kernels, in_f: usize, out_f: usize, w: Weights, x: &[f32], y: &mut [f32], post: &PostOp) {
-    let rows_per_task = out_f.div_ceil(super::threads() * 4).max(16);
-    for_each_chunk(&mut y[..out_f], rows_per_task, |t, ys| (k.linear_rows)(t * rows_per_task, in_f, w, x, ys, post));
+    let work = in_f * out_f;
+    let rows_per_task = out_f.div_ceil(super::tasks_for(work)).max(16);
+    for_each_chunk(&mut y[..out_f], rows_per_task, work, |t, ys| {
+        (k.linear_rows)(t * rows_per_task, in_f, w, x, ys, post)
+    });
 }
 
 /// Rows `first ..` of a linear layer, one per element of `ys`.

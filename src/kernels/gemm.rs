@@ -1,18 +1,18 @@
 //! Packed GEMM: `C[m][n] = post(A[m][k] · B[k][n])`, with A the layer's weights.
 //!
-//! A is dequantised into plain rows (`[m rounded up to mr][k]`, rows past `m` zero): a straight,
-//! vectorised pass that reads the weights from the file once per call, and where a mask or
-//! overlay (later issues) costs nothing extra. The micro-kernel reads `mr` rows at stride `k`,
+//! A is dequantised panel by panel (`mr` rows of `k`, rows past the layer zero) into a small
+//! per-thread buffer that stays in L1: a straight, vectorised pass that reads the weights from
+//! the file once per call, and where a mask or overlay (later issues) costs nothing extra. The micro-kernel reads `mr` rows at stride `k`,
 //! broadcasting one value of each per step, so A needs no transposing pack. (A transposing
 //! `[k][mr]` pack was measured at 17 % of a Lite0 forward pass: its stores are scattered.) B is packed in panels of `nr` columns (`[panel][k][nr]`),
 //! straight from im2col (see [`super::fast`]) or from a plain matrix. The micro-kernel computes
 //! one `mr × nr` tile over the whole `k`; the epilogue applies the per-row [`PostOp`] while the
 //! tile is in registers or L1. Rows of C are split across threads; packed A and B are shared.
 
-use super::{clamp, for_each_chunk, Kernels, MicroKernel, PostOp, Weights};
+use super::{clamp, Kernels, MicroKernel, PostOp, Weights};
 
 /// Largest `mr * nr` of any micro-kernel (the epilogue's stack tile).
-pub const MAX_TILE: usize = 128;
+pub const MAX_TILE: usize = 192;
 
 /// The portable micro-kernel, 4 × 8: written so that the compiler keeps the tile in registers.
 pub const GENERIC_MICRO: MicroKernel = MicroKernel { name: "generic 4x8", mr: 4, nr: 8, run: micro_4x8 };
@@ -84,9 +84,21 @@ pub fn pack_b(src: &[f32], k: usize, n: usize, ld: usize, nr: usize, dst: &mut [
     }
 }
 
-/// `C = post(A · B)` on packed operands (A as rows, see [`pack_a`]). `c` is `m × n` row-major;
-/// row `r` uses post-op channel `post_row0 + r`. Row blocks go to threads; each block runs the
-/// table's [`GemmRowsFn`](super::GemmRowsFn).
+/// Most tasks one GEMM is split into; per-task A-panel scratch is sized for this many.
+pub fn max_tasks() -> usize {
+    super::threads() * 2
+}
+
+/// Scratch floats for the per-task A panels of a GEMM with `k` columns.
+pub fn a_scratch_len(k: usize, mr: usize) -> usize {
+    max_tasks() * mr * k
+}
+
+/// `C = post(W · B)` with `W` rows `row0 .. row0 + m` of a layer's weights and `B` packed
+/// (see [`pack_b`]). `c` is `m × n` row-major; row `r` uses weight row and post-op channel
+/// `row0 + r`. Row blocks go to threads; each dequantises one `mr × k` panel of weights at a
+/// time into its piece of `a_scratch` (L1-resident, not the whole layer into memory) and runs
+/// it against every B panel.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 pub fn gemm_packed(
@@ -94,52 +106,55 @@ pub fn gemm_packed(
     m: usize,
     n: usize,
     k: usize,
-    a: &[f32],
+    w: Weights,
+    row0: usize,
     b: &[f32],
     c: &mut [f32],
     post: &PostOp,
-    post_row0: usize,
+    a_scratch: &mut [f32],
 ) {
     let mr = kern.micro.mr;
     let panels = m.div_ceil(mr);
-    // Rows per task: whole panels, about two tasks per thread for balance.
-    let tasks = (super::threads() * 2).min(panels).max(1);
+    let work = m * n * k;
+    // Whole panels per task; as many tasks as useful and as the scratch allows.
+    let tasks = super::tasks_for(work).min(panels).min(a_scratch.len() / (mr * k)).max(1);
     let rows_per_task = panels.div_ceil(tasks) * mr;
-    for_each_chunk(&mut c[..m * n], rows_per_task * n, |t, cchunk| {
-        let first = t * rows_per_task;
-        (kern.gemm_rows)(&kern.micro, n, k, &a[first * k..], b, cchunk, post, post_row0 + first)
+    super::for_each_chunk_with(&mut c[..m * n], rows_per_task * n, a_scratch, mr * k, work, |t, cchunk, apanel| {
+        (kern.gemm_rows)(&kern.micro, n, k, w, row0 + t * rows_per_task, b, cchunk, post, apanel)
     });
 }
 
-/// One block of rows of [`gemm_packed`]: `a` starts at the block's first row, `c` holds the
-/// block's rows, `post_row0` is the post-op channel of its first row.
+/// One block of rows of [`gemm_packed`]: `c` holds the block's rows, `row0` is the weight row
+/// and post-op channel of its first row, `apanel` holds `mr × k` floats.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 pub fn gemm_rows_inline(
     micro: &MicroKernel,
     n: usize,
     k: usize,
-    a: &[f32],
+    w: Weights,
+    row0: usize,
     b: &[f32],
     c: &mut [f32],
     post: &PostOp,
-    post_row0: usize,
+    apanel: &mut [f32],
 ) {
     let (mr, nr) = (micro.mr, micro.nr);
     let mut tile = [0.0f32; MAX_TILE];
     let tile = &mut tile[..mr * nr];
     let rows = c.len() / n;
+    let ap = &mut apanel[..mr * k];
     for pi in 0..rows.div_ceil(mr) {
         let r0 = pi * mr;
-        let ap = &a[r0 * k..][..mr * k];
         let m_eff = mr.min(rows - r0);
+        pack_a(w, row0 + r0, m_eff, k, mr, ap);
         for q in 0..n.div_ceil(nr) {
             let bp = &b[q * nr * k..][..nr * k];
             (micro.run)(k, ap, k, bp, tile, false);
             let c0 = q * nr;
             let n_eff = nr.min(n - c0);
             for i in 0..m_eff {
-                let ch = post_row0 + r0 + i;
+                let ch = row0 + r0 + i;
                 let (mul, add) = (post.mul[ch], post.add[ch]);
                 let dst = &mut c[(r0 + i) * n + c0..][..n_eff];
                 for (d, &v) in dst.iter_mut().zip(&tile[i * nr..i * nr + n_eff]) {
@@ -156,11 +171,12 @@ pub fn gemm_rows(
     micro: &MicroKernel,
     n: usize,
     k: usize,
-    a: &[f32],
+    w: Weights,
+    row0: usize,
     b: &[f32],
     c: &mut [f32],
     post: &PostOp,
-    r0: usize,
+    apanel: &mut [f32],
 ) {
-    gemm_rows_inline(micro, n, k, a, b, c, post, r0)
+    gemm_rows_inline(micro, n, k, w, row0, b, c, post, apanel)
 }

@@ -161,7 +161,7 @@ pub type ConvFn = fn(&Kernels, &ConvShape, Weights, &[f32], &mut [f32], &PostOp,
 /// A linear layer on one sample (see [`fast::linear`]).
 pub type LinearFn = fn(&Kernels, usize, usize, Weights, &[f32], &mut [f32], &PostOp);
 /// One thread's block of GEMM rows (see [`gemm::gemm_rows_inline`]).
-pub type GemmRowsFn = fn(&MicroKernel, usize, usize, &[f32], &[f32], &mut [f32], &PostOp, usize);
+pub type GemmRowsFn = fn(&MicroKernel, usize, usize, Weights, usize, &[f32], &mut [f32], &PostOp, &mut [f32]);
 /// One thread's block of depthwise channels (see [`fast::depthwise_channels_inline`]).
 pub type DepthwiseFn = fn(&ConvShape, Weights, usize, &[f32], &mut [f32], &PostOp);
 /// One thread's block of linear-layer rows (see [`fast::linear_rows_inline`]).
@@ -236,6 +236,17 @@ impl Kernels {
         Self::generic(true)
     }
 
+    /// Every table this CPU can run (the portable ones first, the best last), for tests and
+    /// benchmarks that hold each against the reference.
+    #[cfg(feature = "std")]
+    pub fn available() -> std::vec::Vec<Self> {
+        #[allow(unused_mut)]
+        let mut out = std::vec![Self::generic(false), Self::generic(true)];
+        #[cfg(target_arch = "x86_64")]
+        out.extend(x86_64::available());
+        out
+    }
+
     /// One line per kernel slot, for `edgecl kernels`.
     pub fn describe(&self) -> [(&'static str, &'static str); 5] {
         if self.fast {
@@ -258,22 +269,59 @@ impl Kernels {
     }
 }
 
+/// Work (multiply-adds) below which a kernel stays on the calling thread: handing a task to
+/// another thread costs a few microseconds, as much as ~100 k multiply-adds. Measured on Lite0
+/// at 96×96: splitting every layer made 2 threads slower than 1 (4.9 ms against 4.6 ms).
+pub const PAR_MIN_WORK: usize = 1 << 18;
+
 /// Runs `f(index, chunk)` over `chunk`-sized pieces of `data`, on the rayon pool when std is
-/// available and it has more than one thread.
+/// available, the pool has more than one thread, and `work` (multiply-adds) is worth it.
 #[inline(always)]
-pub fn for_each_chunk<F>(data: &mut [f32], chunk: usize, f: F)
+pub fn for_each_chunk<F>(data: &mut [f32], chunk: usize, work: usize, f: F)
 where
     F: Fn(usize, &mut [f32]) + Sync + Send,
 {
     let chunk = chunk.max(1);
     #[cfg(feature = "std")]
-    if rayon::current_num_threads() > 1 && data.len() > chunk {
+    if work >= PAR_MIN_WORK && data.len() > chunk && rayon::current_num_threads() > 1 {
         use rayon::prelude::*;
         data.par_chunks_mut(chunk).enumerate().for_each(|(i, c)| f(i, c));
         return;
     }
+    let _ = work;
     for (i, c) in data.chunks_mut(chunk).enumerate() {
         f(i, c);
+    }
+}
+
+/// [`for_each_chunk`] with a second slice cut into `aux_chunk`-sized pieces, one per piece of
+/// `data` (per-task scratch). `aux` must hold at least as many pieces as `data`.
+#[inline(always)]
+pub fn for_each_chunk_with<F>(data: &mut [f32], chunk: usize, aux: &mut [f32], aux_chunk: usize, work: usize, f: F)
+where
+    F: Fn(usize, &mut [f32], &mut [f32]) + Sync + Send,
+{
+    let (chunk, aux_chunk) = (chunk.max(1), aux_chunk.max(1));
+    assert!(aux.len() / aux_chunk >= data.len().div_ceil(chunk), "scratch for too few tasks");
+    #[cfg(feature = "std")]
+    if work >= PAR_MIN_WORK && data.len() > chunk && rayon::current_num_threads() > 1 {
+        use rayon::prelude::*;
+        data.par_chunks_mut(chunk).zip(aux.par_chunks_mut(aux_chunk)).enumerate().for_each(|(i, (c, a))| f(i, c, a));
+        return;
+    }
+    let _ = work;
+    for (i, (c, a)) in data.chunks_mut(chunk).zip(aux.chunks_mut(aux_chunk)).enumerate() {
+        f(i, c, a);
+    }
+}
+
+/// How many pieces to split `work` multiply-adds into: about two per thread, one if the work
+/// is too small to share.
+pub fn tasks_for(work: usize) -> usize {
+    if work < PAR_MIN_WORK {
+        1
+    } else {
+        threads() * 2
     }
 }
 
