@@ -28,8 +28,13 @@ fn lite0_ecb(size: u32) -> Vec<u8> {
     import(Path::new(LITE0), &opts).expect("import Lite0").emit(WeightFormat::I8)
 }
 
+/// `n` deterministic floats in [-1, 1].
+fn floats(n: usize) -> Vec<f32> {
+    (0..n).map(|i| ((i * 7919) % 255) as f32 / 127.5 - 1.0).collect()
+}
+
 fn input(size: usize) -> Vec<f32> {
-    (0..3 * size * size).map(|i| ((i * 7919) % 255) as f32 / 127.5 - 1.0).collect()
+    floats(3 * size * size)
 }
 
 fn forward(c: &mut Criterion) {
@@ -95,7 +100,7 @@ fn gemm_bench(c: &mut Criterion) {
     for (m, kk, n) in SHAPES {
         let q: Vec<i8> = (0..m * kk).map(|i| (i % 255) as i8).collect();
         let scale = vec![0.01; m];
-        let b = input(kk * n);
+        let b = floats(kk * n);
         let b = &b[..kk * n];
         let (mul, add) = (vec![1.0; m], vec![0.0; m]);
         let post = PostOp { mul: &mul, add: &add, lo: f32::NEG_INFINITY, hi: f32::INFINITY };

@@ -91,12 +91,6 @@ fn test_ops_model_f32_matches_tract_and_onnxruntime() {
     ] {
         assert!(names.contains(kind), "test model lacks {kind}: {names:?}");
     }
-    // int8 quantisation stays close to the float model.
-    let q = import(&model, &opts([3, 16, 16], 0.0, 1.0)).unwrap().emit(WeightFormat::I8);
-    let qo = run_edgecl(&q, &x, 2);
-    for s in 0..2 {
-        assert!(cosine(&qo[s * 10..(s + 1) * 10], &theirs[s * 10..(s + 1) * 10]) > 0.999);
-    }
 }
 
 /// A QDQ model keeps its own int8 weights and scales, and computes what onnxruntime computes

@@ -142,3 +142,42 @@ fn whole_networks_fast_equal_reference_with_batches() {
         }
     }
 }
+
+/// Depthwise planes too large for the property test's sides: the mid-size (padded, stride-2
+/// split) and large (row-wise) paths, against the reference.
+#[test]
+fn depthwise_mid_and_large_planes_match_reference() {
+    for (side, k, stride, pad) in [
+        (40, 3, 1, [1; 4]),
+        (41, 3, 2, [0, 0, 1, 1]),
+        (38, 5, 2, [1, 2, 2, 1]),
+        (70, 5, 1, [2; 4]),
+        (130, 3, 2, [1; 4]),
+    ] {
+        let s = ConvShape {
+            c_in: 9,
+            h: side,
+            w: side + 3,
+            c_out: 9,
+            kh: k,
+            kw: k,
+            sh: stride,
+            sw: stride,
+            pad,
+            dh: 1,
+            dw: 1,
+            groups: 9,
+        };
+        let wf = floats(9 * k * k, 1);
+        let x = floats(9 * side * (side + 3), 2);
+        let (mul, add) = (floats(9, 3), floats(9, 4));
+        let post = PostOp { mul: &mul, add: &add, lo: 0.0, hi: 6.0 };
+        let want = run_conv(&Kernels::generic(false), &s, Weights::F32(&wf), &x, &post);
+        for kern in Kernels::available().iter().filter(|k| k.fast) {
+            let got = run_conv(kern, &s, Weights::F32(&wf), &x, &post);
+            for (a, b) in got.iter().zip(&want) {
+                assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{s:?} {kern:?}: {a} vs {b}");
+            }
+        }
+    }
+}

@@ -161,24 +161,25 @@ impl<'a> Backbone<'a> {
         }
     }
 
-    /// Parameter count of layer `i` (weights, scales, biases, norm records).
+    /// Parameter count of layer `i` (weights, biases, norm records; not the int8 scales).
     pub fn layer_params(&self, i: usize) -> usize {
-        let n = |t: Option<TensorRef>, bytes: u64| t.map_or(0, |t| (t.len / bytes) as usize);
-        let wb = self.view.graph.weights.elem_bytes() as u64;
-        match &self.layers[i].op {
-            Op::Conv2d(c) => n(Some(c.weight), wb) + n(c.bias, 4),
-            Op::Linear(l) => n(Some(l.weight), wb) + n(l.bias, 4),
-            Op::BatchNorm(b) => n(Some(b.mean), 4) + n(Some(b.var), 4) + n(b.gamma, 4) + n(b.beta, 4),
-            _ => 0,
-        }
+        let n = |t: Option<TensorRef>| t.map_or(0, |t| (t.len / 4) as usize);
+        self.maskable(i)
+            + match &self.layers[i].op {
+                Op::Conv2d(c) => n(c.bias),
+                Op::Linear(l) => n(l.bias),
+                Op::BatchNorm(b) => n(Some(b.mean)) + n(Some(b.var)) + n(b.gamma) + n(b.beta),
+                _ => 0,
+            }
     }
 
-    /// Weights a supermask may select in layer `i` (conv and linear weights).
+    /// Weights a supermask may select in layer `i` (conv and linear weights). Each layer
+    /// stores int8 (with a scale) or f32 (without).
     pub fn maskable(&self, i: usize) -> usize {
-        let wb = self.view.graph.weights.elem_bytes() as u64;
+        let count = |w: TensorRef, scale: Option<TensorRef>| (w.len / if scale.is_some() { 1 } else { 4 }) as usize;
         match &self.layers[i].op {
-            Op::Conv2d(c) => (c.weight.len / wb) as usize,
-            Op::Linear(l) => (l.weight.len / wb) as usize,
+            Op::Conv2d(c) => count(c.weight, c.scale),
+            Op::Linear(l) => count(l.weight, l.scale),
             _ => 0,
         }
     }

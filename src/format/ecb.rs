@@ -344,7 +344,8 @@ impl LayerIter<'_> {
     /// come after every per-channel record, so opening a file touches only the small region
     /// and the weights' pages stay untouched until a kernel reads them.
     fn tensor(&mut self, layer: u32, name: &'static str, t: TensorRef, expected: u64) -> Result<(), FormatError> {
-        let bulk = name == "weight";
+        // Conv and linear weights are the bulk region; everything else is a record.
+        let bulk = name == WEIGHT;
         if !t.offset.is_multiple_of(ALIGN) {
             return Err(FormatError::TensorMisaligned { layer, tensor: name });
         }
@@ -412,9 +413,9 @@ impl LayerIter<'_> {
         rows: u32,
     ) -> Result<(), FormatError> {
         match (self.weights, scale) {
-            (_, None) => self.tensor(layer, "weight", w, n * 4),
+            (_, None) => self.tensor(layer, WEIGHT, w, n * 4),
             (WeightFormat::I8, Some(s)) => {
-                self.tensor(layer, "weight", w, n)?;
+                self.tensor(layer, WEIGHT, w, n)?;
                 self.values(layer, "scale", s, rows, NonNegative)
             }
             (WeightFormat::F32, Some(_)) => {
@@ -423,6 +424,9 @@ impl LayerIter<'_> {
         }
     }
 }
+
+/// The tensor name of conv and linear weights (in errors, and the bulk region's marker).
+const WEIGHT: &str = "weight";
 
 #[derive(Clone, Copy)]
 enum Rule {

@@ -18,16 +18,6 @@ pub enum WeightFormat {
     F32,
 }
 
-impl WeightFormat {
-    /// Bytes per stored weight.
-    pub const fn elem_bytes(self) -> usize {
-        match self {
-            WeightFormat::I8 => 1,
-            WeightFormat::F32 => 4,
-        }
-    }
-}
-
 /// Largest number of input channels that can carry a normalisation (RGB + alpha).
 pub const MAX_NORM_CHANNELS: usize = 4;
 

@@ -136,28 +136,39 @@ pub fn depthwise_channels_inline(s: &ConvShape, w: Weights, c0: usize, x: &[f32]
                 _ => dw_lanes::<5, 2>(s, w, c, x, &mut buf, o, post),
             }
         }
+    } else if square && ph * pw <= DW_PAD_MAX / 4 {
+        dw_padded_channels::<{ DW_PAD_MAX / 4 }>(s, w, c0, x, out, post);
     } else if square && ph * pw <= DW_PAD_MAX {
-        // One zeroed buffer per block: only the interior is rewritten per channel, so the
-        // padding stays zero.
-        let mut buf = [0.0f32; DW_PAD_MAX];
-        let pad = &mut buf[..ph * pw];
-        for (i, o) in out.chunks_exact_mut(plane_out).enumerate() {
-            let c = c0 + i;
-            let xin = &x[c * plane_in..(c + 1) * plane_in];
-            for (y, row) in xin.chunks_exact(s.w).enumerate() {
-                pad[(y + s.pad[0]) * pw + s.pad[1]..][..s.w].copy_from_slice(row);
-            }
-            match (s.kh, s.sh) {
-                (3, 1) => dw_padded::<3, 1>(s, w, c, pad, o, post),
-                (3, 2) => dw_padded::<3, 2>(s, w, c, pad, o, post),
-                (5, 1) => dw_padded::<5, 1>(s, w, c, pad, o, post),
-                _ => dw_padded::<5, 2>(s, w, c, pad, o, post),
-            }
-        }
+        dw_padded_channels::<DW_PAD_MAX>(s, w, c0, x, out, post);
     } else {
         for (i, o) in out.chunks_exact_mut(plane_out).enumerate() {
             let c = c0 + i;
             dw_rows(s, w, c, &x[c * plane_in..(c + 1) * plane_in], o, post);
+        }
+    }
+}
+
+/// Channels `c0 ..` through [`dw_padded`] with stack buffers of `N` floats (sized to the
+/// plane, so that small planes do not pay for zeroing a large buffer). One zeroed buffer per
+/// block: only the interior is rewritten per channel, so the padding stays zero.
+#[inline(always)]
+fn dw_padded_channels<const N: usize>(s: &ConvShape, w: Weights, c0: usize, x: &[f32], out: &mut [f32], post: &PostOp) {
+    let (plane_in, plane_out) = (s.h * s.w, s.oh() * s.ow());
+    let (ph, pw) = (s.h + s.pad[0] + s.pad[2], s.w + s.pad[1] + s.pad[3]);
+    let mut buf = [0.0f32; N];
+    let mut phased = [0.0f32; N];
+    let pad = &mut buf[..ph * pw];
+    for (i, o) in out.chunks_exact_mut(plane_out).enumerate() {
+        let c = c0 + i;
+        let xin = &x[c * plane_in..(c + 1) * plane_in];
+        for (y, row) in xin.chunks_exact(s.w).enumerate() {
+            pad[(y + s.pad[0]) * pw + s.pad[1]..][..s.w].copy_from_slice(row);
+        }
+        match (s.kh, s.sh) {
+            (3, 1) => dw_padded::<3, 1>(s, w, c, pad, &mut phased, o, post),
+            (3, 2) => dw_padded::<3, 2>(s, w, c, pad, &mut phased, o, post),
+            (5, 1) => dw_padded::<5, 1>(s, w, c, pad, &mut phased, o, post),
+            _ => dw_padded::<5, 2>(s, w, c, pad, &mut phased, o, post),
         }
     }
 }
@@ -239,45 +250,72 @@ pub fn depthwise_channels(s: &ConvShape, w: Weights, c0: usize, x: &[f32], out: 
     depthwise_channels_inline(s, w, c0, x, out, post)
 }
 
-/// Largest zero-padded input plane (floats) that the small-plane depthwise path copies to
-/// the stack: 16 KB, e.g. 64 × 64. Small planes (most of a mobile net past its first stages,
+/// Largest zero-padded input plane (floats) that the mid-size depthwise path copies to the
+/// stack (twice, with the stride-2 split): 64 KB, e.g. 128 × 128. Small planes (most of a mobile net past its first stages,
 /// 24×24 down to 3×3) run through kernels specialised for the common square kernels and
 /// strides, whose taps unroll: there the bounds bookkeeping of the general path costs more
 /// than the arithmetic. Other planes take the general row-wise path.
-const DW_PAD_MAX: usize = 4096;
+const DW_PAD_MAX: usize = 16384;
 
-/// Small planes, `K × K` taps, stride `S`, no dilation, on the zero-padded plane `pad`: one
-/// unrolled dot per output.
+/// Mid-size planes, `K × K` taps, stride `S` (1 or 2), no dilation, on the zero-padded plane
+/// `pad` (`ph × pw`): blocks of `LANES` outputs of a row, each tap one vector multiply-add.
+/// With stride 2 the padded rows are first split into even and odd columns (`phased`), so
+/// that every tap reads consecutive inputs.
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn dw_padded<const K: usize, const S: usize>(
     s: &ConvShape,
     w: Weights,
     c: usize,
     pad: &[f32],
+    phased: &mut [f32],
     out: &mut [f32],
     post: &PostOp,
 ) {
     let (oh, ow) = (s.oh(), s.ow());
     let pw = s.w + s.pad[1] + s.pad[3];
+    let half = pw.div_ceil(2);
+    let src: &[f32] = if S == 1 {
+        pad
+    } else {
+        let phased = &mut phased[..pad.len()];
+        for (d, r) in phased.chunks_exact_mut(pw).zip(pad.chunks_exact(pw)) {
+            let (even, odd) = d.split_at_mut(half);
+            for (j, e) in even.iter_mut().enumerate() {
+                *e = r[2 * j];
+            }
+            for (j, o) in odd.iter_mut().enumerate() {
+                *o = r[2 * j + 1];
+            }
+        }
+        phased
+    };
+    // Start of the inputs of tap (ky, kx) for output (oy, 0); output ox reads index + ox.
+    let tap = |oy: usize, ky: usize, kx: usize| {
+        let row = (oy * S + ky) * pw;
+        if S == 1 {
+            row + kx
+        } else {
+            row + (kx % 2) * half + kx / 2
+        }
+    };
     let mut wk = [[0.0f32; K]; K];
     for (t, v) in wk.iter_mut().flatten().enumerate() {
         *v = w.get(c, c * K * K + t);
     }
     let (mul, add) = (post.mul[c], post.add[c]);
-    // Every tap of every output lies inside the padded plane (ConvShape::out_hw).
-    let span = (ow - 1) * S + K;
     for (oy, orow) in out[..oh * ow].chunks_exact_mut(ow).enumerate() {
-        let rows: [&[f32]; K] = core::array::from_fn(|ky| &pad[(oy * S + ky) * pw..][..span]);
-        // Blocks of LANES outputs: each tap is one vector multiply-add on LANES inputs.
+        // Every tap of every output lies inside the padded plane (ConvShape::out_hw).
+        let taps: [[&[f32]; K]; K] =
+            core::array::from_fn(|ky| core::array::from_fn(|kx| &src[tap(oy, ky, kx)..][..ow]));
         let (blocks, tail) = orow.as_chunks_mut::<LANES>();
         for (b, ob) in blocks.iter_mut().enumerate() {
             let mut acc = [0.0f32; LANES];
             for ky in 0..K {
                 for kx in 0..K {
-                    let wv = wk[ky][kx];
-                    let src = &rows[ky][b * LANES * S + kx..][..(LANES - 1) * S + 1];
+                    let (wv, x) = (wk[ky][kx], &taps[ky][kx][b * LANES..(b + 1) * LANES]);
                     for l in 0..LANES {
-                        acc[l] += wv * src[l * S];
+                        acc[l] += wv * x[l];
                     }
                 }
             }
@@ -287,11 +325,10 @@ fn dw_padded<const K: usize, const S: usize>(
         }
         let done = blocks.len() * LANES;
         for (i, o) in tail.iter_mut().enumerate() {
-            let ox = done + i;
             let mut acc = 0.0f32;
             for ky in 0..K {
                 for kx in 0..K {
-                    acc += wk[ky][kx] * rows[ky][ox * S + kx];
+                    acc += wk[ky][kx] * taps[ky][kx][done + i];
                 }
             }
             *o = clamp(acc * mul + add, post.lo, post.hi);

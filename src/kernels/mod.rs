@@ -253,7 +253,7 @@ impl Kernels {
             [
                 ("conv2d", "im2col + GEMM"),
                 ("gemm micro-kernel", self.micro.name),
-                ("depthwise", "row-wise, padding-free inner loop"),
+                ("depthwise", "8 channels per vector on small planes, unrolled 3x3/5x5, else row-wise"),
                 ("linear", "int8 dot product, 8 lanes"),
                 ("compiled for", self.isa),
             ]
