@@ -7,14 +7,17 @@
 //!
 //! Two implementations of every op:
 //! * [`reference`]: direct loops, obviously correct; the fallback, the test oracle, the doc.
-//! * [`fast`]: im2col + packed GEMM (the micro-kernel is a per-ISA slot), a row-wise depthwise
-//!   kernel and an int8 dot-product kernel for linear layers. Property tests hold it to the
-//!   reference within 1e-4 relative.
+//! * [`fast`]: im2col + packed GEMM ([`gemm`]; the micro-kernel is a per-ISA slot), the
+//!   [`depthwise`] kernels and an int8 dot-product kernel for linear layers. Property tests hold
+//!   it to the reference within 1e-4 relative.
 //!
-//! The choice is made once, in [`Kernels::detect`] (run-time CPU feature detection on std,
-//! compile-time on bare metal); `EDGECL_FORCE_GENERIC=1` selects the reference kernels.
+//! The choice is made once, in [`Kernels::detect`]: run-time CPU feature detection on std
+//! (x86-64: AVX2+FMA, AVX-512F); bare-metal builds use the portable table (compile-time
+//! per-ISA selection arrives with the ARM kernels). `EDGECL_FORCE_GENERIC=1` selects the
+//! reference kernels.
 //! Kernels never allocate: callers pass scratch sized by [`fast::conv_scratch_len`].
 
+pub mod depthwise;
 pub mod fast;
 pub mod gemm;
 pub mod reference;
@@ -162,7 +165,7 @@ pub type ConvFn = fn(&Kernels, &ConvShape, Weights, &[f32], &mut [f32], &PostOp,
 pub type LinearFn = fn(&Kernels, usize, usize, Weights, &[f32], &mut [f32], &PostOp);
 /// One thread's block of GEMM rows (see [`gemm::gemm_rows_inline`]).
 pub type GemmRowsFn = fn(&MicroKernel, usize, usize, Weights, usize, &[f32], &mut [f32], &PostOp, &mut [f32]);
-/// One thread's block of depthwise channels (see [`fast::depthwise_channels_inline`]).
+/// One thread's block of depthwise channels (see [`depthwise::depthwise_channels_inline`]).
 pub type DepthwiseFn = fn(&ConvShape, Weights, usize, &[f32], &mut [f32], &PostOp);
 /// One thread's block of linear-layer rows (see [`fast::linear_rows_inline`]).
 pub type LinearRowsFn = fn(usize, usize, Weights, &[f32], &mut [f32], &PostOp);
@@ -213,7 +216,7 @@ impl Kernels {
             conv2d: fast::conv2d,
             linear: fast::linear,
             gemm_rows: gemm::gemm_rows,
-            depthwise: fast::depthwise_channels,
+            depthwise: depthwise::depthwise_channels,
             linear_rows: fast::linear_rows,
         }
     }

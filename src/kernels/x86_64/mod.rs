@@ -7,7 +7,7 @@
 //! multiply-adds. Everything here is tested against the reference kernels.
 #![allow(unsafe_code)]
 
-use super::{fast, gemm, ConvShape, Kernels, MicroKernel, PostOp, Weights};
+use super::{depthwise, fast, gemm, ConvShape, Kernels, MicroKernel, PostOp, Weights};
 
 /// The best table this CPU runs: AVX2 + FMA, with the 512-bit GEMM micro-kernel when
 /// AVX-512F is present too.
@@ -88,7 +88,7 @@ fn depthwise(s: &ConvShape, w: Weights, c0: usize, x: &[f32], y: &mut [f32], pos
 }
 #[target_feature(enable = "avx2,fma")]
 fn depthwise_avx2(s: &ConvShape, w: Weights, c0: usize, x: &[f32], y: &mut [f32], post: &PostOp) {
-    fast::depthwise_channels_inline(s, w, c0, x, y, post)
+    depthwise::depthwise_channels_inline(s, w, c0, x, y, post)
 }
 
 fn linear_rows(first: usize, i: usize, w: Weights, x: &[f32], ys: &mut [f32], post: &PostOp) {
