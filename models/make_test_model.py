@@ -2,7 +2,16 @@
 version models/test-ops-qdq.onnx, and onnxruntime reference outputs in tests/data/.
 
 Host only (not CI):  pip install onnx onnxruntime numpy && python3 models/make_test_model.py
-Deterministic: numpy seed 0. Input `input` [N, 3, 16, 16], output `logits` [N, 10].
+
+Deterministic (re-running reproduces every file byte for byte with the same package versions):
+weights from numpy.random.default_rng(0), 16 calibration inputs from default_rng(1), the
+fixture input from default_rng(2). Opset 18, IR version 8.
+- test-ops.onnx: input `input` [N, 3, 16, 16] (N dynamic), output `logits` [N, 10]; the graph
+  is described in models/README.md.
+- test-ops-qdq.onnx: quantize_static, QDQ format, per-channel symmetric int8 weights, uint8
+  activations, MinMax calibration.
+- tests/data/test-ops.input.npy (float32 [2, 3, 16, 16]), test-ops.expected.npy and
+  test-ops-qdq.expected.npy (float32 [2, 10], onnxruntime CPU outputs of the two models).
 """
 import collections
 import os
