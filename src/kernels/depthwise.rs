@@ -33,13 +33,14 @@ pub fn depthwise_channels_inline(s: &ConvShape, w: Weights, c0: usize, x: &[f32]
     // enclosing ISA's features.
     if square && ph * pw <= DW_LANES_MAX {
         let mut buf = [0.0f32; DW_LANES_MAX * LANES];
+        let mut obuf = [0.0f32; DW_LANES_MAX * LANES];
         for (g, o) in out.chunks_mut(plane_out * LANES).enumerate() {
             let c = c0 + g * LANES;
             match (s.kh, s.sh) {
-                (3, 1) => dw_lanes::<3, 1>(s, w, c, x, &mut buf, o, post),
-                (3, 2) => dw_lanes::<3, 2>(s, w, c, x, &mut buf, o, post),
-                (5, 1) => dw_lanes::<5, 1>(s, w, c, x, &mut buf, o, post),
-                _ => dw_lanes::<5, 2>(s, w, c, x, &mut buf, o, post),
+                (3, 1) => dw_lanes::<3, 1>(s, w, c, x, &mut buf, &mut obuf, o, post),
+                (3, 2) => dw_lanes::<3, 2>(s, w, c, x, &mut buf, &mut obuf, o, post),
+                (5, 1) => dw_lanes::<5, 1>(s, w, c, x, &mut buf, &mut obuf, o, post),
+                _ => dw_lanes::<5, 2>(s, w, c, x, &mut buf, &mut obuf, o, post),
             }
         }
     } else if square && ph * pw <= DW_PAD_MAX / 4 {
@@ -96,6 +97,7 @@ fn dw_lanes<const K: usize, const S: usize>(
     c0: usize,
     x: &[f32],
     buf: &mut [f32; DW_LANES_MAX * LANES],
+    obuf: &mut [f32; DW_LANES_MAX * LANES],
     out: &mut [f32],
     post: &PostOp,
 ) {
@@ -104,18 +106,27 @@ fn dw_lanes<const K: usize, const S: usize>(
     let pw = s.w + s.pad[1] + s.pad[3];
     let ph = s.h + s.pad[0] + s.pad[2];
     let n = out.len() / plane_out;
+    // The caller zeroed `buf` once; only the interior is written here, so the padding stays
+    // zero across groups (lanes past `n` hold stale inputs whose outputs are never stored).
     let buf = &mut buf[..ph * pw * LANES];
-    buf.fill(0.0);
+    let planes: [&[f32]; LANES] = core::array::from_fn(|l| {
+        let c = c0 + l.min(n - 1);
+        &x[c * plane_in..(c + 1) * plane_in]
+    });
+    // Position-major, so each store writes LANES consecutive floats.
+    for y in 0..s.h {
+        let base = (y + s.pad[0]) * pw + s.pad[1];
+        for xx in 0..s.w {
+            let d = &mut buf[(base + xx) * LANES..][..LANES];
+            for l in 0..LANES {
+                d[l] = planes[l][y * s.w + xx];
+            }
+        }
+    }
     let mut wk = [[0.0f32; LANES]; 25];
     let (mut mul, mut add) = ([0.0f32; LANES], [0.0f32; LANES]);
     for l in 0..n {
         let c = c0 + l;
-        for (y, row) in x[c * plane_in..(c + 1) * plane_in].chunks_exact(s.w).enumerate() {
-            let base = (y + s.pad[0]) * pw + s.pad[1];
-            for (xx, &v) in row.iter().enumerate() {
-                buf[(base + xx) * LANES + l] = v;
-            }
-        }
         for (t, lanes) in wk[..K * K].iter_mut().enumerate() {
             lanes[l] = w.get(c, c * K * K + t);
         }
@@ -133,20 +144,16 @@ fn dw_lanes<const K: usize, const S: usize>(
                     }
                 }
             }
-            let mut res = [0.0f32; LANES];
+            let res = &mut obuf[(oy * ow + ox) * LANES..][..LANES];
             for l in 0..LANES {
                 res[l] = clamp(acc[l] * mul[l] + add[l], post.lo, post.hi);
             }
-            let pos = oy * ow + ox;
-            if n == LANES {
-                for l in 0..LANES {
-                    out[l * plane_out + pos] = res[l];
-                }
-            } else {
-                for l in 0..n {
-                    out[l * plane_out + pos] = res[l];
-                }
-            }
+        }
+    }
+    // Channel-major again, each channel's plane written consecutively.
+    for (l, plane) in out.chunks_exact_mut(plane_out).enumerate() {
+        for (pos, o) in plane.iter_mut().enumerate() {
+            *o = obuf[pos * LANES + l];
         }
     }
 }
