@@ -80,8 +80,9 @@ fn im2col_packed(s: &ConvShape, xg: &[f32], nr: usize, dst: &mut [f32]) {
         let plane = &xg[ci * s.h * s.w..(ci + 1) * s.h * s.w];
         for ky in 0..s.kh {
             for kx in 0..s.kw {
-                let base = row * nr;
-                let mut col = 0;
+                // Column `col` goes to panel `col / nr`, lane `col % nr`: tracked as a running
+                // offset instead of a division per element.
+                let (mut at, mut lane) = (row * nr, 0);
                 for oy in 0..oh {
                     let iy = (oy * s.sh + ky * s.dh) as isize - s.pad[0] as isize;
                     let inside_y = iy >= 0 && (iy as usize) < s.h;
@@ -92,8 +93,12 @@ fn im2col_packed(s: &ConvShape, xg: &[f32], nr: usize, dst: &mut [f32]) {
                         } else {
                             0.0
                         };
-                        dst[(col / nr) * panel_len + base + col % nr] = v;
-                        col += 1;
+                        dst[at + lane] = v;
+                        lane += 1;
+                        if lane == nr {
+                            lane = 0;
+                            at += panel_len;
+                        }
                     }
                 }
                 row += 1;
