@@ -163,11 +163,8 @@ pub fn depthwise_channels(s: &ConvShape, w: Weights, c0: usize, x: &[f32], out: 
     depthwise_channels_inline(s, w, c0, x, out, post)
 }
 
-/// Largest zero-padded input plane (floats) that the mid-size depthwise path copies to the
-/// stack (twice, with the stride-2 split): 64 KB, e.g. 128 × 128. Small planes (most of a mobile net past its first stages,
-/// 24×24 down to 3×3) run through kernels specialised for the common square kernels and
-/// strides, whose taps unroll: there the bounds bookkeeping of the general path costs more
-/// than the arithmetic. Other planes take the general row-wise path.
+/// Largest zero-padded input plane (floats) that [`dw_padded`] copies to the stack (twice,
+/// with the stride-2 split): 64 KB each, e.g. 128 × 128. Larger planes take [`dw_rows`].
 const DW_PAD_MAX: usize = 16384;
 
 /// Mid-size planes, `K × K` taps, stride `S` (1 or 2), no dilation, on the zero-padded plane
