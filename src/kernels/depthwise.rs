@@ -8,7 +8,7 @@
 //!
 //! All tested against [`super::reference::conv2d`] (`tests/kernels.rs`).
 
-use super::{clamp, for_each_chunk, ConvShape, Kernels, PostOp, Weights};
+use super::{clamp, for_each_chunk, ConvShape, Kernels, MulAdd, PostOp, Weights};
 
 /// Depthwise conv on one sample, whole blocks of channels per thread.
 #[inline(always)]
@@ -25,7 +25,14 @@ pub fn depthwise(k: &Kernels, s: &ConvShape, w: Weights, x: &[f32], y: &mut [f32
 /// Channels `c0 ..` of a depthwise conv: `x` is the whole input, `out` holds the output planes
 /// of this block of channels.
 #[inline(always)]
-pub fn depthwise_channels_inline(s: &ConvShape, w: Weights, c0: usize, x: &[f32], out: &mut [f32], post: &PostOp) {
+pub fn depthwise_channels_inline<M: MulAdd>(
+    s: &ConvShape,
+    w: Weights,
+    c0: usize,
+    x: &[f32],
+    out: &mut [f32],
+    post: &PostOp,
+) {
     let (plane_in, plane_out) = (s.h * s.w, s.oh() * s.ow());
     let (ph, pw) = (s.h + s.pad[0] + s.pad[2], s.w + s.pad[1] + s.pad[3]);
     let square = s.dh == 1 && s.dw == 1 && s.kh == s.kw && s.sh == s.sw && matches!((s.kh, s.sh), (3 | 5, 1 | 2));
@@ -37,20 +44,20 @@ pub fn depthwise_channels_inline(s: &ConvShape, w: Weights, c0: usize, x: &[f32]
         for (g, o) in out.chunks_mut(plane_out * LANES).enumerate() {
             let c = c0 + g * LANES;
             match (s.kh, s.sh) {
-                (3, 1) => dw_lanes::<3, 1>(s, w, c, x, &mut buf, &mut obuf, o, post),
-                (3, 2) => dw_lanes::<3, 2>(s, w, c, x, &mut buf, &mut obuf, o, post),
-                (5, 1) => dw_lanes::<5, 1>(s, w, c, x, &mut buf, &mut obuf, o, post),
-                _ => dw_lanes::<5, 2>(s, w, c, x, &mut buf, &mut obuf, o, post),
+                (3, 1) => dw_lanes::<3, 1, M>(s, w, c, x, &mut buf, &mut obuf, o, post),
+                (3, 2) => dw_lanes::<3, 2, M>(s, w, c, x, &mut buf, &mut obuf, o, post),
+                (5, 1) => dw_lanes::<5, 1, M>(s, w, c, x, &mut buf, &mut obuf, o, post),
+                _ => dw_lanes::<5, 2, M>(s, w, c, x, &mut buf, &mut obuf, o, post),
             }
         }
     } else if square && ph * pw <= DW_PAD_MAX / 4 {
-        dw_padded_channels::<{ DW_PAD_MAX / 4 }>(s, w, c0, x, out, post);
+        dw_padded_channels::<{ DW_PAD_MAX / 4 }, M>(s, w, c0, x, out, post);
     } else if square && ph * pw <= DW_PAD_MAX {
-        dw_padded_channels::<DW_PAD_MAX>(s, w, c0, x, out, post);
+        dw_padded_channels::<DW_PAD_MAX, M>(s, w, c0, x, out, post);
     } else {
         for (i, o) in out.chunks_exact_mut(plane_out).enumerate() {
             let c = c0 + i;
-            dw_rows(s, w, c, &x[c * plane_in..(c + 1) * plane_in], o, post);
+            dw_rows::<M>(s, w, c, &x[c * plane_in..(c + 1) * plane_in], o, post);
         }
     }
 }
@@ -59,7 +66,14 @@ pub fn depthwise_channels_inline(s: &ConvShape, w: Weights, c0: usize, x: &[f32]
 /// plane, so that small planes do not pay for zeroing a large buffer). One zeroed buffer per
 /// block: only the interior is rewritten per channel, so the padding stays zero.
 #[inline(always)]
-fn dw_padded_channels<const N: usize>(s: &ConvShape, w: Weights, c0: usize, x: &[f32], out: &mut [f32], post: &PostOp) {
+fn dw_padded_channels<const N: usize, M: MulAdd>(
+    s: &ConvShape,
+    w: Weights,
+    c0: usize,
+    x: &[f32],
+    out: &mut [f32],
+    post: &PostOp,
+) {
     let (plane_in, plane_out) = (s.h * s.w, s.oh() * s.ow());
     let (ph, pw) = (s.h + s.pad[0] + s.pad[2], s.w + s.pad[1] + s.pad[3]);
     let mut buf = [0.0f32; N];
@@ -72,10 +86,10 @@ fn dw_padded_channels<const N: usize>(s: &ConvShape, w: Weights, c0: usize, x: &
             pad[(y + s.pad[0]) * pw + s.pad[1]..][..s.w].copy_from_slice(row);
         }
         match (s.kh, s.sh) {
-            (3, 1) => dw_padded::<3, 1>(s, w, c, pad, &mut phased, o, post),
-            (3, 2) => dw_padded::<3, 2>(s, w, c, pad, &mut phased, o, post),
-            (5, 1) => dw_padded::<5, 1>(s, w, c, pad, &mut phased, o, post),
-            _ => dw_padded::<5, 2>(s, w, c, pad, &mut phased, o, post),
+            (3, 1) => dw_padded::<3, 1, M>(s, w, c, pad, &mut phased, o, post),
+            (3, 2) => dw_padded::<3, 2, M>(s, w, c, pad, &mut phased, o, post),
+            (5, 1) => dw_padded::<5, 1, M>(s, w, c, pad, &mut phased, o, post),
+            _ => dw_padded::<5, 2, M>(s, w, c, pad, &mut phased, o, post),
         }
     }
 }
@@ -91,7 +105,7 @@ const DW_LANES_MAX: usize = 1024;
 /// `out` holds the output planes of up to `LANES` channels starting at `c0`.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn dw_lanes<const K: usize, const S: usize>(
+fn dw_lanes<const K: usize, const S: usize, M: MulAdd>(
     s: &ConvShape,
     w: Weights,
     c0: usize,
@@ -140,7 +154,7 @@ fn dw_lanes<const K: usize, const S: usize>(
                 for kx in 0..K {
                     let (wv, xv) = (&wk[ky * K + kx], &row[kx * LANES..(kx + 1) * LANES]);
                     for l in 0..LANES {
-                        acc[l] += wv[l] * xv[l];
+                        acc[l] = M::mul_add(wv[l], xv[l], acc[l]);
                     }
                 }
             }
@@ -160,7 +174,7 @@ fn dw_lanes<const K: usize, const S: usize>(
 
 /// [`depthwise_channels_inline`] compiled for the baseline ISA.
 pub fn depthwise_channels(s: &ConvShape, w: Weights, c0: usize, x: &[f32], out: &mut [f32], post: &PostOp) {
-    depthwise_channels_inline(s, w, c0, x, out, post)
+    depthwise_channels_inline::<super::Plain>(s, w, c0, x, out, post)
 }
 
 /// Largest zero-padded input plane (floats) that [`dw_padded`] copies to the stack (twice,
@@ -173,7 +187,7 @@ const DW_PAD_MAX: usize = 16384;
 /// that every tap reads consecutive inputs.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn dw_padded<const K: usize, const S: usize>(
+fn dw_padded<const K: usize, const S: usize, M: MulAdd>(
     s: &ConvShape,
     w: Weights,
     c: usize,
@@ -225,7 +239,7 @@ fn dw_padded<const K: usize, const S: usize>(
                 for kx in 0..K {
                     let (wv, x) = (wk[ky][kx], &taps[ky][kx][b * LANES..(b + 1) * LANES]);
                     for l in 0..LANES {
-                        acc[l] += wv * x[l];
+                        acc[l] = M::mul_add(wv, x[l], acc[l]);
                     }
                 }
             }
@@ -238,7 +252,7 @@ fn dw_padded<const K: usize, const S: usize>(
             let mut acc = 0.0f32;
             for ky in 0..K {
                 for kx in 0..K {
-                    acc += wk[ky][kx] * taps[ky][kx][done + i];
+                    acc = M::mul_add(wk[ky][kx], taps[ky][kx][done + i], acc);
                 }
             }
             *o = clamp(acc * mul + add, post.lo, post.hi);
@@ -250,7 +264,7 @@ fn dw_padded<const K: usize, const S: usize>(
 /// input column lies inside the image is computed once, so the inner loop is a plain
 /// strided multiply-add.
 #[inline(always)]
-fn dw_rows(s: &ConvShape, w: Weights, c: usize, xin: &[f32], out: &mut [f32], post: &PostOp) {
+fn dw_rows<M: MulAdd>(s: &ConvShape, w: Weights, c: usize, xin: &[f32], out: &mut [f32], post: &PostOp) {
     let (oh, ow) = (s.oh(), s.ow());
     let taps = s.kh * s.kw;
     let mut wk = [0.0f32; 64];
@@ -280,11 +294,11 @@ fn dw_rows(s: &ConvShape, w: Weights, c: usize, xin: &[f32], out: &mut [f32], po
                 let src = &irow[((lo * s.sw) as isize + off) as usize..];
                 if s.sw == 1 {
                     for (o, &v) in orow[lo..hi].iter_mut().zip(src) {
-                        *o += wv * v;
+                        *o = M::mul_add(wv, v, *o);
                     }
                 } else {
                     for (o, &v) in orow[lo..hi].iter_mut().zip(src.iter().step_by(s.sw)) {
-                        *o += wv * v;
+                        *o = M::mul_add(wv, v, *o);
                     }
                 }
             }

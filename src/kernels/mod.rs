@@ -86,6 +86,36 @@ pub fn clamp(v: f32, lo: f32, hi: f32) -> f32 {
     }
 }
 
+/// How an instance of a portable kernel multiplies and adds. Rust never contracts `a * b + c`
+/// into one instruction, and `f32::mul_add` is a slow library call where the CPU has no FMA
+/// (and is not in `core`), so the choice is a type parameter: ISA instances compiled with FMA
+/// use [`Fused`], the baseline uses [`Plain`].
+pub trait MulAdd {
+    fn mul_add(a: f32, b: f32, c: f32) -> f32;
+}
+
+/// `a * b + c`, two roundings.
+pub struct Plain;
+
+impl MulAdd for Plain {
+    #[inline(always)]
+    fn mul_add(a: f32, b: f32, c: f32) -> f32 {
+        a * b + c
+    }
+}
+
+/// `a * b + c` fused, one rounding: only for instances compiled with FMA.
+#[cfg(feature = "std")]
+pub struct Fused;
+
+#[cfg(feature = "std")]
+impl MulAdd for Fused {
+    #[inline(always)]
+    fn mul_add(a: f32, b: f32, c: f32) -> f32 {
+        a.mul_add(b, c)
+    }
+}
+
 /// Activation fused into a post-op, as clamp bounds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Act {

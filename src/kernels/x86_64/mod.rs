@@ -88,7 +88,7 @@ fn depthwise(s: &ConvShape, w: Weights, c0: usize, x: &[f32], y: &mut [f32], pos
 }
 #[target_feature(enable = "avx2,fma")]
 fn depthwise_avx2(s: &ConvShape, w: Weights, c0: usize, x: &[f32], y: &mut [f32], post: &PostOp) {
-    depthwise::depthwise_channels_inline(s, w, c0, x, y, post)
+    depthwise::depthwise_channels_inline::<super::Fused>(s, w, c0, x, y, post)
 }
 
 fn linear_rows(first: usize, i: usize, w: Weights, x: &[f32], ys: &mut [f32], post: &PostOp) {
