@@ -504,20 +504,6 @@ mod writer {
             self.layers.len() as ValueId
         }
 
-        /// The id of the last layer's output (the graph input if there is none yet).
-        pub fn last(&self) -> ValueId {
-            self.layers.len() as ValueId
-        }
-
-        pub fn layers(&self) -> &[Layer] {
-            &self.layers
-        }
-
-        /// Removes and returns the last layer (its tensors stay in the data section).
-        pub fn pop(&mut self) -> Option<Layer> {
-            self.layers.pop()
-        }
-
         /// Serialises the whole file, digest included.
         pub fn finish(&self) -> Vec<u8> {
             let bulk_base = self.small.len().next_multiple_of(ALIGN as usize) as u64;

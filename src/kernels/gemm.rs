@@ -17,15 +17,10 @@ pub const MAX_TILE: usize = 192;
 /// The portable micro-kernel, 4 × 8: written so that the compiler keeps the tile in registers.
 pub const GENERIC_MICRO: MicroKernel = MicroKernel { name: "generic 4x8", mr: 4, nr: 8, run: micro_4x8 };
 
-fn micro_4x8(k: usize, a: &[f32], lda: usize, b: &[f32], tile: &mut [f32], accumulate: bool) {
+fn micro_4x8(k: usize, a: &[f32], lda: usize, b: &[f32], tile: &mut [f32]) {
     const MR: usize = 4;
     const NR: usize = 8;
     let mut t = [[0.0f32; NR]; MR];
-    if accumulate {
-        for (i, row) in t.iter_mut().enumerate() {
-            row.copy_from_slice(&tile[i * NR..(i + 1) * NR]);
-        }
-    }
     let rows: [&[f32]; MR] = core::array::from_fn(|i| &a[i * lda..i * lda + k]);
     for (p, bp) in b[..k * NR].chunks_exact(NR).enumerate() {
         for i in 0..MR {
@@ -150,7 +145,7 @@ pub fn gemm_rows_inline(
         pack_a(w, row0 + r0, m_eff, k, mr, ap);
         for q in 0..n.div_ceil(nr) {
             let bp = &b[q * nr * k..][..nr * k];
-            (micro.run)(k, ap, k, bp, tile, false);
+            (micro.run)(k, ap, k, bp, tile);
             let c0 = q * nr;
             let n_eff = nr.min(n - c0);
             for i in 0..m_eff {

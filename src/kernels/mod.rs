@@ -185,9 +185,9 @@ impl ConvShape {
     }
 }
 
-/// A GEMM micro-kernel: `tile[i][j] (+)= Σ_p a[i * lda + p] · b[p][j]` for `i < mr`, `j < nr`,
+/// A GEMM micro-kernel: `tile[i][j] = Σ_p a[i * lda + p] · b[p][j]` for `i < mr`, `j < nr`,
 /// `p < k`; `b` is one packed `[k][nr]` panel.
-pub type MicroKernelFn = fn(k: usize, a: &[f32], lda: usize, b: &[f32], tile: &mut [f32], accumulate: bool);
+pub type MicroKernelFn = fn(k: usize, a: &[f32], lda: usize, b: &[f32], tile: &mut [f32]);
 
 /// A convolution on one sample (see [`fast::conv2d`]).
 pub type ConvFn = fn(&Kernels, &ConvShape, Weights, &[f32], &mut [f32], &PostOp, &mut [f32]);

@@ -102,26 +102,20 @@ fn linear_rows_avx2(first: usize, i: usize, w: Weights, x: &[f32], ys: &mut [f32
 /// Only reachable through [`detect`], which checked AVX2 and FMA.
 const AVX2_MICRO: MicroKernel = MicroKernel { name: "x86_64 avx2+fma 6x16", mr: 6, nr: 16, run: micro_6x16 };
 
-fn micro_6x16(k: usize, a: &[f32], lda: usize, b: &[f32], tile: &mut [f32], accumulate: bool) {
+fn micro_6x16(k: usize, a: &[f32], lda: usize, b: &[f32], tile: &mut [f32]) {
     assert!(lda >= k && a.len() >= 5 * lda + k && b.len() >= k * 16 && tile.len() >= 96);
     // SAFETY: the slices hold what the kernel reads and writes (asserted above), and this
     // function is only reachable through `detect`, which confirmed AVX2 and FMA.
-    unsafe { micro_6x16_avx2(k, a.as_ptr(), lda, b.as_ptr(), tile.as_mut_ptr(), accumulate) }
+    unsafe { micro_6x16_avx2(k, a.as_ptr(), lda, b.as_ptr(), tile.as_mut_ptr()) }
 }
 
 #[target_feature(enable = "avx2,fma")]
-unsafe fn micro_6x16_avx2(k: usize, a: *const f32, lda: usize, b: *const f32, tile: *mut f32, accumulate: bool) {
+unsafe fn micro_6x16_avx2(k: usize, a: *const f32, lda: usize, b: *const f32, tile: *mut f32) {
     use core::arch::x86_64::*;
     // SAFETY (whole body): the caller guarantees 6 rows of `k` floats at stride `lda` in `a`,
     // 16k floats in `b` and 96 in `tile`; every load and store below stays inside them.
     unsafe {
         let mut c = [[_mm256_setzero_ps(); 2]; 6];
-        if accumulate {
-            for (i, row) in c.iter_mut().enumerate() {
-                row[0] = _mm256_loadu_ps(tile.add(i * 16));
-                row[1] = _mm256_loadu_ps(tile.add(i * 16 + 8));
-            }
-        }
         let rows: [*const f32; 6] = core::array::from_fn(|i| a.add(i * lda));
         let mut bp = b;
         for p in 0..k {
@@ -146,25 +140,20 @@ const AVX512_MICRO: MicroKernel = MicroKernel { name: "x86_64 avx512f 12x16", mr
 
 /// 12 × 16 with 512-bit vectors: 12 zmm accumulators, one B load and 12 broadcasts per step.
 /// Same B panels as the AVX2 kernel (16 wide); twice the multiply-adds per instruction.
-fn micro_12x16(k: usize, a: &[f32], lda: usize, b: &[f32], tile: &mut [f32], accumulate: bool) {
+fn micro_12x16(k: usize, a: &[f32], lda: usize, b: &[f32], tile: &mut [f32]) {
     assert!(lda >= k && a.len() >= 11 * lda + k && b.len() >= k * 16 && tile.len() >= 192);
     // SAFETY: the slices hold what the kernel reads and writes (asserted above), and this
     // function is only reachable through `detect`, which confirmed AVX-512F.
-    unsafe { micro_12x16_avx512(k, a.as_ptr(), lda, b.as_ptr(), tile.as_mut_ptr(), accumulate) }
+    unsafe { micro_12x16_avx512(k, a.as_ptr(), lda, b.as_ptr(), tile.as_mut_ptr()) }
 }
 
 #[target_feature(enable = "avx512f")]
-unsafe fn micro_12x16_avx512(k: usize, a: *const f32, lda: usize, b: *const f32, tile: *mut f32, accumulate: bool) {
+unsafe fn micro_12x16_avx512(k: usize, a: *const f32, lda: usize, b: *const f32, tile: *mut f32) {
     use core::arch::x86_64::*;
     // SAFETY (whole body): the caller guarantees 12 rows of `k` floats at stride `lda` in `a`,
     // 16k floats in `b` and 192 in `tile`; every load and store below stays inside them.
     unsafe {
         let mut c = [_mm512_setzero_ps(); 12];
-        if accumulate {
-            for (i, row) in c.iter_mut().enumerate() {
-                *row = _mm512_loadu_ps(tile.add(i * 16));
-            }
-        }
         let rows: [*const f32; 12] = core::array::from_fn(|i| a.add(i * lda));
         let mut bp = b;
         for p in 0..k {
