@@ -40,3 +40,4 @@ pub mod format;
 #[cfg(feature = "std")]
 pub mod import;
 pub mod kernels;
+pub mod rng;

@@ -4,6 +4,7 @@
 //! SplitMix64 stream of the recorded seed, so the seed regenerates the file bit for bit.
 
 use super::{Ir, IrOp, IrWeights};
+pub use crate::rng::SplitMix64;
 use crate::format::graph::{InputSpec, Op, Pool, ValueId};
 
 /// The architectures `edgecl init` builds.
@@ -30,24 +31,6 @@ impl Arch {
 
     pub fn from_name(s: &str) -> Option<Arch> {
         Arch::ALL.into_iter().find(|a| a.name() == s)
-    }
-}
-
-/// SplitMix64 (Steele, Lea, Flood 2014): tiny, fast, and fully specified, so a seed means the
-/// same stream forever.
-#[derive(Clone, Debug)]
-pub struct SplitMix64(u64);
-
-impl SplitMix64 {
-    pub fn new(seed: u64) -> Self {
-        SplitMix64(seed)
-    }
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
     }
 }
 
