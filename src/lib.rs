@@ -41,3 +41,5 @@ pub mod format;
 pub mod import;
 pub mod kernels;
 pub mod rng;
+#[cfg(feature = "std")]
+pub mod train;

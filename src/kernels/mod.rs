@@ -20,6 +20,8 @@
 pub mod depthwise;
 pub mod fast;
 pub mod gemm;
+#[cfg(feature = "alloc")]
+pub mod matmul;
 pub mod reference;
 #[cfg(all(target_arch = "x86_64", feature = "std"))]
 pub mod x86_64;

@@ -1,0 +1,33 @@
+//! Element-wise activations and the residual add. The gradient of a clamp passes where the
+//! output lies strictly inside the bounds (at a bound the derivative is taken as 0, as
+//! PyTorch does for ReLU at 0 and ReLU6 at 0 and 6).
+
+/// `y = clamp(x, lo, hi)`.
+pub fn clamp_forward(x: &[f32], y: &mut [f32], lo: f32, hi: f32) {
+    for (o, &v) in y.iter_mut().zip(x) {
+        *o = crate::kernels::clamp(v, lo, hi);
+    }
+}
+
+/// Adds `dy` into `dx` where the forward input was inside `(lo, hi)`.
+pub fn clamp_backward(x: &[f32], dy: &[f32], dx: &mut [f32], lo: f32, hi: f32) {
+    for ((d, &g), &v) in dx.iter_mut().zip(dy).zip(x) {
+        if v > lo && v < hi {
+            *d += g;
+        }
+    }
+}
+
+/// `y = a + b`.
+pub fn add_forward(a: &[f32], b: &[f32], y: &mut [f32]) {
+    for ((o, &u), &v) in y.iter_mut().zip(a).zip(b) {
+        *o = u + v;
+    }
+}
+
+/// The gradient of a sum flows unchanged to both operands: `dx += dy`.
+pub fn accumulate(dy: &[f32], dx: &mut [f32]) {
+    for (d, &g) in dx.iter_mut().zip(dy) {
+        *d += g;
+    }
+}

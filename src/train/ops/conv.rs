@@ -1,0 +1,201 @@
+//! Convolution over a batch: forward through the kernel table, backward by hand.
+//!
+//! Backward per sample and group, with `col = im2col(x)` (`K × P`, `K = c_in/g · kh · kw`,
+//! `P = oh · ow`): `dW += dY · colᵀ` and `dx = col2im(Wᵀ · dY)`. Depthwise convs (one input
+//! channel per group) use direct loops instead: their per-group GEMMs would have `K ≤ 25`
+//! and one row. Weight gradients accumulate over the batch in sample order, so they do not
+//! depend on threading.
+
+use crate::kernels::matmul::{matmul, Mat};
+use crate::kernels::{reference, ConvShape, Kernels, PostOp, Weights};
+
+/// `y = conv(x) + bias` for `batch` samples.
+#[allow(clippy::too_many_arguments)]
+pub fn forward(
+    k: &Kernels,
+    s: &ConvShape,
+    w: Weights,
+    bias: Option<&[f32]>,
+    x: &[f32],
+    batch: usize,
+    y: &mut [f32],
+    scratch: &mut Vec<f32>,
+) {
+    let (xl, yl) = (s.c_in * s.h * s.w, s.c_out * s.oh() * s.ow());
+    let ones = vec![1.0f32; s.c_out];
+    let zeros = vec![0.0f32; s.c_out];
+    let post = PostOp { mul: &ones, add: bias.unwrap_or(&zeros), lo: f32::NEG_INFINITY, hi: f32::INFINITY };
+    let need = crate::kernels::fast::conv_scratch_len(s, k);
+    if scratch.len() < need {
+        scratch.resize(need, 0.0);
+    }
+    for b in 0..batch {
+        let (xs, ys) = (&x[b * xl..(b + 1) * xl], &mut y[b * yl..(b + 1) * yl]);
+        if k.fast {
+            (k.conv2d)(k, s, w, xs, ys, &post, scratch);
+        } else {
+            reference::conv2d(s, w, xs, ys, &post);
+        }
+    }
+}
+
+/// The weights as f32 (a copy for int8).
+pub fn dense(w: Weights<'_>) -> std::borrow::Cow<'_, [f32]> {
+    match w {
+        Weights::F32(v) => std::borrow::Cow::Borrowed(v),
+        Weights::I8 { q, scale } => {
+            let per = q.len() / scale.len().max(1);
+            std::borrow::Cow::Owned(
+                q.chunks(per.max(1)).zip(scale).flat_map(|(r, &sc)| r.iter().map(move |&v| v as f32 * sc)).collect(),
+            )
+        }
+    }
+}
+
+/// Gradients of [`forward`]: adds `∂L/∂x` into `dx`, `∂L/∂W` into `dw` and `∂L/∂b` into `db`
+/// (each only when asked for) given `dy = ∂L/∂y`.
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    k: &Kernels,
+    s: &ConvShape,
+    w: Weights,
+    x: &[f32],
+    dy: &[f32],
+    batch: usize,
+    mut dx: Option<&mut [f32]>,
+    mut dw: Option<&mut [f32]>,
+    db: Option<&mut [f32]>,
+) {
+    let (p, xl, yl) = (s.oh() * s.ow(), s.c_in * s.h * s.w, s.c_out * s.oh() * s.ow());
+    if let Some(db) = db {
+        for b in 0..batch {
+            for (c, d) in db.iter_mut().enumerate() {
+                *d += dy[b * yl + c * p..b * yl + (c + 1) * p].iter().sum::<f32>();
+            }
+        }
+    }
+    if dx.is_none() && dw.is_none() {
+        return;
+    }
+    let wf = dense(w);
+    if s.cin_g() == 1 && s.cout_g() == 1 {
+        for b in 0..batch {
+            depthwise_backward(
+                s,
+                &wf,
+                &x[b * xl..(b + 1) * xl],
+                &dy[b * yl..(b + 1) * yl],
+                dx.as_deref_mut().map(|d| &mut d[b * xl..(b + 1) * xl]),
+                dw.as_deref_mut(),
+            );
+        }
+        return;
+    }
+    let (cin_g, cout_g) = (s.cin_g(), s.cout_g());
+    let kk = cin_g * s.kh * s.kw;
+    let plane = s.h * s.w;
+    let mut col = vec![0.0f32; kk * p];
+    let mut dcol = vec![0.0f32; kk * p];
+    for b in 0..batch {
+        for g in 0..s.groups {
+            let xg = &x[b * xl + g * cin_g * plane..][..cin_g * plane];
+            let dyg = &dy[b * yl + g * cout_g * p..][..cout_g * p];
+            let wg = &wf[g * cout_g * kk..(g + 1) * cout_g * kk];
+            let pointwise = s.kh == 1 && s.kw == 1 && s.sh == 1 && s.sw == 1 && s.pad == [0; 4];
+            if let Some(dw) = dw.as_deref_mut() {
+                let colm = if pointwise {
+                    xg
+                } else {
+                    im2col(s, xg, &mut col);
+                    &col
+                };
+                // dW_g (cout_g × K) += dY_g (cout_g × P) · colᵀ (P × K)
+                matmul(k, Mat::rows(dyg, cout_g, p), Mat::t(colm, kk, p), &mut dw[g * cout_g * kk..][..cout_g * kk], true);
+            }
+            if let Some(dx) = dx.as_deref_mut() {
+                let dxg = &mut dx[b * xl + g * cin_g * plane..][..cin_g * plane];
+                if pointwise {
+                    matmul(k, Mat::t(wg, cout_g, kk), Mat::rows(dyg, cout_g, p), dxg, true);
+                } else {
+                    matmul(k, Mat::t(wg, cout_g, kk), Mat::rows(dyg, cout_g, p), &mut dcol, false);
+                    col2im_add(s, &dcol, dxg);
+                }
+            }
+        }
+    }
+}
+
+/// Calls `f(row, column, input index)` for every tap of the unfolded input that lies inside
+/// the image (taps in the padding are zero and have no input).
+#[inline(always)]
+fn for_each_tap(s: &ConvShape, cin_g: usize, mut f: impl FnMut(usize, usize, usize)) {
+    let (oh, ow) = (s.oh(), s.ow());
+    let mut row = 0;
+    for ci in 0..cin_g {
+        for ky in 0..s.kh {
+            for kx in 0..s.kw {
+                for oy in 0..oh {
+                    let iy = (oy * s.sh + ky * s.dh) as isize - s.pad[0] as isize;
+                    if iy < 0 || iy as usize >= s.h {
+                        continue;
+                    }
+                    for ox in 0..ow {
+                        let ix = (ox * s.sw + kx * s.dw) as isize - s.pad[1] as isize;
+                        if ix >= 0 && (ix as usize) < s.w {
+                            f(row, oy * ow + ox, (ci * s.h + iy as usize) * s.w + ix as usize);
+                        }
+                    }
+                }
+                row += 1;
+            }
+        }
+    }
+}
+
+/// `col[(ci, ky, kx)][oy * ow + ox]` for one group.
+fn im2col(s: &ConvShape, xg: &[f32], col: &mut [f32]) {
+    let p = s.oh() * s.ow();
+    col.fill(0.0);
+    for_each_tap(s, s.cin_g(), |r, c, i| col[r * p + c] = xg[i]);
+}
+
+/// The adjoint of [`im2col`]: scatters `dcol` back onto the input, adding.
+fn col2im_add(s: &ConvShape, dcol: &[f32], dxg: &mut [f32]) {
+    let p = s.oh() * s.ow();
+    for_each_tap(s, s.cin_g(), |r, c, i| dxg[i] += dcol[r * p + c]);
+}
+
+/// Depthwise backward for one sample: channel `c`'s kernel `w[c]` (`kh × kw`).
+fn depthwise_backward(s: &ConvShape, w: &[f32], x: &[f32], dy: &[f32], mut dx: Option<&mut [f32]>, mut dw: Option<&mut [f32]>) {
+    let (oh, ow, plane, taps) = (s.oh(), s.ow(), s.h * s.w, s.kh * s.kw);
+    for c in 0..s.c_in {
+        let (xc, dyc) = (&x[c * plane..(c + 1) * plane], &dy[c * oh * ow..(c + 1) * oh * ow]);
+        for ky in 0..s.kh {
+            for kx in 0..s.kw {
+                let t = c * taps + ky * s.kw + kx;
+                let wv = w[t];
+                let mut acc = 0.0f32;
+                for oy in 0..oh {
+                    let iy = (oy * s.sh + ky * s.dh) as isize - s.pad[0] as isize;
+                    if iy < 0 || iy as usize >= s.h {
+                        continue;
+                    }
+                    let row = iy as usize * s.w;
+                    for ox in 0..ow {
+                        let ix = (ox * s.sw + kx * s.dw) as isize - s.pad[1] as isize;
+                        if ix >= 0 && (ix as usize) < s.w {
+                            let g = dyc[oy * ow + ox];
+                            acc += g * xc[row + ix as usize];
+                            if let Some(dx) = dx.as_deref_mut() {
+                                dx[c * plane + row + ix as usize] += g * wv;
+                            }
+                        }
+                    }
+                }
+                if let Some(dw) = dw.as_deref_mut() {
+                    dw[t] += acc;
+                }
+            }
+        }
+    }
+}

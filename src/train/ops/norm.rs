@@ -1,0 +1,223 @@
+//! Batch normalisation over `[batch][c][plane]` and the per-channel affine that CLR adds after
+//! a conv whose norm was folded into it.
+//!
+//! Training mode normalises with the batch's statistics (biased variance, as PyTorch) and
+//! updates the running statistics with momentum (unbiased variance); evaluation mode uses the
+//! running statistics. Sums run in f64: they are over up to millions of values.
+
+/// Batch statistics kept from a training-mode forward for its backward.
+#[derive(Clone, Debug, Default)]
+pub struct Saved {
+    pub mean: Vec<f32>,
+    pub inv_std: Vec<f32>,
+}
+
+fn channel<'a>(v: &'a [f32], b: usize, c: usize, ch: usize, plane: usize) -> &'a [f32] {
+    &v[(b * ch + c) * plane..][..plane]
+}
+
+/// Training-mode forward. `gamma`/`beta` absent = non-affine. Updates `running_mean`/`running_var`.
+#[allow(clippy::too_many_arguments)]
+pub fn train_forward(
+    ch: usize,
+    plane: usize,
+    batch: usize,
+    x: &[f32],
+    gamma: Option<&[f32]>,
+    beta: Option<&[f32]>,
+    eps: f32,
+    momentum: f32,
+    running_mean: &mut [f32],
+    running_var: &mut [f32],
+    y: &mut [f32],
+) -> Saved {
+    let n = (batch * plane) as f64;
+    let mut saved = Saved { mean: vec![0.0; ch], inv_std: vec![0.0; ch] };
+    for c in 0..ch {
+        let mut sum = 0.0f64;
+        for b in 0..batch {
+            sum += channel(x, b, c, ch, plane).iter().map(|&v| v as f64).sum::<f64>();
+        }
+        let mean = sum / n;
+        let mut sq = 0.0f64;
+        for b in 0..batch {
+            sq += channel(x, b, c, ch, plane).iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>();
+        }
+        let var = sq / n;
+        let inv_std = 1.0 / (var + eps as f64).sqrt();
+        saved.mean[c] = mean as f32;
+        saved.inv_std[c] = inv_std as f32;
+        let unbiased = if n > 1.0 { sq / (n - 1.0) } else { var };
+        running_mean[c] = ((1.0 - momentum as f64) * running_mean[c] as f64 + momentum as f64 * mean) as f32;
+        running_var[c] = ((1.0 - momentum as f64) * running_var[c] as f64 + momentum as f64 * unbiased) as f32;
+        let (g, bt) = (gamma.map_or(1.0, |g| g[c]), beta.map_or(0.0, |b| b[c]));
+        let (m, s) = (saved.mean[c], saved.inv_std[c]);
+        for b in 0..batch {
+            let at = (b * ch + c) * plane;
+            for (o, &v) in y[at..at + plane].iter_mut().zip(&x[at..at + plane]) {
+                *o = (v - m) * s * g + bt;
+            }
+        }
+    }
+    saved
+}
+
+/// Evaluation-mode forward with running statistics.
+#[allow(clippy::too_many_arguments)]
+pub fn eval_forward(
+    ch: usize,
+    plane: usize,
+    batch: usize,
+    x: &[f32],
+    gamma: Option<&[f32]>,
+    beta: Option<&[f32]>,
+    eps: f32,
+    mean: &[f32],
+    var: &[f32],
+    y: &mut [f32],
+) {
+    for c in 0..ch {
+        let s = 1.0 / libm::sqrtf(var[c] + eps);
+        let (g, bt) = (gamma.map_or(1.0, |g| g[c]), beta.map_or(0.0, |b| b[c]));
+        let (mul, add) = (s * g, bt - mean[c] * s * g);
+        for b in 0..batch {
+            let at = (b * ch + c) * plane;
+            for (o, &v) in y[at..at + plane].iter_mut().zip(&x[at..at + plane]) {
+                *o = v * mul + add;
+            }
+        }
+    }
+}
+
+/// Gradients of [`train_forward`] (added into `dx`, `dgamma`, `dbeta`):
+/// with `x̂ = (x − μ)·s`, `dβ = Σ dy`, `dγ = Σ dy·x̂`, and
+/// `dx = γ·s/N · (N·dy − Σdy − x̂·Σ(dy·x̂))` (the batch statistics depend on every sample).
+#[allow(clippy::too_many_arguments)]
+pub fn train_backward(
+    ch: usize,
+    plane: usize,
+    batch: usize,
+    x: &[f32],
+    saved: &Saved,
+    gamma: Option<&[f32]>,
+    dy: &[f32],
+    dx: Option<&mut [f32]>,
+    dgamma: Option<&mut [f32]>,
+    dbeta: Option<&mut [f32]>,
+) {
+    let n = (batch * plane) as f64;
+    let mut sums = vec![(0.0f64, 0.0f64); ch];
+    for (c, s) in sums.iter_mut().enumerate() {
+        let (m, is) = (saved.mean[c], saved.inv_std[c]);
+        for b in 0..batch {
+            let at = (b * ch + c) * plane;
+            for (&g, &v) in dy[at..at + plane].iter().zip(&x[at..at + plane]) {
+                s.0 += g as f64;
+                s.1 += g as f64 * ((v - m) * is) as f64;
+            }
+        }
+    }
+    if let Some(db) = dbeta {
+        for (d, s) in db.iter_mut().zip(&sums) {
+            *d += s.0 as f32;
+        }
+    }
+    if let Some(dg) = dgamma {
+        for (d, s) in dg.iter_mut().zip(&sums) {
+            *d += s.1 as f32;
+        }
+    }
+    if let Some(dx) = dx {
+        for (c, &(sdy, sdyx)) in sums.iter().enumerate() {
+            let (m, is) = (saved.mean[c], saved.inv_std[c]);
+            let g = gamma.map_or(1.0, |g| g[c]);
+            let gs = g * is;
+            let (a, bq) = ((sdy / n) as f32, (sdyx / n) as f32);
+            for b in 0..batch {
+                let at = (b * ch + c) * plane;
+                for ((d, &gy), &v) in dx[at..at + plane].iter_mut().zip(&dy[at..at + plane]).zip(&x[at..at + plane]) {
+                    let xh = (v - m) * is;
+                    *d += gs * (gy - a - xh * bq);
+                }
+            }
+        }
+    }
+}
+
+/// Gradient of [`eval_forward`] with respect to its input: `dx += dy · γ / sqrt(var + eps)`,
+/// and of `γ`, `β` when asked for.
+#[allow(clippy::too_many_arguments)]
+pub fn eval_backward(
+    ch: usize,
+    plane: usize,
+    batch: usize,
+    x: &[f32],
+    gamma: Option<&[f32]>,
+    eps: f32,
+    mean: &[f32],
+    var: &[f32],
+    dy: &[f32],
+    mut dx: Option<&mut [f32]>,
+    mut dgamma: Option<&mut [f32]>,
+    mut dbeta: Option<&mut [f32]>,
+) {
+    for c in 0..ch {
+        let s = 1.0 / libm::sqrtf(var[c] + eps);
+        let g = gamma.map_or(1.0, |g| g[c]);
+        for b in 0..batch {
+            let at = (b * ch + c) * plane;
+            let (dyc, xc) = (&dy[at..at + plane], &x[at..at + plane]);
+            if let Some(dx) = dx.as_deref_mut() {
+                for (d, &gy) in dx[at..at + plane].iter_mut().zip(dyc) {
+                    *d += gy * s * g;
+                }
+            }
+            if let Some(dg) = dgamma.as_deref_mut() {
+                dg[c] += dyc.iter().zip(xc).map(|(&gy, &v)| gy * (v - mean[c]) * s).sum::<f32>();
+            }
+            if let Some(db) = dbeta.as_deref_mut() {
+                db[c] += dyc.iter().sum::<f32>();
+            }
+        }
+    }
+}
+
+/// `y = x · γ[c] + β[c]`.
+pub fn affine_forward(ch: usize, plane: usize, batch: usize, x: &[f32], gamma: &[f32], beta: &[f32], y: &mut [f32]) {
+    for b in 0..batch {
+        for c in 0..ch {
+            let at = (b * ch + c) * plane;
+            for (o, &v) in y[at..at + plane].iter_mut().zip(&x[at..at + plane]) {
+                *o = v * gamma[c] + beta[c];
+            }
+        }
+    }
+}
+
+/// Gradients of [`affine_forward`], added.
+#[allow(clippy::too_many_arguments)]
+pub fn affine_backward(
+    ch: usize,
+    plane: usize,
+    batch: usize,
+    x: &[f32],
+    gamma: &[f32],
+    dy: &[f32],
+    mut dx: Option<&mut [f32]>,
+    dgamma: &mut [f32],
+    dbeta: &mut [f32],
+) {
+    for b in 0..batch {
+        for c in 0..ch {
+            let at = (b * ch + c) * plane;
+            let (dyc, xc) = (&dy[at..at + plane], &x[at..at + plane]);
+            dgamma[c] += dyc.iter().zip(xc).map(|(&g, &v)| g * v).sum::<f32>();
+            dbeta[c] += dyc.iter().sum::<f32>();
+            if let Some(dx) = dx.as_deref_mut() {
+                for (d, &g) in dx[at..at + plane].iter_mut().zip(dyc) {
+                    *d += g * gamma[c];
+                }
+            }
+        }
+    }
+}

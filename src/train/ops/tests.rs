@@ -1,0 +1,250 @@
+//! Finite-difference checks of every backward pass on tiny shapes.
+//!
+//! Each op's output is reduced to `L = Σ r·y` with fixed random `r`, so `dy = r`. Central
+//! differences with step `h = 1e-2` in f64 arithmetic over the f32 forward; tolerance
+//! `|fd − analytic| ≤ 2e-3 · (1 + |analytic|)`. Inputs of the piecewise ops (clamps, max pool)
+//! are drawn away from their kinks.
+
+use super::*;
+use crate::kernels::{ConvShape, Kernels, Weights};
+use crate::rng::SplitMix64;
+
+const H: f32 = 1e-2;
+const TOL: f32 = 2e-3;
+
+fn rand(r: &mut SplitMix64, n: usize) -> Vec<f32> {
+    (0..n).map(|_| r.uniform(-1.0, 1.0)).collect()
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f64 {
+    a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum()
+}
+
+/// Compares `analytic` with central differences of `loss` over every element of `v`.
+fn check(what: &str, v: &mut [f32], analytic: &[f32], mut loss: impl FnMut(&[f32]) -> f64) {
+    for i in 0..v.len() {
+        let keep = v[i];
+        v[i] = keep + H;
+        let up = loss(v);
+        v[i] = keep - H;
+        let down = loss(v);
+        v[i] = keep;
+        let fd = ((up - down) / (2.0 * H as f64)) as f32;
+        assert!((fd - analytic[i]).abs() <= TOL * (1.0 + analytic[i].abs()), "{what}[{i}]: fd {fd} vs analytic {}", analytic[i]);
+    }
+}
+
+fn kernels() -> Vec<Kernels> {
+    vec![Kernels::generic(false), Kernels::best_fast()]
+}
+
+fn conv_case(s: ConvShape, batch: usize, bias: bool) {
+    for k in kernels() {
+        let mut r = SplitMix64::new(s.c_in as u64 * 31 + s.kh as u64);
+        let wl = s.c_out * s.cin_g() * s.kh * s.kw;
+        let (xl, yl) = (batch * s.c_in * s.h * s.w, batch * s.c_out * s.oh() * s.ow());
+        let (mut x, mut w, mut b) = (rand(&mut r, xl), rand(&mut r, wl), rand(&mut r, s.c_out));
+        let rr = rand(&mut r, yl);
+        let mut scratch = Vec::new();
+        let mut f = |x: &[f32], w: &[f32], b: &[f32]| {
+            let mut y = vec![0.0; yl];
+            conv::forward(&k, &s, Weights::F32(w), bias.then_some(b), x, batch, &mut y, &mut scratch);
+            dot(&y, &rr)
+        };
+        let (mut dx, mut dw, mut db) = (vec![0.0; xl], vec![0.0; wl], vec![0.0; s.c_out]);
+        conv::backward(&k, &s, Weights::F32(&w), &x, &rr, batch, Some(&mut dx), Some(&mut dw), Some(&mut db));
+        let (w0, b0) = (w.clone(), b.clone());
+        check("conv dx", &mut x, &dx, |x| f(x, &w0, &b0));
+        let x0 = x.clone();
+        check("conv dw", &mut w, &dw, |w| f(&x0, w, &b0));
+        if bias {
+            check("conv db", &mut b, &db, |b| f(&x0, &w0, b));
+        }
+    }
+}
+
+fn shape(c_in: usize, c_out: usize, hw: usize, k: usize, stride: usize, pad: usize, groups: usize) -> ConvShape {
+    ConvShape {
+        c_in,
+        h: hw,
+        w: hw + 1,
+        c_out,
+        kh: k,
+        kw: k,
+        sh: stride,
+        sw: stride,
+        pad: [pad, pad, pad, pad],
+        dh: 1,
+        dw: 1,
+        groups,
+    }
+}
+
+#[test]
+fn conv_gradients() {
+    conv_case(shape(2, 3, 5, 3, 1, 1, 1), 2, true);
+    conv_case(shape(3, 4, 6, 3, 2, 1, 1), 2, false);
+    conv_case(shape(4, 4, 5, 1, 1, 0, 1), 3, false);
+    conv_case(shape(4, 6, 5, 3, 1, 0, 2), 2, true);
+    conv_case(shape(3, 3, 6, 3, 2, 1, 3), 2, false); // depthwise, stride 2
+    conv_case(shape(2, 2, 7, 5, 1, 2, 2), 1, true); // depthwise 5x5
+    let mut dil = shape(2, 2, 7, 3, 1, 2, 1);
+    dil.dh = 2;
+    dil.dw = 2;
+    conv_case(dil, 1, false);
+}
+
+#[test]
+fn linear_gradients() {
+    let k = Kernels::best_fast();
+    let (i, o, batch) = (7, 5, 3);
+    let mut r = SplitMix64::new(3);
+    let (mut x, mut w, mut b, rr) = (rand(&mut r, batch * i), rand(&mut r, o * i), rand(&mut r, o), rand(&mut r, batch * o));
+    let f = |x: &[f32], w: &[f32], b: &[f32]| {
+        let mut y = vec![0.0; batch * o];
+        linear::forward(&k, i, o, Weights::F32(w), Some(b), x, batch, &mut y);
+        dot(&y, &rr)
+    };
+    let (mut dx, mut dw, mut db) = (vec![0.0; batch * i], vec![0.0; o * i], vec![0.0; o]);
+    linear::backward(&k, i, o, Weights::F32(&w), &x, &rr, batch, Some(&mut dx), Some(&mut dw), Some(&mut db));
+    let (w0, b0) = (w.clone(), b.clone());
+    check("linear dx", &mut x, &dx, |x| f(x, &w0, &b0));
+    let x0 = x.clone();
+    check("linear dw", &mut w, &dw, |w| f(&x0, w, &b0));
+    check("linear db", &mut b, &db, |b| f(&x0, &w0, b));
+}
+
+#[test]
+fn batch_norm_gradients_in_both_modes() {
+    let (ch, plane, batch) = (3, 4, 2);
+    let n = ch * plane * batch;
+    let mut r = SplitMix64::new(4);
+    let (mut x, mut g, mut bt, rr) = (rand(&mut r, n), rand(&mut r, ch), rand(&mut r, ch), rand(&mut r, n));
+    for affine in [true, false] {
+        let f = |x: &[f32], g: &[f32], bt: &[f32]| {
+            let (mut rm, mut rv, mut y) = (vec![0.0; ch], vec![1.0; ch], vec![0.0; n]);
+            let (g, bt) = if affine { (Some(g), Some(bt)) } else { (None, None) };
+            norm::train_forward(ch, plane, batch, x, g, bt, 1e-5, 0.1, &mut rm, &mut rv, &mut y);
+            dot(&y, &rr)
+        };
+        let (mut rm, mut rv, mut y) = (vec![0.0; ch], vec![1.0; ch], vec![0.0; n]);
+        let (ga, ba) = if affine { (Some(&g[..]), Some(&bt[..])) } else { (None, None) };
+        let saved = norm::train_forward(ch, plane, batch, &x, ga, ba, 1e-5, 0.1, &mut rm, &mut rv, &mut y);
+        let (mut dx, mut dg, mut db) = (vec![0.0; n], vec![0.0; ch], vec![0.0; ch]);
+        norm::train_backward(ch, plane, batch, &x, &saved, ga, &rr, Some(&mut dx), Some(&mut dg), Some(&mut db));
+        let (g0, b0) = (g.clone(), bt.clone());
+        check("bn dx", &mut x, &dx, |x| f(x, &g0, &b0));
+        if affine {
+            let x0 = x.clone();
+            check("bn dgamma", &mut g, &dg, |g| f(&x0, g, &b0));
+            check("bn dbeta", &mut bt, &db, |b| f(&x0, &g0, b));
+        }
+    }
+    // Evaluation mode and the per-channel affine.
+    let (mean, var) = (rand(&mut r, ch), rand(&mut r, ch).iter().map(|v| v.abs() + 0.5).collect::<Vec<_>>());
+    let fe = |x: &[f32], g: &[f32], bt: &[f32]| {
+        let mut y = vec![0.0; n];
+        norm::eval_forward(ch, plane, batch, x, Some(g), Some(bt), 1e-5, &mean, &var, &mut y);
+        dot(&y, &rr)
+    };
+    let (mut dx, mut dg, mut db) = (vec![0.0; n], vec![0.0; ch], vec![0.0; ch]);
+    norm::eval_backward(ch, plane, batch, &x, Some(&g), 1e-5, &mean, &var, &rr, Some(&mut dx), Some(&mut dg), Some(&mut db));
+    let (g0, b0, x0) = (g.clone(), bt.clone(), x.clone());
+    check("bn eval dx", &mut x, &dx, |x| fe(x, &g0, &b0));
+    check("bn eval dgamma", &mut g, &dg, |g| fe(&x0, g, &b0));
+    check("bn eval dbeta", &mut bt, &db, |b| fe(&x0, &g0, b));
+    let fa = |x: &[f32], g: &[f32], bt: &[f32]| {
+        let mut y = vec![0.0; n];
+        norm::affine_forward(ch, plane, batch, x, g, bt, &mut y);
+        dot(&y, &rr)
+    };
+    let (mut dx, mut dg, mut db) = (vec![0.0; n], vec![0.0; ch], vec![0.0; ch]);
+    norm::affine_backward(ch, plane, batch, &x, &g, &rr, Some(&mut dx), &mut dg, &mut db);
+    let (g0, b0, x0) = (g.clone(), bt.clone(), x.clone());
+    check("affine dx", &mut x, &dx, |x| fa(x, &g0, &b0));
+    check("affine dgamma", &mut g, &dg, |g| fa(&x0, g, &b0));
+    check("affine dbeta", &mut bt, &db, |b| fa(&x0, &g0, b));
+}
+
+#[test]
+fn activation_and_add_gradients() {
+    let mut r = SplitMix64::new(5);
+    // Values at least 0.05 away from the kinks at 0 and 6.
+    let mut x: Vec<f32> = (0..40)
+        .map(|_| {
+            let v = r.uniform(-2.0, 8.0);
+            if v.abs() < 0.05 || (v - 6.0).abs() < 0.05 { v + 0.2 } else { v }
+        })
+        .collect();
+    let rr = rand(&mut r, 40);
+    for (lo, hi) in [(0.0, f32::INFINITY), (0.0, 6.0)] {
+        let mut dx = vec![0.0; 40];
+        act::clamp_backward(&x, &rr, &mut dx, lo, hi);
+        check("clamp dx", &mut x, &dx, |x| {
+            let mut y = vec![0.0; 40];
+            act::clamp_forward(x, &mut y, lo, hi);
+            dot(&y, &rr)
+        });
+    }
+    let b = rand(&mut r, 40);
+    let mut dx = vec![0.0; 40];
+    act::accumulate(&rr, &mut dx);
+    check("add dx", &mut x, &dx, |x| {
+        let mut y = vec![0.0; 40];
+        act::add_forward(x, &b, &mut y);
+        dot(&y, &rr)
+    });
+}
+
+#[test]
+fn pool_gradients() {
+    use crate::kernels::reference::PoolShape;
+    let mut r = SplitMix64::new(6);
+    let batch = 2;
+    for (max, include) in [(true, false), (false, false), (false, true)] {
+        let s = PoolShape { c: 2, h: 5, w: 6, kh: 3, kw: 2, sh: 2, sw: 2, pad: [1, 0, 1, 1], count_include_pad: include };
+        let (oh, ow) = s.out_hw().unwrap();
+        let n = batch * s.c * s.h * s.w;
+        // Distinct values spaced well beyond the step, so no window's maximum changes.
+        let mut x: Vec<f32> = (0..n).map(|i| (i * 7 % n) as f32 * 0.1).collect();
+        let rr = rand(&mut r, batch * s.c * oh * ow);
+        let mut dx = vec![0.0; n];
+        pool::backward(&s, max, &x, &rr, batch, &mut dx);
+        check("pool dx", &mut x, &dx, |x| {
+            let mut y = vec![0.0; rr.len()];
+            pool::forward(&s, max, x, batch, &mut y);
+            dot(&y, &rr)
+        });
+    }
+    let (c, plane) = (3, 5);
+    let mut x = rand(&mut r, batch * c * plane);
+    let rr = rand(&mut r, batch * c);
+    let mut dx = vec![0.0; x.len()];
+    pool::global_backward(c, plane, &rr, batch, &mut dx);
+    check("global pool dx", &mut x, &dx, |x| {
+        let mut y = vec![0.0; batch * c];
+        pool::global_forward(c, plane, x, batch, &mut y);
+        dot(&y, &rr)
+    });
+}
+
+#[test]
+fn cross_entropy_gradient_and_value() {
+    let mut r = SplitMix64::new(7);
+    let (width, classes) = (5, 3);
+    let mut logits = rand(&mut r, 2 * width);
+    let labels = [2u32, 0];
+    let mut d = vec![0.0; 2 * width];
+    let l = loss::cross_entropy(&logits, width, classes, &labels, &mut d);
+    // By hand for the first row.
+    let row = &logits[..3];
+    let z: f32 = row.iter().map(|v| v.exp()).sum();
+    let l0 = -(row[2].exp() / z).ln();
+    let row = &logits[5..8];
+    let z: f32 = row.iter().map(|v| v.exp()).sum();
+    let l1 = -(row[0].exp() / z).ln();
+    assert!((l - (l0 + l1) / 2.0).abs() < 1e-6);
+    assert!(d[3] == 0.0 && d[4] == 0.0 && d[8] == 0.0, "unused logits get no gradient");
+    let mut scratch = vec![0.0; 2 * width];
+    check("cross-entropy", &mut logits, &d, |lg| loss::cross_entropy(lg, width, classes, &labels, &mut scratch) as f64);
+}
