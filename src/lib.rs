@@ -33,6 +33,8 @@
 #[cfg(feature = "alloc")]
 extern crate alloc;
 
+#[cfg(feature = "alloc")]
+pub mod adapter;
 pub mod backbone;
 #[cfg(feature = "std")]
 pub mod data;

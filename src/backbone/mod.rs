@@ -223,7 +223,7 @@ pub(crate) fn conv_shape(c: &crate::format::graph::Conv2d, x: Shape) -> ConvShap
     }
 }
 
-pub(crate) fn pool_shape(p: &crate::format::graph::Pool, x: Shape) -> crate::kernels::reference::PoolShape {
+pub fn pool_shape(p: &crate::format::graph::Pool, x: Shape) -> crate::kernels::reference::PoolShape {
     let u = |v: u32| v as usize;
     crate::kernels::reference::PoolShape {
         c: x.c,

@@ -1,4 +1,7 @@
 //! (std) On-device training: forward caches, hand-written backward passes, losses,
 //! optimisers, the continual-learning methods and KKT.
 
+pub mod mask;
+pub mod net;
 pub mod ops;
+pub mod optim;

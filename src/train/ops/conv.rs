@@ -110,7 +110,13 @@ pub fn backward(
                     &col
                 };
                 // dW_g (cout_g × K) += dY_g (cout_g × P) · colᵀ (P × K)
-                matmul(k, Mat::rows(dyg, cout_g, p), Mat::t(colm, kk, p), &mut dw[g * cout_g * kk..][..cout_g * kk], true);
+                matmul(
+                    k,
+                    Mat::rows(dyg, cout_g, p),
+                    Mat::t(colm, kk, p),
+                    &mut dw[g * cout_g * kk..][..cout_g * kk],
+                    true,
+                );
             }
             if let Some(dx) = dx.as_deref_mut() {
                 let dxg = &mut dx[b * xl + g * cin_g * plane..][..cin_g * plane];
@@ -166,7 +172,14 @@ fn col2im_add(s: &ConvShape, dcol: &[f32], dxg: &mut [f32]) {
 }
 
 /// Depthwise backward for one sample: channel `c`'s kernel `w[c]` (`kh × kw`).
-fn depthwise_backward(s: &ConvShape, w: &[f32], x: &[f32], dy: &[f32], mut dx: Option<&mut [f32]>, mut dw: Option<&mut [f32]>) {
+fn depthwise_backward(
+    s: &ConvShape,
+    w: &[f32],
+    x: &[f32],
+    dy: &[f32],
+    mut dx: Option<&mut [f32]>,
+    mut dw: Option<&mut [f32]>,
+) {
     let (oh, ow, plane, taps) = (s.oh(), s.ow(), s.h * s.w, s.kh * s.kw);
     for c in 0..s.c_in {
         let (xc, dyc) = (&x[c * plane..(c + 1) * plane], &dy[c * oh * ow..(c + 1) * oh * ow]);

@@ -7,7 +7,16 @@ use crate::kernels::{Kernels, Weights};
 
 /// `x` is `batch × in_f`, `y` is `batch × out_f`.
 #[allow(clippy::too_many_arguments)]
-pub fn forward(k: &Kernels, in_f: usize, out_f: usize, w: Weights, bias: Option<&[f32]>, x: &[f32], batch: usize, y: &mut [f32]) {
+pub fn forward(
+    k: &Kernels,
+    in_f: usize,
+    out_f: usize,
+    w: Weights,
+    bias: Option<&[f32]>,
+    x: &[f32],
+    batch: usize,
+    y: &mut [f32],
+) {
     let wf = dense(w);
     matmul(k, Mat::rows(&x[..batch * in_f], batch, in_f), Mat::t(&wf, out_f, in_f), &mut y[..batch * out_f], false);
     if let Some(bias) = bias {

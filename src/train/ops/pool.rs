@@ -49,8 +49,7 @@ pub fn backward(s: &PoolShape, max: bool, x: &[f32], dy: &[f32], batch: usize, d
                     dxc[i] += dyc[o];
                 }
             } else {
-                let count =
-                    if s.count_include_pad { s.kh * s.kw } else { (ys.len() * xs.len()).max(1) };
+                let count = if s.count_include_pad { s.kh * s.kw } else { (ys.len() * xs.len()).max(1) };
                 let g = dyc[o] / count as f32;
                 for iy in ys {
                     for ix in xs.clone() {

@@ -30,7 +30,11 @@ fn check(what: &str, v: &mut [f32], analytic: &[f32], mut loss: impl FnMut(&[f32
         let down = loss(v);
         v[i] = keep;
         let fd = ((up - down) / (2.0 * H as f64)) as f32;
-        assert!((fd - analytic[i]).abs() <= TOL * (1.0 + analytic[i].abs()), "{what}[{i}]: fd {fd} vs analytic {}", analytic[i]);
+        assert!(
+            (fd - analytic[i]).abs() <= TOL * (1.0 + analytic[i].abs()),
+            "{what}[{i}]: fd {fd} vs analytic {}",
+            analytic[i]
+        );
     }
 }
 
@@ -99,7 +103,8 @@ fn linear_gradients() {
     let k = Kernels::best_fast();
     let (i, o, batch) = (7, 5, 3);
     let mut r = SplitMix64::new(3);
-    let (mut x, mut w, mut b, rr) = (rand(&mut r, batch * i), rand(&mut r, o * i), rand(&mut r, o), rand(&mut r, batch * o));
+    let (mut x, mut w, mut b, rr) =
+        (rand(&mut r, batch * i), rand(&mut r, o * i), rand(&mut r, o), rand(&mut r, batch * o));
     let f = |x: &[f32], w: &[f32], b: &[f32]| {
         let mut y = vec![0.0; batch * o];
         linear::forward(&k, i, o, Weights::F32(w), Some(b), x, batch, &mut y);
@@ -148,7 +153,20 @@ fn batch_norm_gradients_in_both_modes() {
         dot(&y, &rr)
     };
     let (mut dx, mut dg, mut db) = (vec![0.0; n], vec![0.0; ch], vec![0.0; ch]);
-    norm::eval_backward(ch, plane, batch, &x, Some(&g), 1e-5, &mean, &var, &rr, Some(&mut dx), Some(&mut dg), Some(&mut db));
+    norm::eval_backward(
+        ch,
+        plane,
+        batch,
+        &x,
+        Some(&g),
+        1e-5,
+        &mean,
+        &var,
+        &rr,
+        Some(&mut dx),
+        Some(&mut dg),
+        Some(&mut db),
+    );
     let (g0, b0, x0) = (g.clone(), bt.clone(), x.clone());
     check("bn eval dx", &mut x, &dx, |x| fe(x, &g0, &b0));
     check("bn eval dgamma", &mut g, &dg, |g| fe(&x0, g, &b0));
@@ -173,7 +191,11 @@ fn activation_and_add_gradients() {
     let mut x: Vec<f32> = (0..40)
         .map(|_| {
             let v = r.uniform(-2.0, 8.0);
-            if v.abs() < 0.05 || (v - 6.0).abs() < 0.05 { v + 0.2 } else { v }
+            if v.abs() < 0.05 || (v - 6.0).abs() < 0.05 {
+                v + 0.2
+            } else {
+                v
+            }
         })
         .collect();
     let rr = rand(&mut r, 40);
@@ -202,7 +224,8 @@ fn pool_gradients() {
     let mut r = SplitMix64::new(6);
     let batch = 2;
     for (max, include) in [(true, false), (false, false), (false, true)] {
-        let s = PoolShape { c: 2, h: 5, w: 6, kh: 3, kw: 2, sh: 2, sw: 2, pad: [1, 0, 1, 1], count_include_pad: include };
+        let s =
+            PoolShape { c: 2, h: 5, w: 6, kh: 3, kw: 2, sh: 2, sw: 2, pad: [1, 0, 1, 1], count_include_pad: include };
         let (oh, ow) = s.out_hw().unwrap();
         let n = batch * s.c * s.h * s.w;
         // Distinct values spaced well beyond the step, so no window's maximum changes.

@@ -1,0 +1,659 @@
+//! The training graph: the backbone's layers, executed one by one over a batch with every
+//! value kept for the backward pass, plus what a task inserts (CLR's reprogramming kernels and
+//! affines, a new head). Parameters live in one pool; each is frozen or trained. Frozen conv
+//! and linear weights are read from the mapped backbone (int8 dequantised while packing);
+//! weights a method changes (masked, overlaid, fine-tuned) are materialised as f32 params.
+//!
+//! Backward runs only as far back as the earliest trained parameter: a frozen prefix gets
+//! neither weight nor input gradients.
+
+use super::ops::{act, conv, linear, norm, pool};
+use crate::adapter::{Affine, Head, NormState};
+use crate::backbone::{Backbone, Shape};
+use crate::format::graph::Op;
+use crate::kernels::reference::PoolShape;
+use crate::kernels::{ConvShape, Kernels, Weights};
+
+/// A tensor of the parameter pool and its gradient.
+#[derive(Clone, Debug, Default)]
+pub struct Param {
+    pub value: Vec<f32>,
+    pub grad: Vec<f32>,
+    pub trained: bool,
+}
+
+/// Where a conv or linear layer reads its weights.
+#[derive(Clone, Copy, Debug)]
+pub enum WSrc<'a> {
+    Frozen(Weights<'a>),
+    Param(usize),
+}
+
+#[derive(Clone, Debug)]
+pub enum NodeOp<'a> {
+    Conv {
+        s: ConvShape,
+        w: WSrc<'a>,
+        bias: Option<&'a [f32]>,
+    },
+    Linear {
+        in_f: usize,
+        out_f: usize,
+        w: WSrc<'a>,
+        bias: Option<&'a [f32]>,
+    },
+    /// A new dense head (trained weight and bias params).
+    Head {
+        in_f: usize,
+        out_f: usize,
+        w: usize,
+        b: usize,
+    },
+    /// Batch norm: running statistics (params, never trained by gradient), optional γ, β.
+    Norm {
+        c: usize,
+        plane: usize,
+        eps: f32,
+        mean: usize,
+        var: usize,
+        gamma: Option<usize>,
+        beta: Option<usize>,
+    },
+    Affine {
+        c: usize,
+        plane: usize,
+        gamma: usize,
+        beta: usize,
+    },
+    /// CLR: depthwise 3×3, stride 1, padding 1, kernel param `k`.
+    Reprogram {
+        s: ConvShape,
+        k: usize,
+    },
+    Clamp {
+        lo: f32,
+        hi: f32,
+    },
+    Add {
+        other: usize,
+    },
+    Pool {
+        s: PoolShape,
+        max: bool,
+    },
+    GlobalPool {
+        c: usize,
+        plane: usize,
+    },
+    Flatten,
+}
+
+#[derive(Clone, Debug)]
+pub struct Node<'a> {
+    pub op: NodeOp<'a>,
+    /// Value read (0 = the input, `i + 1` = output of node `i`).
+    pub input: usize,
+    pub out: Shape,
+}
+
+/// What a task wraps around the backbone.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Recipe {
+    /// Conv and linear weights become f32 params (masks, overlays, fine-tuning).
+    pub materialise: bool,
+    /// Insert CLR reprogramming after every conv with a kernel larger than 1×1.
+    pub reprogram: bool,
+    /// A new head with this many outputs: replaces the backbone's final linear layer, or is
+    /// appended when the backbone ends in features.
+    pub head: Option<usize>,
+}
+
+/// Indices into the parameter pool for one backbone batch-norm layer.
+#[derive(Clone, Copy, Debug)]
+pub struct NormParams {
+    pub mean: usize,
+    pub var: usize,
+    pub gamma: Option<usize>,
+    pub beta: Option<usize>,
+}
+
+pub struct Net<'a> {
+    pub nodes: Vec<Node<'a>>,
+    pub params: Vec<Param>,
+    pub in_shape: Shape,
+    /// Per maskable backbone layer: (layer index, weight param when materialised).
+    pub maskable: Vec<(usize, Option<usize>)>,
+    /// Per backbone batch-norm layer.
+    pub norms: Vec<NormParams>,
+    pub reprogram: Vec<usize>,
+    /// Per reprogrammed conv without a following norm: (γ, β) params.
+    pub affines: Vec<(usize, usize)>,
+    /// The head's (weight, bias) params.
+    pub head: Option<(usize, usize)>,
+    /// Batch norms use batch statistics and update running ones.
+    pub train_mode: bool,
+    pub momentum: f32,
+    values: Vec<Vec<f32>>,
+    saved: Vec<norm::Saved>,
+    batch: usize,
+    scratch: Vec<f32>,
+}
+
+impl<'a> Net<'a> {
+    pub fn new(bb: &'a Backbone<'a>, recipe: Recipe) -> Net<'a> {
+        let mut net = Net {
+            nodes: Vec::new(),
+            params: Vec::new(),
+            in_shape: bb.input_shape(),
+            maskable: Vec::new(),
+            norms: Vec::new(),
+            reprogram: Vec::new(),
+            affines: Vec::new(),
+            head: None,
+            train_mode: false,
+            momentum: 0.1,
+            values: Vec::new(),
+            saved: Vec::new(),
+            batch: 0,
+            scratch: Vec::new(),
+        };
+        let layers = bb.layers();
+        let view = bb.view();
+        // The head replaces the last layer when that is a linear layer.
+        let replace_last = recipe.head.is_some() && matches!(layers.last().map(|l| &l.op), Some(Op::Linear(_)));
+        let kept = if replace_last { layers.len() - 1 } else { layers.len() };
+        // Backbone value id -> training-graph value id.
+        let mut map = vec![0usize; layers.len() + 1];
+        for (i, layer) in layers.iter().enumerate().take(kept) {
+            let input = map[layer.input as usize];
+            let x = bb.shape(layer.input);
+            let out = bb.shape(i as u32 + 1);
+            let op = match &layer.op {
+                Op::Conv2d(c) => {
+                    let s = bb.conv_shape(i).expect("conv layer");
+                    let w = bb.weights(c.weight, c.scale);
+                    let src = net.weight_src(w, recipe.materialise);
+                    net.maskable.push((i, param_of(src)));
+                    NodeOp::Conv { s, w: src, bias: c.bias.map(|b| view.f32s(b)) }
+                }
+                Op::Linear(l) => {
+                    let w = bb.weights(l.weight, l.scale);
+                    let src = net.weight_src(w, recipe.materialise);
+                    net.maskable.push((i, param_of(src)));
+                    NodeOp::Linear {
+                        in_f: l.in_features as usize,
+                        out_f: l.out_features as usize,
+                        w: src,
+                        bias: l.bias.map(|b| view.f32s(b)),
+                    }
+                }
+                Op::BatchNorm(b) => {
+                    let mean = net.param(view.f32s(b.mean).to_vec());
+                    let var = net.param(view.f32s(b.var).to_vec());
+                    let (gamma, beta) = match (b.gamma, b.beta, recipe.reprogram) {
+                        (Some(g), Some(bt), _) => {
+                            (Some(net.param(view.f32s(g).to_vec())), Some(net.param(view.f32s(bt).to_vec())))
+                        }
+                        // CLR trains every norm's γ, β: a non-affine norm gets them at (1, 0).
+                        (_, _, true) => (Some(net.param(vec![1.0; x.c])), Some(net.param(vec![0.0; x.c]))),
+                        _ => (None, None),
+                    };
+                    net.norms.push(NormParams { mean, var, gamma, beta });
+                    NodeOp::Norm { c: x.c, plane: x.plane(), eps: b.eps, mean, var, gamma, beta }
+                }
+                Op::Relu => NodeOp::Clamp { lo: 0.0, hi: f32::INFINITY },
+                Op::Relu6 => NodeOp::Clamp { lo: 0.0, hi: 6.0 },
+                Op::Add { other } => NodeOp::Add { other: map[*other as usize] },
+                Op::MaxPool(p) => NodeOp::Pool { s: crate::backbone::pool_shape(p, x), max: true },
+                Op::AvgPool(p) => NodeOp::Pool { s: crate::backbone::pool_shape(p, x), max: false },
+                Op::GlobalAvgPool => NodeOp::GlobalPool { c: x.c, plane: x.plane() },
+                Op::Flatten => NodeOp::Flatten,
+            };
+            net.nodes.push(Node { op, input, out });
+            let mut last = net.nodes.len();
+            if recipe.reprogram {
+                if let Op::Conv2d(c) = &layer.op {
+                    if c.kernel[0] > 1 || c.kernel[1] > 1 {
+                        last = net.add_reprogram(last, out, layers, i);
+                    }
+                }
+            }
+            map[i + 1] = last;
+        }
+        if let Some(classes) = recipe.head {
+            let input = map[kept];
+            let feat = net.value_shape(input).len();
+            let w = net.param(vec![0.0; classes * feat]);
+            let b = net.param(vec![0.0; classes]);
+            net.head = Some((w, b));
+            net.nodes.push(Node {
+                op: NodeOp::Head { in_f: feat, out_f: classes, w, b },
+                input,
+                out: Shape { c: classes, h: 1, w: 1 },
+            });
+        }
+        net
+    }
+
+    fn add_reprogram(&mut self, input: usize, out: Shape, layers: &[crate::format::graph::Layer], i: usize) -> usize {
+        let c = out.c;
+        let mut k = vec![0.0f32; c * 9];
+        for ch in 0..c {
+            k[ch * 9 + 4] = 1.0;
+        }
+        let kp = self.param(k);
+        self.reprogram.push(kp);
+        let s = ConvShape {
+            c_in: c,
+            h: out.h,
+            w: out.w,
+            c_out: c,
+            kh: 3,
+            kw: 3,
+            sh: 1,
+            sw: 1,
+            pad: [1; 4],
+            dh: 1,
+            dw: 1,
+            groups: c,
+        };
+        self.nodes.push(Node { op: NodeOp::Reprogram { s, k: kp }, input, out });
+        let mut last = self.nodes.len();
+        // The backbone's own norm follows when the next layer reads this conv and is one.
+        let followed_by_norm =
+            layers.get(i + 1).is_some_and(|l| l.input as usize == i + 1 && matches!(l.op, Op::BatchNorm(_)));
+        if !followed_by_norm {
+            let g = self.param(vec![1.0; c]);
+            let b = self.param(vec![0.0; c]);
+            self.affines.push((g, b));
+            self.nodes.push(Node { op: NodeOp::Affine { c, plane: out.plane(), gamma: g, beta: b }, input: last, out });
+            last = self.nodes.len();
+        }
+        last
+    }
+
+    fn weight_src(&mut self, w: Weights<'a>, materialise: bool) -> WSrc<'a> {
+        if materialise {
+            WSrc::Param(self.param(conv::dense(w).into_owned()))
+        } else {
+            WSrc::Frozen(w)
+        }
+    }
+
+    fn param(&mut self, value: Vec<f32>) -> usize {
+        self.params.push(Param { grad: vec![0.0; value.len()], value, trained: false });
+        self.params.len() - 1
+    }
+
+    /// Shape of training-graph value `v`.
+    pub fn value_shape(&self, v: usize) -> Shape {
+        if v == 0 {
+            self.in_shape
+        } else {
+            self.nodes[v - 1].out
+        }
+    }
+
+    pub fn out_shape(&self) -> Shape {
+        self.value_shape(self.nodes.len())
+    }
+
+    /// The value a method reads features from (KKT): the input of the last linear layer or head.
+    pub fn feature_value(&self) -> usize {
+        self.nodes
+            .iter()
+            .rposition(|n| matches!(n.op, NodeOp::Linear { .. } | NodeOp::Head { .. }))
+            .map_or(self.nodes.len(), |i| self.nodes[i].input)
+    }
+
+    /// Output (and kept values) for `batch` samples of `x`.
+    pub fn forward(&mut self, k: &Kernels, x: &[f32], batch: usize) -> &[f32] {
+        self.batch = batch;
+        self.values.resize(self.nodes.len() + 1, Vec::new());
+        self.saved.resize(self.nodes.len(), norm::Saved::default());
+        let v0 = &mut self.values[0];
+        v0.clear();
+        v0.extend_from_slice(&x[..batch * self.in_shape.len()]);
+        for i in 0..self.nodes.len() {
+            let (done, rest) = self.values.split_at_mut(i + 1);
+            let y = &mut rest[0];
+            let node = &self.nodes[i];
+            y.clear();
+            y.resize(batch * node.out.len(), 0.0);
+            let x = &done[node.input];
+            let params = &mut self.params;
+            match &node.op {
+                NodeOp::Conv { s, w: src, bias } => {
+                    let wt = match src {
+                        WSrc::Frozen(w) => *w,
+                        WSrc::Param(p) => Weights::F32(&params[*p].value),
+                    };
+                    conv::forward(k, s, wt, *bias, x, batch, y, &mut self.scratch)
+                }
+                NodeOp::Linear { in_f, out_f, w: src, bias } => {
+                    let wt = match src {
+                        WSrc::Frozen(w) => *w,
+                        WSrc::Param(p) => Weights::F32(&params[*p].value),
+                    };
+                    linear::forward(k, *in_f, *out_f, wt, *bias, x, batch, y)
+                }
+                NodeOp::Head { in_f, out_f, w, b } => linear::forward(
+                    k,
+                    *in_f,
+                    *out_f,
+                    Weights::F32(&params[*w].value),
+                    Some(&params[*b].value),
+                    x,
+                    batch,
+                    y,
+                ),
+                NodeOp::Norm { c, plane, eps, mean, var, gamma, beta } => {
+                    let g = gamma.map(|g| params[g].value.clone());
+                    let bt = beta.map(|b| params[b].value.clone());
+                    if self.train_mode {
+                        let (mut rm, mut rv) =
+                            (core::mem::take(&mut params[*mean].value), core::mem::take(&mut params[*var].value));
+                        self.saved[i] = norm::train_forward(
+                            *c,
+                            *plane,
+                            batch,
+                            x,
+                            g.as_deref(),
+                            bt.as_deref(),
+                            *eps,
+                            self.momentum,
+                            &mut rm,
+                            &mut rv,
+                            y,
+                        );
+                        params[*mean].value = rm;
+                        params[*var].value = rv;
+                    } else {
+                        norm::eval_forward(
+                            *c,
+                            *plane,
+                            batch,
+                            x,
+                            g.as_deref(),
+                            bt.as_deref(),
+                            *eps,
+                            &params[*mean].value,
+                            &params[*var].value,
+                            y,
+                        )
+                    }
+                }
+                NodeOp::Affine { c, plane, gamma, beta } => {
+                    norm::affine_forward(*c, *plane, batch, x, &params[*gamma].value, &params[*beta].value, y)
+                }
+                NodeOp::Reprogram { s, k: kp } => {
+                    conv::forward(k, s, Weights::F32(&params[*kp].value), None, x, batch, y, &mut self.scratch)
+                }
+                NodeOp::Clamp { lo, hi } => act::clamp_forward(x, y, *lo, *hi),
+                NodeOp::Add { other } => act::add_forward(x, &done[*other], y),
+                NodeOp::Pool { s, max } => pool::forward(s, *max, x, batch, y),
+                NodeOp::GlobalPool { c, plane } => pool::global_forward(*c, *plane, x, batch, y),
+                NodeOp::Flatten => y.copy_from_slice(x),
+            }
+        }
+        &self.values[self.nodes.len()]
+    }
+
+    /// A kept value of the last forward pass (`batch × shape`).
+    pub fn value(&self, v: usize) -> &[f32] {
+        &self.values[v]
+    }
+
+    /// Clears every gradient.
+    pub fn zero_grad(&mut self) {
+        for p in &mut self.params {
+            if p.trained {
+                p.grad.fill(0.0);
+            }
+        }
+    }
+
+    fn trains(&self, node: &Node) -> bool {
+        let t = |p: usize| self.params[p].trained;
+        match &node.op {
+            NodeOp::Conv { w: WSrc::Param(p), .. } | NodeOp::Linear { w: WSrc::Param(p), .. } => t(*p),
+            NodeOp::Head { w, b, .. } => t(*w) || t(*b),
+            NodeOp::Norm { gamma, beta, .. } => gamma.is_some_and(t) || beta.is_some_and(t),
+            NodeOp::Affine { gamma, beta, .. } => t(*gamma) || t(*beta),
+            NodeOp::Reprogram { k, .. } => t(*k),
+            _ => false,
+        }
+    }
+
+    /// Adds the gradients of the last forward's output (given `dout`) into every trained
+    /// param's `grad`.
+    pub fn backward(&mut self, k: &Kernels, dout: &[f32]) {
+        let n = self.nodes.len();
+        let batch = self.batch;
+        // need[v]: some trained parameter lies at or before value v.
+        let mut need = vec![false; n + 1];
+        for (i, node) in self.nodes.iter().enumerate() {
+            let other = if let NodeOp::Add { other } = node.op { need[other] } else { false };
+            need[i + 1] = self.trains(node) || need[node.input] || other;
+        }
+        let mut grads: Vec<Vec<f32>> = vec![Vec::new(); n + 1];
+        grads[n] = dout[..batch * self.out_shape().len()].to_vec();
+        for i in (0..n).rev() {
+            if !need[i + 1] {
+                continue;
+            }
+            let dy = core::mem::take(&mut grads[i + 1]);
+            if dy.is_empty() {
+                continue;
+            }
+            let node = &self.nodes[i];
+            let input = node.input;
+            let want_dx = need[input];
+            let mut dx = if want_dx {
+                let mut g = core::mem::take(&mut grads[input]);
+                g.resize(batch * self.value_shape(input).len(), 0.0);
+                Some(g)
+            } else {
+                None
+            };
+            let x = &self.values[input];
+            let params = &mut self.params;
+            match &node.op {
+                NodeOp::Conv { s, w, .. } => {
+                    let (wt, dw) = split_w(params, *w);
+                    conv::backward(k, s, wt, x, &dy, batch, dx.as_deref_mut(), dw, None)
+                }
+                NodeOp::Linear { in_f, out_f, w, .. } => {
+                    let (wt, dw) = split_w(params, *w);
+                    linear::backward(k, *in_f, *out_f, wt, x, &dy, batch, dx.as_deref_mut(), dw, None)
+                }
+                NodeOp::Head { in_f, out_f, w, b } => {
+                    let (wp, bp) = pair(params, *w, *b);
+                    linear::backward(
+                        k,
+                        *in_f,
+                        *out_f,
+                        Weights::F32(&wp.value),
+                        x,
+                        &dy,
+                        batch,
+                        dx.as_deref_mut(),
+                        Some(&mut wp.grad),
+                        Some(&mut bp.grad),
+                    )
+                }
+                NodeOp::Norm { c, plane, eps, mean, var, gamma, beta } => {
+                    let g = gamma.map(|g| params[g].value.clone());
+                    let mut dg = gamma.filter(|&g| params[g].trained).map(|g| core::mem::take(&mut params[g].grad));
+                    let mut db = beta.filter(|&b| params[b].trained).map(|b| core::mem::take(&mut params[b].grad));
+                    if self.train_mode {
+                        norm::train_backward(
+                            *c,
+                            *plane,
+                            batch,
+                            x,
+                            &self.saved[i],
+                            g.as_deref(),
+                            &dy,
+                            dx.as_deref_mut(),
+                            dg.as_deref_mut(),
+                            db.as_deref_mut(),
+                        );
+                    } else {
+                        norm::eval_backward(
+                            *c,
+                            *plane,
+                            batch,
+                            x,
+                            g.as_deref(),
+                            *eps,
+                            &params[*mean].value,
+                            &params[*var].value,
+                            &dy,
+                            dx.as_deref_mut(),
+                            dg.as_deref_mut(),
+                            db.as_deref_mut(),
+                        );
+                    }
+                    if let (Some(p), Some(v)) = (*gamma, dg) {
+                        params[p].grad = v;
+                    }
+                    if let (Some(p), Some(v)) = (*beta, db) {
+                        params[p].grad = v;
+                    }
+                }
+                NodeOp::Affine { c, plane, gamma, beta } => {
+                    let (gp, bp) = pair(params, *gamma, *beta);
+                    norm::affine_backward(
+                        *c,
+                        *plane,
+                        batch,
+                        x,
+                        &gp.value,
+                        &dy,
+                        dx.as_deref_mut(),
+                        &mut gp.grad,
+                        &mut bp.grad,
+                    )
+                }
+                NodeOp::Reprogram { s, k: kp } => {
+                    let p = &mut params[*kp];
+                    let dk = p.trained.then_some(&mut p.grad[..]);
+                    conv::backward(k, s, Weights::F32(&p.value), x, &dy, batch, dx.as_deref_mut(), dk, None)
+                }
+                NodeOp::Clamp { lo, hi } => {
+                    if let Some(dx) = dx.as_deref_mut() {
+                        act::clamp_backward(x, &dy, dx, *lo, *hi)
+                    }
+                }
+                NodeOp::Add { other } => {
+                    if need[*other] {
+                        let mut g = core::mem::take(&mut grads[*other]);
+                        g.resize(dy.len(), 0.0);
+                        act::accumulate(&dy, &mut g);
+                        grads[*other] = g;
+                    }
+                    if let Some(dx) = dx.as_deref_mut() {
+                        act::accumulate(&dy, dx)
+                    }
+                }
+                NodeOp::Pool { s, max } => {
+                    if let Some(dx) = dx.as_deref_mut() {
+                        pool::backward(s, *max, x, &dy, batch, dx)
+                    }
+                }
+                NodeOp::GlobalPool { c, plane } => {
+                    if let Some(dx) = dx.as_deref_mut() {
+                        pool::global_backward(*c, *plane, &dy, batch, dx)
+                    }
+                }
+                NodeOp::Flatten => {
+                    if let Some(dx) = dx.as_deref_mut() {
+                        act::accumulate(&dy, dx)
+                    }
+                }
+            }
+            if let Some(dx) = dx {
+                grads[input] = dx;
+            }
+        }
+    }
+
+    /// The task's norm states as they are now.
+    pub fn norm_states(&self) -> Vec<NormState> {
+        self.norms
+            .iter()
+            .map(|n| NormState {
+                mean: self.params[n.mean].value.clone(),
+                var: self.params[n.var].value.clone(),
+                gamma: n.gamma.map(|g| self.params[g].value.clone()),
+                beta: n.beta.map(|b| self.params[b].value.clone()),
+            })
+            .collect()
+    }
+
+    /// Loads norm states (running statistics, γ, β) saved with a task.
+    pub fn set_norm_states(&mut self, states: &[NormState]) {
+        for (n, s) in self.norms.clone().iter().zip(states) {
+            self.params[n.mean].value.clone_from(&s.mean);
+            self.params[n.var].value.clone_from(&s.var);
+            if let (Some(p), Some(v)) = (n.gamma, &s.gamma) {
+                self.params[p].value.clone_from(v);
+            }
+            if let (Some(p), Some(v)) = (n.beta, &s.beta) {
+                self.params[p].value.clone_from(v);
+            }
+        }
+    }
+
+    pub fn head_state(&self) -> Option<Head> {
+        self.head.map(|(w, b)| {
+            let outputs = self.params[b].value.len();
+            Head {
+                inputs: (self.params[w].value.len() / outputs.max(1)) as u32,
+                outputs: outputs as u32,
+                weight: self.params[w].value.clone(),
+                bias: self.params[b].value.clone(),
+            }
+        })
+    }
+
+    pub fn affine_states(&self) -> Vec<Affine> {
+        self.affines
+            .iter()
+            .map(|&(g, b)| Affine { gamma: self.params[g].value.clone(), beta: self.params[b].value.clone() })
+            .collect()
+    }
+}
+
+fn param_of(src: WSrc) -> Option<usize> {
+    match src {
+        WSrc::Param(p) => Some(p),
+        WSrc::Frozen(_) => None,
+    }
+}
+
+/// The weights of a conv/linear and, when they are a trained param, its gradient buffer.
+fn split_w<'p, 'a: 'p>(params: &'p mut [Param], w: WSrc<'a>) -> (Weights<'p>, Option<&'p mut [f32]>) {
+    match w {
+        WSrc::Frozen(w) => (w, None),
+        WSrc::Param(p) => {
+            let p = &mut params[p];
+            let trained = p.trained;
+            let (v, g) = (&p.value, &mut p.grad);
+            (Weights::F32(v), trained.then_some(&mut g[..]))
+        }
+    }
+}
+
+/// Two distinct params, mutably.
+fn pair(params: &mut [Param], a: usize, b: usize) -> (&mut Param, &mut Param) {
+    assert_ne!(a, b);
+    if a < b {
+        let (l, r) = params.split_at_mut(b);
+        (&mut l[a], &mut r[0])
+    } else {
+        let (l, r) = params.split_at_mut(a);
+        (&mut r[0], &mut l[b])
+    }
+}
