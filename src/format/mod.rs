@@ -14,6 +14,8 @@ compile_error!("edgecl's file formats are read in place and need a little-endian
 
 pub mod ecb;
 pub mod graph;
+#[cfg(feature = "alloc")]
+pub mod task;
 
 use core::fmt;
 

@@ -2,6 +2,8 @@
 //! optimisers, the continual-learning methods and KKT.
 
 pub mod mask;
+pub mod method;
+pub mod model;
 pub mod net;
 pub mod ops;
 pub mod optim;

@@ -1,0 +1,204 @@
+//! (alloc) Task files, `.ect` version 1 (normative spec in `models/README.md`):
+//!
+//! ```text
+//! 0   magic "EDGECLT\0"
+//! 8   version u16 = 1, flags u16 = 0, reserved u32 = 0
+//! 16  payload length u64
+//! 24  backbone digest [32]   (the .ecb digest the task was learned on)
+//! 56  task digest [32]       (SHA-256 of the payload: the task's identity, used by dependents)
+//! 88  reserved [8] = 0
+//! 96  payload: postcard-encoded `adapter::Task`
+//! ..  trailer: SHA-256 of header and payload [32]
+//! ```
+//! Decoding checks the sizes before touching the payload, both digests, then decodes; a
+//! decoded task is still checked against its backbone when its network is built.
+
+use super::{sha256, Digest, FormatError, Hex, Section};
+use crate::adapter::Task;
+use alloc::vec::Vec;
+
+pub const MAGIC: [u8; 8] = *b"EDGECLT\0";
+pub const VERSION: u16 = 1;
+pub const HEADER_LEN: usize = 96;
+const TRAILER_LEN: usize = 32;
+
+/// A decoded task file.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TaskFile {
+    pub backbone: Digest,
+    pub digest: Digest,
+    pub task: Task,
+}
+
+/// Why a task file was rejected.
+#[derive(Clone, Debug, PartialEq)]
+pub enum TaskError {
+    Format(FormatError),
+    /// The payload does not decode as a task.
+    Payload,
+    /// The task was learned on another backbone.
+    WrongBackbone {
+        task: Digest,
+        backbone: Digest,
+    },
+}
+
+impl core::fmt::Display for TaskError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            TaskError::Format(e) => e.fmt(f),
+            TaskError::Payload => f.write_str("corrupt task file: the payload does not decode as a task"),
+            TaskError::WrongBackbone { task, backbone } => write!(
+                f,
+                "the task was learned on backbone {} but this backbone is {}; use the backbone it was learned on",
+                Hex(task),
+                Hex(backbone)
+            ),
+        }
+    }
+}
+
+impl core::error::Error for TaskError {}
+
+impl From<FormatError> for TaskError {
+    fn from(e: FormatError) -> Self {
+        TaskError::Format(e)
+    }
+}
+
+/// Serialises `task`, learned on the backbone with digest `backbone`.
+pub fn encode(task: &Task, backbone: &Digest) -> Vec<u8> {
+    let payload = postcard::to_allocvec(task).expect("a task always serialises");
+    let mut out = Vec::with_capacity(HEADER_LEN + payload.len() + TRAILER_LEN);
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.extend_from_slice(&[0; 6]);
+    out.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+    out.extend_from_slice(backbone);
+    out.extend_from_slice(&sha256(&payload));
+    out.extend_from_slice(&[0; 8]);
+    out.extend_from_slice(&payload);
+    let trailer = sha256(&out);
+    out.extend_from_slice(&trailer);
+    out
+}
+
+/// The task digest of an encoded file (no validation beyond its length).
+pub fn digest_of(bytes: &[u8]) -> Option<Digest> {
+    bytes.get(56..88).map(|d| d.try_into().expect("32 bytes"))
+}
+
+/// Validates and decodes a task file.
+pub fn decode(bytes: &[u8]) -> Result<TaskFile, TaskError> {
+    let trunc = |section, needed: usize| FormatError::Truncated {
+        section,
+        needed: needed as u64,
+        available: bytes.len() as u64,
+    };
+    if bytes.len() < HEADER_LEN + TRAILER_LEN {
+        if bytes.len() >= 8 && bytes[..8] != MAGIC {
+            return Err(FormatError::BadMagic.into());
+        }
+        return Err(trunc(Section::Header, HEADER_LEN + TRAILER_LEN).into());
+    }
+    if bytes[..8] != MAGIC {
+        return Err(FormatError::BadMagic.into());
+    }
+    let version = u16::from_le_bytes([bytes[8], bytes[9]]);
+    if version != VERSION {
+        return Err(FormatError::UnsupportedVersion { found: version, supported: VERSION }.into());
+    }
+    if bytes[10..16].iter().any(|&b| b != 0) {
+        return Err(FormatError::BadHeader { field: "flags/reserved" }.into());
+    }
+    if bytes[88..96].iter().any(|&b| b != 0) {
+        return Err(FormatError::BadHeader { field: "reserved" }.into());
+    }
+    let len = u64::from_le_bytes(bytes[16..24].try_into().expect("8 bytes"));
+    let total = usize::try_from(len)
+        .ok()
+        .and_then(|l| l.checked_add(HEADER_LEN + TRAILER_LEN))
+        .ok_or(FormatError::BadHeader { field: "payload length" })?;
+    if total > bytes.len() {
+        return Err(trunc(Section::Data, total).into());
+    }
+    if total < bytes.len() {
+        return Err(FormatError::TrailingBytes { extra: (bytes.len() - total) as u64 }.into());
+    }
+    let end = HEADER_LEN + len as usize;
+    let recorded: Digest = bytes[end..].try_into().expect("32 bytes");
+    let computed = sha256(&bytes[..end]);
+    if recorded != computed {
+        return Err(FormatError::DigestMismatch { recorded, computed }.into());
+    }
+    let payload = &bytes[HEADER_LEN..end];
+    let digest: Digest = bytes[56..88].try_into().expect("32 bytes");
+    let computed = sha256(payload);
+    if digest != computed {
+        return Err(FormatError::DigestMismatch { recorded: digest, computed }.into());
+    }
+    let (task, rest) = postcard::take_from_bytes::<Task>(payload).map_err(|_| TaskError::Payload)?;
+    if !rest.is_empty() {
+        return Err(TaskError::Payload);
+    }
+    Ok(TaskFile { backbone: bytes[24..56].try_into().expect("32 bytes"), digest, task })
+}
+
+impl TaskFile {
+    /// Checks that the task belongs to the backbone with digest `backbone`.
+    pub fn check_backbone(&self, backbone: &Digest) -> Result<(), TaskError> {
+        if &self.backbone != backbone {
+            return Err(TaskError::WrongBackbone { task: self.backbone, backbone: *backbone });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::adapter::{Components, Mask, Method};
+
+    fn sample() -> Task {
+        Task {
+            name: "t0".into(),
+            labels: alloc::vec!["a".into(), "b".into()],
+            method: Method::Supsup,
+            components: Components {
+                masks: alloc::vec![Mask { len: 40, words: alloc::vec![7, 1] }],
+                ..Default::default()
+            },
+            depends_on: alloc::vec![[3; 32]],
+            config: "{}".into(),
+            metrics: alloc::vec![("train_accuracy".into(), 0.5)],
+            created_at: 1,
+        }
+    }
+
+    #[test]
+    fn round_trip_and_backbone_binding() {
+        let bytes = encode(&sample(), &[9; 32]);
+        let f = decode(&bytes).unwrap();
+        assert_eq!(f.task, sample());
+        assert_eq!(f.backbone, [9; 32]);
+        assert_eq!(Some(f.digest), digest_of(&bytes));
+        assert!(f.check_backbone(&[9; 32]).is_ok());
+        let e = f.check_backbone(&[8; 32]).unwrap_err().to_string();
+        assert!(e.contains(&"09".repeat(32)) && e.contains(&"08".repeat(32)), "{e}");
+    }
+
+    #[test]
+    fn every_truncation_and_many_mutations_are_rejected_without_panic() {
+        let bytes = encode(&sample(), &[9; 32]);
+        for n in 0..bytes.len() {
+            assert!(decode(&bytes[..n]).is_err(), "truncated to {n}");
+        }
+        let mut r = crate::rng::SplitMix64::new(1);
+        for _ in 0..2000 {
+            let mut b = bytes.clone();
+            let i = r.below(b.len());
+            b[i] ^= 1 << r.below(8);
+            assert!(decode(&b).is_err(), "a flipped bit at {i} went unnoticed");
+        }
+    }
+}
