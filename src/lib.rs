@@ -38,6 +38,8 @@ pub mod adapter;
 pub mod backbone;
 #[cfg(feature = "std")]
 pub mod data;
+#[cfg(feature = "std")]
+pub mod eval;
 pub mod format;
 #[cfg(feature = "std")]
 pub mod import;

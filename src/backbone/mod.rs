@@ -153,6 +153,25 @@ impl<'a> Backbone<'a> {
         }
     }
 
+    /// The dequantised weights of conv or linear layer `i`.
+    #[cfg(feature = "alloc")]
+    pub fn weights_of(&self, i: usize) -> Option<alloc::vec::Vec<f32>> {
+        let w = match &self.layers[i].op {
+            Op::Conv2d(c) => self.weights(c.weight, c.scale),
+            Op::Linear(l) => self.weights(l.weight, l.scale),
+            _ => return None,
+        };
+        Some((0..w.len()).map(|j| w.get(j / (w.len() / self.output_channels(i).max(1)).max(1), j)).collect())
+    }
+
+    fn output_channels(&self, i: usize) -> usize {
+        match &self.layers[i].op {
+            Op::Conv2d(c) => c.out_channels as usize,
+            Op::Linear(l) => l.out_features as usize,
+            _ => 0,
+        }
+    }
+
     /// The conv geometry of layer `i` (which must be a conv).
     pub fn conv_shape(&self, i: usize) -> Option<ConvShape> {
         match &self.layers[i].op {

@@ -67,7 +67,7 @@ fn short(t: &Task, l: usize) -> ComponentError {
 }
 
 /// Mask `l` of `t`, checked against the layer's weight count.
-pub fn mask_bits<'t>(t: &'t Task, l: usize, n: usize) -> Result<&'t BitSlice<u32, Lsb0>, ComponentError> {
+pub fn mask_bits(t: &Task, l: usize, n: usize) -> Result<&BitSlice<u32, Lsb0>, ComponentError> {
     let m = t.components.masks.get(l).and_then(|m| m.bits());
     match m {
         Some(b) if b.len() == n => Ok(b),

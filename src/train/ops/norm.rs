@@ -12,7 +12,7 @@ pub struct Saved {
     pub inv_std: Vec<f32>,
 }
 
-fn channel<'a>(v: &'a [f32], b: usize, c: usize, ch: usize, plane: usize) -> &'a [f32] {
+fn channel(v: &[f32], b: usize, c: usize, ch: usize, plane: usize) -> &[f32] {
     &v[(b * ch + c) * plane..][..plane]
 }
 
