@@ -10,19 +10,25 @@
 //!                                        ▼
 //!        format ──▶ backbone (validated view + plan + forward) ◀── kernels (math on slices)
 //!                                        │
-//!            adapter → infer / train → store → CLI (host) and firmware (no_std)
+//!            adapter → train / eval (→ infer, store) → CLI (host) and firmware (no_std)
 //! ```
 //!
 //! | module | owns | builds without std |
 //! |---|---|---|
-//! | [`format`] | bytes ⇄ typed, validated views; `.ecb` header, graph, checks, writer (alloc) | yes |
-//! | [`kernels`] | reference and fast kernels, per-ISA micro-kernels, the kernel table | yes |
+//! | [`format`] | bytes ⇄ typed, validated views; `.ecb` header, graph, checks, writer (alloc); `.ect` task files (alloc) | yes |
+//! | [`kernels`] | reference and fast kernels, per-ISA micro-kernels, the kernel table; strided matmul (alloc) | yes |
 //! | [`backbone`] | validated backbone, shape inference, execution plan, forward pass, mmap (std) | yes |
-//! | [`data`] | (std) readers for inputs and datasets (`.npy` now) | no |
+//! | [`adapter`] | (alloc) a task's components in owned form: bit-vector masks, overlays, reprogramming, norms, heads | with alloc |
+//! | [`train`] | (std) training graph with kept values, hand-written backward passes, masks, optimisers, methods, KKT | no |
+//! | [`eval`] | (std) accuracy from task files, accuracy matrix, ACC/BWT/forgetting, reports | no |
+//! | [`data`] | (std) `.npy` inputs; IDX and image-folder datasets, scenarios, transforms | no |
 //! | [`import`] | (std) random SupSup backbones, quantisation, ONNX import (feature `import`) | no |
+//! | [`rng`] | SplitMix64, the one source of randomness | yes |
 //!
-//! Later layers (task components, sessions, training, the task store, datasets and
-//! evaluation) are specified in `DESIGN.md` and arrive with their issues.
+//! Data flow for learning: `data` yields samples → `train` builds a task's network over the
+//! backbone and trains its components → `format::task` writes the `.ect` file → `eval` rebuilds
+//! the network from the file and measures it. Sessions and the task store arrive with their
+//! issue.
 //!
 //! Features: `std` ⊃ `alloc`; `cli` (the `edgecl` binary); `import` (tract-onnx). With no
 //! default features the core (`format`, `kernels`, `backbone`) builds for bare-metal targets

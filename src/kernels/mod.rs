@@ -20,7 +20,7 @@
 pub mod depthwise;
 pub mod fast;
 pub mod gemm;
-#[cfg(feature = "alloc")]
+#[cfg(feature = "std")]
 pub mod matmul;
 pub mod reference;
 #[cfg(all(target_arch = "x86_64", feature = "std"))]

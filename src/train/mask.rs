@@ -47,8 +47,12 @@ pub fn top_k(scores: &[f32], density: f64, mask: &mut BitVec<u32, Lsb0>) {
         mask.fill(false);
         return;
     }
-    let mut mag: Vec<f32> = scores.iter().map(|s| s.abs()).collect();
-    let (_, &mut t, _) = mag.select_nth_unstable_by(drop - 1, |a, b| a.total_cmp(b));
+    let t = MAGNITUDES.with(|cell| {
+        let mut mag = cell.borrow_mut();
+        mag.clear();
+        mag.extend(scores.iter().map(|s| s.abs()));
+        *mag.select_nth_unstable_by(drop - 1, |a, b| a.total_cmp(b)).1
+    });
     // Entries strictly below the threshold all go; ties at it go in order until `drop` are gone.
     let below = scores.iter().filter(|s| s.abs().total_cmp(&t).is_lt()).count();
     let mut ties = drop - below;
@@ -61,6 +65,11 @@ pub fn top_k(scores: &[f32], density: f64, mask: &mut BitVec<u32, Lsb0>) {
             ties -= 1;
         }
     }
+}
+
+std::thread_local! {
+    /// `|S|` of the layer being thresholded, kept between calls (layers reach millions of scores).
+    static MAGNITUDES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// `M = 1[S ≥ 0]`.

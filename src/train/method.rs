@@ -192,6 +192,9 @@ pub fn learn(
                 let (choice, note) = kkt(k, bb, cfg, train, prior, classes)?;
                 notes.push(note);
                 if let Some(i) = choice {
+                    if prior[i].scores.is_none() {
+                        notes.push(format!("KKT: '{}' kept no scores; starting from its mask", prior[i].task.name));
+                    }
                     scores = transferred_scores(&prior[i], &scores, &base);
                 }
             }

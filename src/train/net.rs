@@ -134,6 +134,8 @@ pub struct Net<'a> {
     pub train_mode: bool,
     pub momentum: f32,
     values: Vec<Vec<f32>>,
+    /// Gradient buffers per value, kept between steps (empty = no gradient yet).
+    grads: Vec<Vec<f32>>,
     saved: Vec<norm::Saved>,
     batch: usize,
     scratch: Vec<f32>,
@@ -153,6 +155,7 @@ impl<'a> Net<'a> {
             train_mode: false,
             momentum: 0.1,
             values: Vec::new(),
+            grads: Vec::new(),
             saved: Vec::new(),
             batch: 0,
             scratch: Vec::new(),
@@ -436,14 +439,19 @@ impl<'a> Net<'a> {
             let other = if let NodeOp::Add { other } = node.op { need[other] } else { false };
             need[i + 1] = self.trains(node) || need[node.input] || other;
         }
-        let mut grads: Vec<Vec<f32>> = vec![Vec::new(); n + 1];
-        grads[n] = dout[..batch * self.out_shape().len()].to_vec();
+        let mut grads = core::mem::take(&mut self.grads);
+        grads.resize(n + 1, Vec::new());
+        for g in &mut grads {
+            g.clear();
+        }
+        grads[n].extend_from_slice(&dout[..batch * self.out_shape().len()]);
         for i in (0..n).rev() {
             if !need[i + 1] {
                 continue;
             }
             let dy = core::mem::take(&mut grads[i + 1]);
             if dy.is_empty() {
+                grads[i + 1] = dy;
                 continue;
             }
             let node = &self.nodes[i];
@@ -576,7 +584,9 @@ impl<'a> Net<'a> {
             if let Some(dx) = dx {
                 grads[input] = dx;
             }
+            grads[i + 1] = dy;
         }
+        self.grads = grads;
     }
 
     /// The task's norm states as they are now.

@@ -91,11 +91,38 @@ pub fn backward(
         }
         return;
     }
+    let kk = s.cin_g() * s.kh * s.kw;
+    COLS.with(|cell| {
+        let mut cols = cell.borrow_mut();
+        let (col, dcol) = &mut *cols;
+        col.resize(kk * p, 0.0);
+        dcol.resize(kk * p, 0.0);
+        backward_groups(k, s, &wf, x, dy, batch, dx, dw, &mut col[..kk * p], &mut dcol[..kk * p]);
+    });
+}
+
+std::thread_local! {
+    /// im2col buffers of the backward pass, kept per thread between calls.
+    static COLS: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
+#[allow(clippy::too_many_arguments)]
+fn backward_groups(
+    k: &Kernels,
+    s: &ConvShape,
+    wf: &[f32],
+    x: &[f32],
+    dy: &[f32],
+    batch: usize,
+    mut dx: Option<&mut [f32]>,
+    mut dw: Option<&mut [f32]>,
+    col: &mut [f32],
+    dcol: &mut [f32],
+) {
+    let (p, xl, yl) = (s.oh() * s.ow(), s.c_in * s.h * s.w, s.c_out * s.oh() * s.ow());
     let (cin_g, cout_g) = (s.cin_g(), s.cout_g());
     let kk = cin_g * s.kh * s.kw;
     let plane = s.h * s.w;
-    let mut col = vec![0.0f32; kk * p];
-    let mut dcol = vec![0.0f32; kk * p];
     for b in 0..batch {
         for g in 0..s.groups {
             let xg = &x[b * xl + g * cin_g * plane..][..cin_g * plane];
@@ -106,8 +133,8 @@ pub fn backward(
                 let colm = if pointwise {
                     xg
                 } else {
-                    im2col(s, xg, &mut col);
-                    &col
+                    im2col(s, xg, col);
+                    &*col
                 };
                 // dW_g (cout_g × K) += dY_g (cout_g × P) · colᵀ (P × K)
                 matmul(
@@ -123,8 +150,8 @@ pub fn backward(
                 if pointwise {
                     matmul(k, Mat::t(wg, cout_g, kk), Mat::rows(dyg, cout_g, p), dxg, true);
                 } else {
-                    matmul(k, Mat::t(wg, cout_g, kk), Mat::rows(dyg, cout_g, p), &mut dcol, false);
-                    col2im_add(s, &dcol, dxg);
+                    matmul(k, Mat::t(wg, cout_g, kk), Mat::rows(dyg, cout_g, p), dcol, false);
+                    col2im_add(s, dcol, dxg);
                 }
             }
         }

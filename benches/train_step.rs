@@ -1,0 +1,140 @@
+//! Training throughput and peak memory of one training step, per method and backbone, for
+//! comparison with PyTorch (`benches/compare/train_step.py` runs the PyTorch equivalents and
+//! this program in the same session and prints the ratios).
+//!
+//! `cargo bench --bench train_step` runs every case, each in its own process (so that peak
+//! RSS is the case's own), and prints one JSON line per case:
+//! `{"case", "threads", "batch", "images_per_second", "step_seconds", "peak_rss_bytes"}`.
+//! `cargo bench --bench train_step -- CASE [--threads N]` runs one case in this process.
+//!
+//! Cases: `supsup-fc1024` (batch 128), `supsup-gemresnet18` (32×32, batch 64),
+//! `clr-lite0-96` (the imported EfficientNet-Lite0 at 96×96 without its head, batch 16).
+//! Each runs 2 warm-up steps, then times `STEPS` steps of one epoch over synthetic data
+//! (the data pipeline is not measured: samples are copied from memory).
+
+use edgecl::adapter::Method;
+use edgecl::backbone::Backbone;
+use edgecl::format::graph::WeightFormat;
+use edgecl::import::init::{random_backbone, Arch};
+use edgecl::kernels::Kernels;
+use edgecl::rng::SplitMix64;
+use edgecl::train::mask::Density;
+use edgecl::train::method::{learn, Config, Samples};
+use std::time::Instant;
+
+const STEPS: usize = 6;
+const CASES: [&str; 3] = ["supsup-fc1024", "supsup-gemresnet18", "clr-lite0-96"];
+
+struct Synthetic {
+    len: usize,
+    n: usize,
+    classes: u32,
+}
+
+impl Samples for Synthetic {
+    fn len(&self) -> usize {
+        self.n
+    }
+    fn label(&self, i: usize) -> u32 {
+        i as u32 % self.classes
+    }
+    fn load(&self, idx: &[usize], _: Option<&mut SplitMix64>, out: &mut [f32]) -> Result<(), String> {
+        for (b, &i) in idx.iter().enumerate() {
+            let mut r = SplitMix64::new(i as u64);
+            for v in &mut out[b * self.len..(b + 1) * self.len] {
+                *v = r.uniform(-1.0, 1.0);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn lite0_96() -> Vec<u8> {
+    use edgecl::import::onnx::{import, ImportOptions};
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/models/efficientnet-lite0.onnx");
+    let opts = ImportOptions {
+        input: [3, 96, 96],
+        mean: vec![0.5; 3],
+        std: vec![0.5; 3],
+        drop_head: true,
+        name: "lite0".into(),
+    };
+    import(std::path::Path::new(path), &opts).expect("import Lite0").emit(WeightFormat::I8)
+}
+
+fn run_case(case: &str, threads: usize) {
+    let (bytes, method, batch, classes) = match case {
+        "supsup-fc1024" => (random_backbone(Arch::Fc1024, 10, 1).emit(WeightFormat::I8), Method::Supsup, 128, 10),
+        "supsup-gemresnet18" => {
+            (random_backbone(Arch::GemResnet18, 10, 1).emit(WeightFormat::I8), Method::Supsup, 64, 10)
+        }
+        "clr-lite0-96" => (lite0_96(), Method::Clr, 16, 5),
+        _ => panic!("unknown case {case}; cases: {CASES:?}"),
+    };
+    let bb = Backbone::open(&bytes).unwrap();
+    let k = Kernels::detect();
+    let mut cfg = Config::new(method);
+    cfg.batch = batch;
+    cfg.epochs = 1;
+    cfg.density = Density::Uniform(0.05);
+    let labels: Vec<String> = (0..classes).map(|c| c.to_string()).collect();
+    let len = bb.input_shape().len();
+    // Warm-up (allocations, page faults, thread pool), then the timed run.
+    let warm = Synthetic { len, n: 2 * batch, classes: classes as u32 };
+    learn(&k, &bb, &cfg, "warm", labels.clone(), &warm, &[], &mut |_| {}).unwrap();
+    let data = Synthetic { len, n: STEPS * batch, classes: classes as u32 };
+    let mut first = None;
+    let start = Instant::now();
+    learn(&k, &bb, &cfg, "bench", labels, &data, &[], &mut |p| {
+        if p.step == 0 {
+            first = Some(Instant::now());
+        }
+    })
+    .unwrap();
+    // Time from the end of the first step to the end: STEPS - 1 steps, setup excluded.
+    let t = first.map_or(start.elapsed(), |f| f.elapsed()).as_secs_f64();
+    let step = t / (STEPS - 1) as f64;
+    println!(
+        "{{\"case\": \"{case}\", \"threads\": {threads}, \"batch\": {batch}, \"images_per_second\": {:.1}, \"step_seconds\": {:.5}, \"peak_rss_bytes\": {}}}",
+        batch as f64 / step,
+        step,
+        peak_rss()
+    );
+}
+
+fn peak_rss() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
+    let threads = args
+        .iter()
+        .position(|a| a == "--threads")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(2);
+    let case = args.iter().find(|a| CASES.contains(&a.as_str()));
+    match case {
+        Some(c) => {
+            rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().unwrap();
+            run_case(c, threads)
+        }
+        None => {
+            let exe = std::env::current_exe().unwrap();
+            for c in CASES {
+                let out =
+                    std::process::Command::new(&exe).args([c, "--threads", &threads.to_string()]).output().unwrap();
+                print!("{}", String::from_utf8_lossy(&out.stdout));
+                if !out.status.success() {
+                    eprintln!("{c} failed: {}", String::from_utf8_lossy(&out.stderr));
+                }
+            }
+        }
+    }
+}
