@@ -95,17 +95,33 @@ pub fn matmul(kern: &Kernels, a: Mat, b: Mat, c: &mut [f32], accumulate: bool) {
         for (q, panel) in bp.chunks_exact_mut(k * nr).enumerate() {
             let c0 = q * nr;
             let w = nr.min(n - c0);
-            for kk in 0..k {
-                let d = &mut panel[kk * nr..(kk + 1) * nr];
-                if b.cs == 1 {
+            if b.cs == 1 {
+                for kk in 0..k {
+                    let d = &mut panel[kk * nr..(kk + 1) * nr];
                     let at = kk * b.rs + c0;
                     d[..w].copy_from_slice(&b.data[at..at + w]);
-                } else {
+                    d[w..].fill(0.0);
+                }
+            } else if b.rs == 1 {
+                // B is a transposed row-major matrix: its columns are contiguous. Read them
+                // straight, write each into its lane of the panel.
+                if w < nr {
+                    panel.fill(0.0);
+                }
+                for j in 0..w {
+                    let src = &b.data[(c0 + j) * b.cs..][..k];
+                    for (kk, &v) in src.iter().enumerate() {
+                        panel[kk * nr + j] = v;
+                    }
+                }
+            } else {
+                for kk in 0..k {
+                    let d = &mut panel[kk * nr..(kk + 1) * nr];
                     for (j, v) in d[..w].iter_mut().enumerate() {
                         *v = b.at(kk, c0 + j);
                     }
+                    d[w..].fill(0.0);
                 }
-                d[w..].fill(0.0);
             }
         }
         if sc.ones.len() < m {

@@ -18,7 +18,18 @@ pub fn forward(
     y: &mut [f32],
 ) {
     let wf = dense(w);
-    matmul(k, Mat::rows(&x[..batch * in_f], batch, in_f), Mat::t(&wf, out_f, in_f), &mut y[..batch * out_f], false);
+    if batch < out_f {
+        // Yᵀ = W · Xᵀ reads the (larger) weights in place and packs only the batch.
+        let mut yt = vec![0.0f32; out_f * batch];
+        matmul(k, Mat::rows(&wf, out_f, in_f), Mat::t(&x[..batch * in_f], batch, in_f), &mut yt, false);
+        for (b, row) in y[..batch * out_f].chunks_exact_mut(out_f).enumerate() {
+            for (o, v) in row.iter_mut().enumerate() {
+                *v = yt[o * batch + b];
+            }
+        }
+    } else {
+        matmul(k, Mat::rows(&x[..batch * in_f], batch, in_f), Mat::t(&wf, out_f, in_f), &mut y[..batch * out_f], false);
+    }
     if let Some(bias) = bias {
         for row in y[..batch * out_f].chunks_exact_mut(out_f) {
             for (v, b) in row.iter_mut().zip(bias) {
