@@ -37,7 +37,9 @@ impl Density {
 /// function of the scores alone.
 pub fn top_k(scores: &[f32], density: f64, mask: &mut BitVec<u32, Lsb0>) {
     let n = scores.len();
-    let drop = (((1.0 - density) * n as f64).floor() as usize).min(n);
+    // floor((1 − k)·n) as exact arithmetic would give it: 0.7·160 is 111.99999999999999 in
+    // binary floating point, and the intended count is 112.
+    let drop = (((1.0 - density) * n as f64 + 1e-9).floor() as usize).min(n);
     mask.clear();
     mask.resize(n, true);
     if drop == 0 {
@@ -119,6 +121,10 @@ mod tests {
         assert_eq!(m.count_ones(), 10);
         top_k(&s, 0.0, &mut m);
         assert_eq!(m.count_ones(), 0);
+        // (1 − 0.3)·160 is 112 exactly, not the 111.99… of binary floating point.
+        let many: Vec<f32> = (0..160).map(|i| i as f32).collect();
+        top_k(&many, 0.3, &mut m);
+        assert_eq!(m.count_ones(), 48);
     }
 
     #[test]
