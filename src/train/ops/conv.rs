@@ -79,15 +79,41 @@ pub fn backward(
     }
     let wf = dense(w);
     if s.cin_g() == 1 && s.cout_g() == 1 {
-        for b in 0..batch {
-            depthwise_backward(
-                s,
-                &wf,
-                &x[b * xl..(b + 1) * xl],
-                &dy[b * yl..(b + 1) * yl],
-                dx.as_deref_mut().map(|d| &mut d[b * xl..(b + 1) * xl]),
-                dw.as_deref_mut(),
-            );
+        // Samples in parallel, each with its own kernel-gradient partial, summed in sample
+        // order afterwards: the result does not depend on the thread count.
+        use rayon::prelude::*;
+        let wl = wf.len();
+        // Depthwise kernels are small (channels × taps), so a partial per sample is cheap.
+        let mut partial = vec![0.0f32; batch * wl];
+        let run = |b: usize, dxb: Option<&mut [f32]>, dwb: &mut [f32]| {
+            depthwise_backward(s, &wf, &x[b * xl..(b + 1) * xl], &dy[b * yl..(b + 1) * yl], dxb, Some(dwb))
+        };
+        let work = batch * s.c_in * s.h * s.w * s.kh * s.kw;
+        let parallel = work >= crate::kernels::PAR_MIN_WORK && rayon::current_num_threads() > 1;
+        match (dx.as_deref_mut(), parallel) {
+            (Some(dx), true) => dx[..batch * xl]
+                .par_chunks_mut(xl)
+                .zip(partial.par_chunks_mut(wl))
+                .enumerate()
+                .for_each(|(b, (dxb, dwb))| run(b, Some(dxb), dwb)),
+            (Some(dx), false) => {
+                for (b, (dxb, dwb)) in dx[..batch * xl].chunks_mut(xl).zip(partial.chunks_mut(wl)).enumerate() {
+                    run(b, Some(dxb), dwb);
+                }
+            }
+            (None, true) => partial.par_chunks_mut(wl).enumerate().for_each(|(b, dwb)| run(b, None, dwb)),
+            (None, false) => {
+                for (b, dwb) in partial.chunks_mut(wl).enumerate() {
+                    run(b, None, dwb);
+                }
+            }
+        }
+        if let Some(dw) = dw {
+            for p in partial.chunks_exact(wl) {
+                for (d, v) in dw.iter_mut().zip(p) {
+                    *d += v;
+                }
+            }
         }
         return;
     }
@@ -236,7 +262,9 @@ fn col2im_add(s: &ConvShape, dcol: &[f32], dxg: &mut [f32]) {
     });
 }
 
-/// Depthwise backward for one sample: channel `c`'s kernel `w[c]` (`kh × kw`).
+/// Depthwise backward for one sample: channel `c`'s kernel `w[c]` (`kh × kw`). For each tap
+/// the range of output columns that read inside the image is computed once, so the inner loops
+/// run over plain slices (stride 1) without per-element checks.
 fn depthwise_backward(
     s: &ConvShape,
     w: &[f32],
@@ -252,20 +280,36 @@ fn depthwise_backward(
             for kx in 0..s.kw {
                 let t = c * taps + ky * s.kw + kx;
                 let wv = w[t];
+                let off = (kx * s.dw) as isize - s.pad[1] as isize;
+                let lo = if off >= 0 { 0 } else { ((-off) as usize).div_ceil(s.sw) };
+                let hi = if (s.w as isize) > off { ((s.w as isize - off) as usize).div_ceil(s.sw).min(ow) } else { 0 };
+                if lo >= hi {
+                    continue;
+                }
+                let n = hi - lo;
                 let mut acc = 0.0f32;
                 for oy in 0..oh {
                     let iy = (oy * s.sh + ky * s.dh) as isize - s.pad[0] as isize;
                     if iy < 0 || iy as usize >= s.h {
                         continue;
                     }
-                    let row = iy as usize * s.w;
-                    for ox in 0..ow {
-                        let ix = (ox * s.sw + kx * s.dw) as isize - s.pad[1] as isize;
-                        if ix >= 0 && (ix as usize) < s.w {
-                            let g = dyc[oy * ow + ox];
-                            acc += g * xc[row + ix as usize];
-                            if let Some(dx) = dx.as_deref_mut() {
-                                dx[c * plane + row + ix as usize] += g * wv;
+                    let i0 = iy as usize * s.w + ((lo * s.sw) as isize + off) as usize;
+                    let g = &dyc[oy * ow + lo..][..n];
+                    if s.sw == 1 {
+                        let xs = &xc[i0..i0 + n];
+                        acc += g.iter().zip(xs).map(|(a, b)| a * b).sum::<f32>();
+                        if let Some(dx) = dx.as_deref_mut() {
+                            for (d, &gv) in dx[c * plane + i0..][..n].iter_mut().zip(g) {
+                                *d += gv * wv;
+                            }
+                        }
+                    } else {
+                        for (j, &gv) in g.iter().enumerate() {
+                            acc += gv * xc[i0 + j * s.sw];
+                        }
+                        if let Some(dx) = dx.as_deref_mut() {
+                            for (j, &gv) in g.iter().enumerate() {
+                                dx[c * plane + i0 + j * s.sw] += gv * wv;
                             }
                         }
                     }

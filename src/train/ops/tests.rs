@@ -271,3 +271,23 @@ fn cross_entropy_gradient_and_value() {
     let mut scratch = vec![0.0; 2 * width];
     check("cross-entropy", &mut logits, &d, |lg| loss::cross_entropy(lg, width, classes, &labels, &mut scratch) as f64);
 }
+
+#[test]
+fn depthwise_backward_is_the_same_on_one_and_two_threads() {
+    let s = shape(16, 16, 32, 3, 1, 1, 16);
+    let batch = 8;
+    let mut r = SplitMix64::new(8);
+    let (x, w) = (rand(&mut r, batch * 16 * 32 * 33), rand(&mut r, 16 * 9));
+    let dy = rand(&mut r, batch * 16 * s.oh() * s.ow());
+    let k = Kernels::best_fast();
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        pool.install(|| {
+            let (mut dx, mut dw) = (vec![0.0; x.len()], vec![0.0; w.len()]);
+            conv::backward(&k, &s, Weights::F32(&w), &x, &dy, batch, Some(&mut dx), Some(&mut dw), None);
+            (dx, dw)
+        })
+    };
+    assert!(batch * 16 * 32 * 33 * 9 >= crate::kernels::PAR_MIN_WORK, "large enough to run in parallel");
+    assert_eq!(run(1), run(2));
+}
