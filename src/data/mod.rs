@@ -289,14 +289,14 @@ impl Dataset {
                     for (p, &b) in px.iter_mut().zip(&data[i * size..][..size]) {
                         *p = b as f32 * (1.0 / 255.0);
                     }
-                    scratch.apply(t, 1, *rows, *cols, &px, rng.as_deref_mut(), out)?;
+                    scratch.run(t, 1, *rows, *cols, &px, rng.as_deref_mut(), out)?;
                 }
             }
             Samples::Files(paths) => {
                 for (&i, out) in idx.iter().zip(out.chunks_exact_mut(n)) {
                     let img = folder::decode(&paths[i])?;
                     scratch
-                        .apply(t, img.c, img.h, img.w, &img.data, rng.as_deref_mut(), out)
+                        .run(t, img.c, img.h, img.w, &img.data, rng.as_deref_mut(), out)
                         .map_err(|e| DataError(format!("{}: {e}", paths[i].display())))?;
                 }
             }

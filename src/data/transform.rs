@@ -108,7 +108,6 @@ impl Transform {
     /// `rng` drives augmentation only. Allocates its scratch; for many samples use
     /// [`Scratch::apply`].
     pub fn apply(&self, img: &Image, rng: Option<&mut SplitMix64>, out: &mut [f32]) -> Result<(), DataError> {
-        self.check()?;
         Scratch::default().apply(self, img.c, img.h, img.w, &img.data, rng, out)
     }
 }
@@ -137,10 +136,27 @@ struct Filters {
 }
 
 impl Scratch {
-    /// Applies `t` (which the caller has [`Transform::check`]ed) to the `sc × sh × sw` image
-    /// `src`, writing `t.sample_len()` values into `out`.
+    /// Applies `t` to the `sc × sh × sw` image `src`, writing `t.sample_len()` values into
+    /// `out`. `rng` drives augmentation only.
     #[allow(clippy::too_many_arguments)]
     pub fn apply(
+        &mut self,
+        t: &Transform,
+        sc: usize,
+        sh: usize,
+        sw: usize,
+        src: &[f32],
+        rng: Option<&mut SplitMix64>,
+        out: &mut [f32],
+    ) -> Result<(), DataError> {
+        t.check()?;
+        self.run(t, sc, sh, sw, src, rng, out)
+    }
+
+    /// [`Scratch::apply`] for a transform that has passed [`Transform::check`] (a batch checks
+    /// once, not per sample).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn run(
         &mut self,
         t: &Transform,
         sc: usize,
