@@ -18,11 +18,11 @@
 //! | [`format`] | bytes ⇄ typed, validated views; `.ecb` header, graph, checks, writer (alloc) | yes |
 //! | [`kernels`] | reference and fast kernels, per-ISA micro-kernels, the kernel table | yes |
 //! | [`backbone`] | validated backbone, shape inference, execution plan, forward pass, mmap (std) | yes |
-//! | [`data`] | (std) readers for inputs and datasets (`.npy` now) | no |
+//! | [`data`] | (std) `.npy` inputs; IDX, image-folder and embedded datasets; transforms; scenarios | no |
 //! | [`import`] | (std) random SupSup backbones, quantisation, ONNX import (feature `import`) | no |
 //!
-//! Later layers (task components, sessions, training, the task store, datasets and
-//! evaluation) are specified in `DESIGN.md` and arrive with their issues.
+//! Later layers (task components, sessions, training, the task store and evaluation) are
+//! specified in `DESIGN.md` and arrive with their issues.
 //!
 //! Features: `std` ⊃ `alloc`; `cli` (the `edgecl` binary); `import` (tract-onnx). With no
 //! default features the core (`format`, `kernels`, `backbone`) builds for bare-metal targets

@@ -6,6 +6,7 @@
 //! - [`folder`]: `DIR/<class>/*` image folders, decoded on demand;
 //! - [`Transform`]: decoded image → backbone input (resize or pad, rotation, augmentation,
 //!   normalisation, pixel permutation);
+//! - [`scenario`]: continual-learning task sequences (split, permuted, rotated) over a dataset.
 //!
 //! A [`Source`] names where samples come from (the CLI's `--data`); [`Dataset::open`] reads one
 //! split of it. A dataset holds labels and either all pixels (IDX; Fashion-MNIST's training
@@ -15,6 +16,7 @@
 pub mod folder;
 pub mod idx;
 pub mod npy;
+pub mod scenario;
 mod transform;
 
 use std::fmt;
