@@ -16,6 +16,8 @@ macro_rules! out {
     }};
 }
 
+mod cl;
+
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use edgecl::backbone::mmap::MappedFile;
@@ -35,7 +37,10 @@ use std::path::{Path, PathBuf};
     long_about = "edgecl keeps one frozen backbone (.ecb) memory-mapped and lets a device learn \
                   classification tasks on top of it.\n\nStart with `edgecl init` (a random \
                   SupSup backbone) or `edgecl import` (an ONNX model), check the result with \
-                  `edgecl inspect` and `edgecl verify`, and run it with `edgecl forward`."
+                  `edgecl inspect` and `edgecl verify`, and run it with `edgecl forward`.\n\nThen learn \
+                  tasks with `edgecl learn` (supsup, exssnet, clr, linear, finetune), check them \
+                  with `edgecl eval`, and measure a whole continual-learning scenario with \
+                  `edgecl bench-cl`. `edgecl demo` shows all of it offline in under a minute."
 )]
 struct Cli {
     /// Worker threads for the kernels (default: all cores).
@@ -132,6 +137,68 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Learn a task on a backbone and save it as a task file (.ect).
+    ///
+    /// Example: edgecl learn --backbone fc1024.ecb --task shoes --method supsup \
+    ///   --data fashion-mnist --classes 5,7,9 --density 0.05 -o shoes.ect
+    ///
+    /// ExSSNeT tasks build on earlier ones: pass them, oldest first, with --prior (their
+    /// NAME.scores files beside them are used by --kkt when present).
+    Learn {
+        #[arg(long)]
+        backbone: PathBuf,
+        /// The task's name.
+        #[arg(long)]
+        task: String,
+        #[command(flatten)]
+        train: cl::TrainArgs,
+        #[command(flatten)]
+        data: cl::DataArgs,
+        /// Earlier task files, oldest first.
+        #[arg(long)]
+        prior: Vec<PathBuf>,
+        /// Do not write NAME.scores beside the task file (KKT then starts from masks).
+        #[arg(long)]
+        no_scores: bool,
+        #[arg(short, long)]
+        output: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Evaluate a task file on data (accuracy on the test split).
+    ///
+    /// Example: edgecl eval --backbone fc1024.ecb --task shoes.ect --data fashion-mnist --classes 5,7,9
+    ///
+    /// An ExSSNeT task needs the tasks it depends on: give them first, the task to evaluate last.
+    Eval {
+        #[arg(long)]
+        backbone: PathBuf,
+        #[arg(long, required = true)]
+        task: Vec<PathBuf>,
+        #[command(flatten)]
+        data: cl::DataArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Learn a continual-learning scenario task by task and report the accuracy matrix, ACC,
+    /// BWT, forgetting, bytes per task, training time and peak memory.
+    ///
+    /// Example: edgecl bench-cl --scenario split-fashion-mnist --tasks 5 --arch fc1024 \
+    ///   --method supsup --density 0.05 --epochs 3 --json r.json --md r.md --svg r.svg
+    #[command(name = "bench-cl")]
+    BenchCl {
+        #[command(flatten)]
+        bench: cl::BenchArgs,
+        #[command(flatten)]
+        train: cl::TrainArgs,
+    },
+    /// Learn five Fashion-MNIST tasks with ExSSNeT on a random backbone, offline, in under a
+    /// minute, and show that none is forgotten.
+    Demo {
+        /// No progress bars.
+        #[arg(long)]
+        quiet: bool,
+    },
     /// Print the kernels chosen for this CPU (EDGECL_FORCE_GENERIC=1 forces the reference).
     Kernels {
         #[arg(long)]
@@ -164,12 +231,18 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Verify { file, json } => verify(&file, json),
         Cmd::Forward { backbone, inputs, json } => forward(&backbone, &inputs, json),
         Cmd::Kernels { json } => kernels(json),
+        Cmd::Learn { backbone, task, train, data, prior, no_scores, output, json } => {
+            cl::learn_cmd(&backbone, &task, &train, &data, &prior, no_scores, &output, json)
+        }
+        Cmd::Eval { backbone, task, data, json } => cl::eval_cmd(&backbone, &task, &data, json),
+        Cmd::BenchCl { bench, train } => cl::bench_cl_cmd(&bench, &train),
+        Cmd::Demo { quiet } => cl::demo_cmd(quiet),
     }
 }
 
 /// Writes `bytes` to `path` through a temporary file and a rename, so that a crash never
 /// leaves a partial file and a mapped old file is never rewritten in place.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let name = path.file_name().context("output path has no file name")?;
@@ -187,7 +260,7 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 /// Maps and validates a backbone file.
-fn open_backbone(path: &Path) -> Result<(MappedFile, PathBuf)> {
+pub(crate) fn open_backbone(path: &Path) -> Result<(MappedFile, PathBuf)> {
     // SAFETY: edgecl never rewrites a backbone in place (see write_atomic); the user is told in
     // the README not to overwrite a backbone that a running edgecl has open.
     #[allow(unsafe_code)]
@@ -195,7 +268,7 @@ fn open_backbone(path: &Path) -> Result<(MappedFile, PathBuf)> {
     Ok((map, path.to_path_buf()))
 }
 
-fn backbone<'a>(map: &'a MappedFile, path: &Path) -> Result<Backbone<'a>> {
+pub(crate) fn backbone<'a>(map: &'a MappedFile, path: &Path) -> Result<Backbone<'a>> {
     Backbone::open(map.bytes()).with_context(|| format!("{} is not a valid backbone file", path.display()))
 }
 

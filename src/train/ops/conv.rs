@@ -63,7 +63,7 @@ pub fn backward(
     dy: &[f32],
     batch: usize,
     mut dx: Option<&mut [f32]>,
-    mut dw: Option<&mut [f32]>,
+    dw: Option<&mut [f32]>,
     db: Option<&mut [f32]>,
 ) {
     let (p, xl, yl) = (s.oh() * s.ow(), s.c_in * s.h * s.w, s.c_out * s.oh() * s.ow());
