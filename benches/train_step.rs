@@ -26,7 +26,7 @@ const STEPS: usize = 6;
 const CASES: [&str; 3] = ["supsup-fc1024", "supsup-gemresnet18", "clr-lite0-96"];
 
 struct Synthetic {
-    len: usize,
+    sample: usize,
     n: usize,
     classes: u32,
 }
@@ -41,7 +41,7 @@ impl Samples for Synthetic {
     fn load(&self, idx: &[usize], _: Option<&mut SplitMix64>, out: &mut [f32]) -> Result<(), String> {
         for (b, &i) in idx.iter().enumerate() {
             let mut r = SplitMix64::new(i as u64);
-            for v in &mut out[b * self.len..(b + 1) * self.len] {
+            for v in &mut out[b * self.sample..(b + 1) * self.sample] {
                 *v = r.uniform(-1.0, 1.0);
             }
         }
@@ -80,9 +80,9 @@ fn run_case(case: &str, threads: usize) {
     let labels: Vec<String> = (0..classes).map(|c| c.to_string()).collect();
     let len = bb.input_shape().len();
     // Warm-up (allocations, page faults, thread pool), then the timed run.
-    let warm = Synthetic { len, n: 2 * batch, classes: classes as u32 };
+    let warm = Synthetic { sample: len, n: 2 * batch, classes: classes as u32 };
     learn(&k, &bb, &cfg, "warm", labels.clone(), &warm, &[], &mut |_| {}).unwrap();
-    let data = Synthetic { len, n: STEPS * batch, classes: classes as u32 };
+    let data = Synthetic { sample: len, n: STEPS * batch, classes: classes as u32 };
     let mut first = None;
     let start = Instant::now();
     learn(&k, &bb, &cfg, "bench", labels, &data, &[], &mut |p| {
