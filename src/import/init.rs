@@ -4,8 +4,8 @@
 //! SplitMix64 stream of the recorded seed, so the seed regenerates the file bit for bit.
 
 use super::{Ir, IrOp, IrWeights};
-pub use crate::rng::SplitMix64;
 use crate::format::graph::{InputSpec, Op, Pool, ValueId};
+pub use crate::rng::SplitMix64;
 
 /// The architectures `edgecl init` builds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
