@@ -7,7 +7,7 @@
 //! multiply-adds. Everything here is tested against the reference kernels.
 #![allow(unsafe_code)]
 
-use super::{depthwise, fast, gemm, ConvShape, Kernels, MicroKernel, PostOp, Weights};
+use super::{depthwise, fast, gemm, ConvShape, Kernels, MicroKernel, PostOp, TileEpilogue, Weights};
 
 /// The best table this CPU runs: AVX2 + FMA, with the 512-bit GEMM micro-kernel when
 /// AVX-512F is present too.
@@ -216,35 +216,48 @@ fn linear_rows_avx2(first: usize, i: usize, w: Weights, x: &[f32], ys: &mut [f32
 /// Only reachable through [`detect`], which checked AVX2 and FMA.
 const AVX2_MICRO: MicroKernel = MicroKernel { name: "x86_64 avx2+fma 6x16", mr: 6, nr: 16, run: micro_6x16 };
 
-fn micro_6x16(k: usize, a: &[f32], lda: usize, b: &[f32], tile: &mut [f32]) {
-    assert!(lda >= k && a.len() >= 5 * lda + k && b.len() >= k * 16 && tile.len() >= 96);
+fn micro_6x16(k: usize, a: &[f32], lda: usize, b: &[f32], ep: &TileEpilogue, c: &mut [f32], ldc: usize) {
+    assert!(lda >= k && a.len() >= 5 * lda + k && b.len() >= k * 16 && ldc >= 16 && c.len() >= 5 * ldc + 16);
     // SAFETY: the slices hold what the kernel reads and writes (asserted above), and this
     // function is only reachable through `detect`, which confirmed AVX2 and FMA.
-    unsafe { micro_6x16_avx2(k, a.as_ptr(), lda, b.as_ptr(), tile.as_mut_ptr()) }
+    unsafe { micro_6x16_avx2(k, a.as_ptr(), lda, b.as_ptr(), ep, c.as_mut_ptr(), ldc) }
 }
 
 #[target_feature(enable = "avx2,fma")]
-unsafe fn micro_6x16_avx2(k: usize, a: *const f32, lda: usize, b: *const f32, tile: *mut f32) {
+unsafe fn micro_6x16_avx2(
+    k: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    ep: &TileEpilogue,
+    c: *mut f32,
+    ldc: usize,
+) {
     use core::arch::x86_64::*;
     // SAFETY (whole body): the caller guarantees 6 rows of `k` floats at stride `lda` in `a`,
-    // 16k floats in `b` and 96 in `tile`; every load and store below stays inside them.
+    // 16k floats in `b` and 6 rows of 16 at stride `ldc` in `c`; every load and store below
+    // stays inside them.
     unsafe {
-        let mut c = [[_mm256_setzero_ps(); 2]; 6];
+        let mut acc = [[_mm256_setzero_ps(); 2]; 6];
         let rows: [*const f32; 6] = core::array::from_fn(|i| a.add(i * lda));
         let mut bp = b;
         for p in 0..k {
             let b0 = _mm256_loadu_ps(bp);
             let b1 = _mm256_loadu_ps(bp.add(8));
-            for (i, row) in c.iter_mut().enumerate() {
+            for (i, row) in acc.iter_mut().enumerate() {
                 let av = _mm256_broadcast_ss(&*rows[i].add(p));
                 row[0] = _mm256_fmadd_ps(av, b0, row[0]);
                 row[1] = _mm256_fmadd_ps(av, b1, row[1]);
             }
             bp = bp.add(16);
         }
-        for (i, row) in c.iter().enumerate() {
-            _mm256_storeu_ps(tile.add(i * 16), row[0]);
-            _mm256_storeu_ps(tile.add(i * 16 + 8), row[1]);
+        let (lo, hi) = (_mm256_set1_ps(ep.lo), _mm256_set1_ps(ep.hi));
+        for (i, row) in acc.iter().enumerate() {
+            let (mul, add) = (_mm256_set1_ps(ep.mul[i]), _mm256_set1_ps(ep.add[i]));
+            for (h, v) in row.iter().enumerate() {
+                let y = _mm256_min_ps(hi, _mm256_max_ps(lo, _mm256_fmadd_ps(*v, mul, add)));
+                _mm256_storeu_ps(c.add(i * ldc + h * 8), y);
+            }
         }
     }
 }
@@ -254,31 +267,42 @@ const AVX512_MICRO: MicroKernel = MicroKernel { name: "x86_64 avx512f 12x16", mr
 
 /// 12 × 16 with 512-bit vectors: 12 zmm accumulators, one B load and 12 broadcasts per step.
 /// Same B panels as the AVX2 kernel (16 wide); twice the multiply-adds per instruction.
-fn micro_12x16(k: usize, a: &[f32], lda: usize, b: &[f32], tile: &mut [f32]) {
-    assert!(lda >= k && a.len() >= 11 * lda + k && b.len() >= k * 16 && tile.len() >= 192);
+fn micro_12x16(k: usize, a: &[f32], lda: usize, b: &[f32], ep: &TileEpilogue, c: &mut [f32], ldc: usize) {
+    assert!(lda >= k && a.len() >= 11 * lda + k && b.len() >= k * 16 && ldc >= 16 && c.len() >= 11 * ldc + 16);
     // SAFETY: the slices hold what the kernel reads and writes (asserted above), and this
     // function is only reachable through `detect`, which confirmed AVX-512F.
-    unsafe { micro_12x16_avx512(k, a.as_ptr(), lda, b.as_ptr(), tile.as_mut_ptr()) }
+    unsafe { micro_12x16_avx512(k, a.as_ptr(), lda, b.as_ptr(), ep, c.as_mut_ptr(), ldc) }
 }
 
 #[target_feature(enable = "avx512f")]
-unsafe fn micro_12x16_avx512(k: usize, a: *const f32, lda: usize, b: *const f32, tile: *mut f32) {
+unsafe fn micro_12x16_avx512(
+    k: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    ep: &TileEpilogue,
+    c: *mut f32,
+    ldc: usize,
+) {
     use core::arch::x86_64::*;
     // SAFETY (whole body): the caller guarantees 12 rows of `k` floats at stride `lda` in `a`,
-    // 16k floats in `b` and 192 in `tile`; every load and store below stays inside them.
+    // 16k floats in `b` and 12 rows of 16 at stride `ldc` in `c`; every load and store below
+    // stays inside them.
     unsafe {
-        let mut c = [_mm512_setzero_ps(); 12];
+        let mut acc = [_mm512_setzero_ps(); 12];
         let rows: [*const f32; 12] = core::array::from_fn(|i| a.add(i * lda));
         let mut bp = b;
         for p in 0..k {
             let bv = _mm512_loadu_ps(bp);
-            for (i, row) in c.iter_mut().enumerate() {
+            for (i, row) in acc.iter_mut().enumerate() {
                 *row = _mm512_fmadd_ps(_mm512_set1_ps(*rows[i].add(p)), bv, *row);
             }
             bp = bp.add(16);
         }
-        for (i, row) in c.iter().enumerate() {
-            _mm512_storeu_ps(tile.add(i * 16), *row);
+        let (lo, hi) = (_mm512_set1_ps(ep.lo), _mm512_set1_ps(ep.hi));
+        for (i, row) in acc.iter().enumerate() {
+            let y = _mm512_fmadd_ps(*row, _mm512_set1_ps(ep.mul[i]), _mm512_set1_ps(ep.add[i]));
+            _mm512_storeu_ps(c.add(i * ldc), _mm512_min_ps(hi, _mm512_max_ps(lo, y)));
         }
     }
 }
