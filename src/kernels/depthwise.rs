@@ -149,12 +149,7 @@ fn dw_lanes<const K: usize, const S: usize, M: DwInner>(
     // Position-major, so each store writes LANES consecutive floats.
     for y in 0..s.h {
         let base = (y + s.pad[0]) * pw + s.pad[1];
-        for xx in 0..s.w {
-            let d = &mut buf[(base + xx) * LANES..][..LANES];
-            for l in 0..LANES {
-                d[l] = planes[l][y * s.w + xx];
-            }
-        }
+        M::interleave(&planes, y * s.w, s.w, &mut buf[base * LANES..(base + s.w) * LANES]);
     }
     let mut wk = [[0.0f32; LANES]; 25];
     let (mut mul, mut add) = ([0.0f32; LANES], [0.0f32; LANES]);
@@ -188,11 +183,7 @@ fn dw_lanes<const K: usize, const S: usize, M: DwInner>(
         }
     }
     // Channel-major again, each channel's plane written consecutively.
-    for (l, plane) in out.chunks_exact_mut(plane_out).enumerate() {
-        for (pos, o) in plane.iter_mut().enumerate() {
-            *o = obuf[pos * LANES + l];
-        }
-    }
+    M::deinterleave(&obuf[..plane_out * LANES], out, plane_out);
 }
 
 /// [`depthwise_channels_inline`] compiled for the baseline ISA.
@@ -357,6 +348,27 @@ pub trait DwInner: MulAdd {
         for (d, a) in dst.as_chunks_mut::<LANES>().0.iter_mut().zip(&acc) {
             for l in 0..LANES {
                 d[l] = clamp(a[l] * ep.mul[l] + ep.add[l], ep.lo, ep.hi);
+            }
+        }
+    }
+
+    /// `dst[x * LANES + l] = planes[l][from + x]` for `x < len`.
+    #[inline(always)]
+    fn interleave(planes: &[&[f32]; LANES], from: usize, len: usize, dst: &mut [f32]) {
+        for (x, d) in dst[..len * LANES].as_chunks_mut::<LANES>().0.iter_mut().enumerate() {
+            for l in 0..LANES {
+                d[l] = planes[l][from + x];
+            }
+        }
+    }
+
+    /// `out[l * plane + pos] = src[pos * LANES + l]` for `pos < plane` and each of the
+    /// `out.len() / plane` (at most `LANES`) planes of `out`.
+    #[inline(always)]
+    fn deinterleave(src: &[f32], out: &mut [f32], plane: usize) {
+        for (l, o) in out.chunks_exact_mut(plane).enumerate() {
+            for (pos, v) in o.iter_mut().enumerate() {
+                *v = src[pos * LANES + l];
             }
         }
     }

@@ -137,6 +137,106 @@ impl depthwise::DwInner for Avx2Fma {
         // `Avx2Fma`.
         unsafe { dw_lanes_strip_avx2::<K, S, R>(rows, wk, ox, ep, dst) }
     }
+    #[inline(always)]
+    fn interleave(planes: &[&[f32]; depthwise::LANES], from: usize, len: usize, dst: &mut [f32]) {
+        assert!(planes.iter().all(|p| p.len() >= from + len) && dst.len() >= len * 8);
+        // SAFETY: reads planes[l][from..from + len], writes dst[..len * 8], in bounds by the
+        // assertion; AVX2: see `Avx2Fma`.
+        unsafe { interleave_avx2(planes, from, len, dst) }
+    }
+
+    #[inline(always)]
+    fn deinterleave(src: &[f32], out: &mut [f32], plane: usize) {
+        let n = out.len() / plane.max(1);
+        assert!(n <= 8 && src.len() >= plane * 8);
+        // SAFETY: reads src[..plane * 8], writes out[..n * plane], in bounds by the assertion;
+        // AVX2: see `Avx2Fma`.
+        unsafe { deinterleave_avx2(src, out, plane, n) }
+    }
+}
+
+/// Transposes an 8 × 8 block of floats held as 8 row vectors.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn transpose8(r: [core::arch::x86_64::__m256; 8]) -> [core::arch::x86_64::__m256; 8] {
+    use core::arch::x86_64::*;
+    // Pairs of rows interleaved, then pairs of pairs, then the 128-bit halves exchanged.
+    let t: [__m256; 8] = core::array::from_fn(|i| {
+        let (a, b) = (r[i / 2 * 2], r[i / 2 * 2 + 1]);
+        if i % 2 == 0 {
+            _mm256_unpacklo_ps(a, b)
+        } else {
+            _mm256_unpackhi_ps(a, b)
+        }
+    });
+    let s = [
+        _mm256_shuffle_ps::<0x44>(t[0], t[2]),
+        _mm256_shuffle_ps::<0xEE>(t[0], t[2]),
+        _mm256_shuffle_ps::<0x44>(t[1], t[3]),
+        _mm256_shuffle_ps::<0xEE>(t[1], t[3]),
+        _mm256_shuffle_ps::<0x44>(t[4], t[6]),
+        _mm256_shuffle_ps::<0xEE>(t[4], t[6]),
+        _mm256_shuffle_ps::<0x44>(t[5], t[7]),
+        _mm256_shuffle_ps::<0xEE>(t[5], t[7]),
+    ];
+    [
+        _mm256_permute2f128_ps::<0x20>(s[0], s[4]),
+        _mm256_permute2f128_ps::<0x20>(s[1], s[5]),
+        _mm256_permute2f128_ps::<0x20>(s[2], s[6]),
+        _mm256_permute2f128_ps::<0x20>(s[3], s[7]),
+        _mm256_permute2f128_ps::<0x31>(s[0], s[4]),
+        _mm256_permute2f128_ps::<0x31>(s[1], s[5]),
+        _mm256_permute2f128_ps::<0x31>(s[2], s[6]),
+        _mm256_permute2f128_ps::<0x31>(s[3], s[7]),
+    ]
+}
+
+/// See [`depthwise::DwInner::interleave`]: 8 positions of 8 planes per transpose; the caller
+/// checks the bounds.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn interleave_avx2(planes: &[&[f32]; 8], from: usize, len: usize, dst: &mut [f32]) {
+    use core::arch::x86_64::*;
+    let mut x = 0;
+    // SAFETY (whole body): the caller checked the bounds of every access below.
+    unsafe {
+        while x + 8 <= len {
+            let r = core::array::from_fn(|l| _mm256_loadu_ps(planes[l].as_ptr().add(from + x)));
+            for (j, v) in transpose8(r).iter().enumerate() {
+                _mm256_storeu_ps(dst.as_mut_ptr().add((x + j) * 8), *v);
+            }
+            x += 8;
+        }
+        for x in x..len {
+            for (l, p) in planes.iter().enumerate() {
+                *dst.get_unchecked_mut(x * 8 + l) = *p.get_unchecked(from + x);
+            }
+        }
+    }
+}
+
+/// See [`depthwise::DwInner::deinterleave`]: 8 positions of the `n` planes per transpose;
+/// the caller checks the bounds.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn deinterleave_avx2(src: &[f32], out: &mut [f32], plane: usize, n: usize) {
+    use core::arch::x86_64::*;
+    let mut pos = 0;
+    // SAFETY (whole body): the caller checked the bounds of every access below.
+    unsafe {
+        while pos + 8 <= plane {
+            let r = core::array::from_fn(|j| _mm256_loadu_ps(src.as_ptr().add((pos + j) * 8)));
+            for (l, v) in transpose8(r).iter().enumerate().take(n) {
+                _mm256_storeu_ps(out.as_mut_ptr().add(l * plane + pos), *v);
+            }
+            pos += 8;
+        }
+        for pos in pos..plane {
+            for l in 0..n {
+                *out.get_unchecked_mut(l * plane + pos) = *src.get_unchecked(pos * 8 + l);
+            }
+        }
+    }
 }
 
 /// See [`depthwise::DwInner::strip`]; the caller checks the bounds.
