@@ -144,13 +144,15 @@ fn whole_networks_fast_equal_reference_with_batches() {
 }
 
 /// Depthwise planes too large for the property test's sides: the mid-size (padded, stride-2
-/// split) and large (row-wise) paths, against the reference.
+/// split, with even and odd left padding) and large (row-wise) paths, against the reference.
 #[test]
 fn depthwise_mid_and_large_planes_match_reference() {
     for (side, k, stride, pad) in [
         (40, 3, 1, [1; 4]),
         (41, 3, 2, [0, 0, 1, 1]),
         (38, 5, 2, [1, 2, 2, 1]),
+        (44, 5, 2, [1, 1, 2, 2]),
+        (43, 3, 2, [1, 3, 0, 0]),
         (70, 5, 1, [2; 4]),
         (130, 3, 2, [1; 4]),
     ] {

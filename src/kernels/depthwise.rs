@@ -8,7 +8,7 @@
 //!
 //! All tested against [`super::reference::conv2d`] (`tests/kernels.rs`).
 
-use super::{clamp, for_each_chunk, ConvShape, Kernels, MulAdd, PostOp, Weights};
+use super::{clamp, for_each_chunk, ConvShape, Kernels, MulAdd, Plain, PostOp, Weights};
 
 /// Depthwise conv on one sample, whole blocks of channels per thread.
 #[inline(always)]
@@ -25,7 +25,7 @@ pub fn depthwise(k: &Kernels, s: &ConvShape, w: Weights, x: &[f32], y: &mut [f32
 /// Channels `c0 ..` of a depthwise conv: `x` is the whole input, `out` holds the output planes
 /// of this block of channels.
 #[inline(always)]
-pub fn depthwise_channels_inline<M: MulAdd>(
+pub fn depthwise_channels_inline<M: DwInner>(
     s: &ConvShape,
     w: Weights,
     c0: usize,
@@ -66,7 +66,7 @@ pub fn depthwise_channels_inline<M: MulAdd>(
 /// plane, so that small planes do not pay for zeroing a large buffer). One zeroed buffer per
 /// block: only the interior is rewritten per channel, so the padding stays zero.
 #[inline(always)]
-fn dw_padded_channels<const N: usize, M: MulAdd>(
+fn dw_padded_channels<const N: usize, M: DwInner>(
     s: &ConvShape,
     w: Weights,
     c0: usize,
@@ -77,25 +77,44 @@ fn dw_padded_channels<const N: usize, M: MulAdd>(
     let (plane_in, plane_out) = (s.h * s.w, s.oh() * s.ow());
     let (ph, pw) = (s.h + s.pad[0] + s.pad[2], s.w + s.pad[1] + s.pad[3]);
     let mut buf = [0.0f32; N];
-    let mut phased = [0.0f32; N];
     let pad = &mut buf[..ph * pw];
+    let (half, pl) = (pw.div_ceil(2), s.pad[1]);
     for (i, o) in out.chunks_exact_mut(plane_out).enumerate() {
         let c = c0 + i;
         let xin = &x[c * plane_in..(c + 1) * plane_in];
         for (y, row) in xin.chunks_exact(s.w).enumerate() {
-            pad[(y + s.pad[0]) * pw + s.pad[1]..][..s.w].copy_from_slice(row);
+            let d = &mut pad[(y + s.pad[0]) * pw..][..pw];
+            if s.sh == 1 {
+                d[pl..][..s.w].copy_from_slice(row);
+                continue;
+            }
+            // Stride 2: padded column j goes to the even half (first `half` floats) at j / 2
+            // if j is even, else to the odd half at j / 2, in the same pass as the padding.
+            let (even, odd) = d.split_at_mut(half);
+            let (first, second) = if pl % 2 == 0 {
+                (&mut even[pl / 2..], &mut odd[pl / 2..])
+            } else {
+                (&mut odd[pl / 2..], &mut even[pl.div_ceil(2)..])
+            };
+            let pairs = row.chunks_exact(2);
+            if let [last] = pairs.remainder() {
+                first[s.w / 2] = *last;
+            }
+            for ((a, b), p) in first.iter_mut().zip(second.iter_mut()).zip(pairs) {
+                (*a, *b) = (p[0], p[1]);
+            }
         }
         match (s.kh, s.sh) {
-            (3, 1) => dw_padded::<3, 1, M>(s, w, c, pad, &mut phased, o, post),
-            (3, 2) => dw_padded::<3, 2, M>(s, w, c, pad, &mut phased, o, post),
-            (5, 1) => dw_padded::<5, 1, M>(s, w, c, pad, &mut phased, o, post),
-            _ => dw_padded::<5, 2, M>(s, w, c, pad, &mut phased, o, post),
+            (3, 1) => dw_padded::<3, 1, M>(s, w, c, pad, o, post),
+            (3, 2) => dw_padded::<3, 2, M>(s, w, c, pad, o, post),
+            (5, 1) => dw_padded::<5, 1, M>(s, w, c, pad, o, post),
+            _ => dw_padded::<5, 2, M>(s, w, c, pad, o, post),
         }
     }
 }
 
 /// Channels computed together by [`dw_lanes`]: one 256-bit vector of f32.
-const LANES: usize = 8;
+pub const LANES: usize = 8;
 /// Largest zero-padded plane (floats per channel) that [`dw_lanes`] takes: 32 × 32.
 const DW_LANES_MAX: usize = 1024;
 
@@ -105,7 +124,7 @@ const DW_LANES_MAX: usize = 1024;
 /// `out` holds the output planes of up to `LANES` channels starting at `c0`.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn dw_lanes<const K: usize, const S: usize, M: MulAdd>(
+fn dw_lanes<const K: usize, const S: usize, M: DwInner>(
     s: &ConvShape,
     w: Weights,
     c0: usize,
@@ -130,12 +149,7 @@ fn dw_lanes<const K: usize, const S: usize, M: MulAdd>(
     // Position-major, so each store writes LANES consecutive floats.
     for y in 0..s.h {
         let base = (y + s.pad[0]) * pw + s.pad[1];
-        for xx in 0..s.w {
-            let d = &mut buf[(base + xx) * LANES..][..LANES];
-            for l in 0..LANES {
-                d[l] = planes[l][y * s.w + xx];
-            }
-        }
+        M::interleave(&planes, y * s.w, s.w, &mut buf[base * LANES..(base + s.w) * LANES]);
     }
     let mut wk = [[0.0f32; LANES]; 25];
     let (mut mul, mut add) = ([0.0f32; LANES], [0.0f32; LANES]);
@@ -146,30 +160,30 @@ fn dw_lanes<const K: usize, const S: usize, M: MulAdd>(
         }
         (mul[l], add[l]) = (post.mul[c], post.add[c]);
     }
+    let ep = LanesEpilogue { mul, add, lo: post.lo, hi: post.hi };
     for oy in 0..oh {
-        for ox in 0..ow {
-            let mut acc = [0.0f32; LANES];
-            for ky in 0..K {
-                let row = &buf[((oy * S + ky) * pw + ox * S) * LANES..][..K * LANES];
-                for kx in 0..K {
-                    let (wv, xv) = (&wk[ky * K + kx], &row[kx * LANES..(kx + 1) * LANES]);
-                    for l in 0..LANES {
-                        acc[l] = M::mul_add(wv[l], xv[l], acc[l]);
-                    }
+        let rows: [&[f32]; K] = core::array::from_fn(|ky| &buf[(oy * S + ky) * pw * LANES..]);
+        let orow = &mut obuf[oy * ow * LANES..(oy + 1) * ow * LANES];
+        // Strips of LANES_STRIP outputs (independent accumulators, each weight vector loaded
+        // once per strip); a partial last strip is computed again from `ow - LANES_STRIP`.
+        let mut ox = 0;
+        while ox + LANES_STRIP <= ow {
+            M::lanes_strip::<K, S, LANES_STRIP>(&rows, &wk, ox, &ep, &mut orow[ox * LANES..(ox + LANES_STRIP) * LANES]);
+            ox += LANES_STRIP;
+        }
+        if ox < ow {
+            if ow >= LANES_STRIP {
+                let ox = ow - LANES_STRIP;
+                M::lanes_strip::<K, S, LANES_STRIP>(&rows, &wk, ox, &ep, &mut orow[ox * LANES..]);
+            } else {
+                for ox in ox..ow {
+                    M::lanes_strip::<K, S, 1>(&rows, &wk, ox, &ep, &mut orow[ox * LANES..(ox + 1) * LANES]);
                 }
-            }
-            let res = &mut obuf[(oy * ow + ox) * LANES..][..LANES];
-            for l in 0..LANES {
-                res[l] = clamp(acc[l] * mul[l] + add[l], post.lo, post.hi);
             }
         }
     }
     // Channel-major again, each channel's plane written consecutively.
-    for (l, plane) in out.chunks_exact_mut(plane_out).enumerate() {
-        for (pos, o) in plane.iter_mut().enumerate() {
-            *o = obuf[pos * LANES + l];
-        }
-    }
+    M::deinterleave(&obuf[..plane_out * LANES], out, plane_out);
 }
 
 /// [`depthwise_channels_inline`] compiled for the baseline ISA.
@@ -177,88 +191,193 @@ pub fn depthwise_channels(s: &ConvShape, w: Weights, c0: usize, x: &[f32], out: 
     depthwise_channels_inline::<super::Plain>(s, w, c0, x, out, post)
 }
 
-/// Largest zero-padded input plane (floats) that [`dw_padded`] copies to the stack (twice,
-/// with the stride-2 split): 64 KB each, e.g. 128 × 128. Larger planes take [`dw_rows`].
+/// Largest zero-padded input plane (floats) that [`dw_padded`] copies to the stack: 64 KB,
+/// e.g. 128 × 128. Larger planes take [`dw_rows`].
 const DW_PAD_MAX: usize = 16384;
 
 /// Mid-size planes, `K × K` taps, stride `S` (1 or 2), no dilation, on the zero-padded plane
 /// `pad` (`ph × pw`): blocks of `LANES` outputs of a row, each tap one vector multiply-add.
-/// With stride 2 the padded rows are first split into even and odd columns (`phased`), so
-/// that every tap reads consecutive inputs.
+/// With stride 2 every padded row holds its even columns, then its odd ones (written so by
+/// [`dw_padded_channels`]), so that every tap reads consecutive inputs.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn dw_padded<const K: usize, const S: usize, M: MulAdd>(
+fn dw_padded<const K: usize, const S: usize, M: DwInner>(
     s: &ConvShape,
     w: Weights,
     c: usize,
     pad: &[f32],
-    phased: &mut [f32],
     out: &mut [f32],
     post: &PostOp,
 ) {
     let (oh, ow) = (s.oh(), s.ow());
     let pw = s.w + s.pad[1] + s.pad[3];
     let half = pw.div_ceil(2);
-    let src: &[f32] = if S == 1 {
-        pad
-    } else {
-        let phased = &mut phased[..pad.len()];
-        for (d, r) in phased.chunks_exact_mut(pw).zip(pad.chunks_exact(pw)) {
-            let (even, odd) = d.split_at_mut(half);
-            for (j, e) in even.iter_mut().enumerate() {
-                *e = r[2 * j];
-            }
-            for (j, o) in odd.iter_mut().enumerate() {
-                *o = r[2 * j + 1];
-            }
-        }
-        phased
-    };
-    // Start of the inputs of tap (ky, kx) for output (oy, 0); output ox reads index + ox.
-    let tap = |oy: usize, ky: usize, kx: usize| {
-        let row = (oy * S + ky) * pw;
-        if S == 1 {
-            row + kx
-        } else {
-            row + (kx % 2) * half + kx / 2
-        }
-    };
+    let src = pad;
+    // Offset in a (phased) row of the input of tap column kx for output column 0; output
+    // column ox reads offset + ox.
+    let col: [usize; K] = core::array::from_fn(|kx| if S == 1 { kx } else { (kx % 2) * half + kx / 2 });
     let mut wk = [[0.0f32; K]; K];
     for (t, v) in wk.iter_mut().flatten().enumerate() {
         *v = w.get(c, c * K * K + t);
     }
-    let (mul, add) = (post.mul[c], post.add[c]);
+    let ep = Epilogue { mul: post.mul[c], add: post.add[c], lo: post.lo, hi: post.hi };
     for (oy, orow) in out[..oh * ow].chunks_exact_mut(ow).enumerate() {
         // Every tap of every output lies inside the padded plane (ConvShape::out_hw).
-        let taps: [[&[f32]; K]; K] =
-            core::array::from_fn(|ky| core::array::from_fn(|kx| &src[tap(oy, ky, kx)..][..ow]));
-        let (blocks, tail) = orow.as_chunks_mut::<LANES>();
-        for (b, ob) in blocks.iter_mut().enumerate() {
-            let mut acc = [0.0f32; LANES];
-            for ky in 0..K {
-                for kx in 0..K {
-                    let (wv, x) = (wk[ky][kx], &taps[ky][kx][b * LANES..(b + 1) * LANES]);
-                    for l in 0..LANES {
-                        acc[l] = M::mul_add(wv, x[l], acc[l]);
+        let rows: [&[f32]; K] = core::array::from_fn(|ky| &src[(oy * S + ky) * pw..]);
+        if ow < LANES {
+            for (ox, o) in orow.iter_mut().enumerate() {
+                let mut acc = 0.0f32;
+                for ky in 0..K {
+                    for kx in 0..K {
+                        acc = M::mul_add(wk[ky][kx], rows[ky][col[kx] + ox], acc);
                     }
                 }
+                *o = ep.apply(acc);
             }
-            for l in 0..LANES {
-                ob[l] = clamp(acc[l] * mul + add, post.lo, post.hi);
-            }
+            continue;
         }
-        let done = blocks.len() * LANES;
-        for (i, o) in tail.iter_mut().enumerate() {
-            let mut acc = 0.0f32;
-            for ky in 0..K {
-                for kx in 0..K {
-                    acc = M::mul_add(wk[ky][kx], taps[ky][kx][done + i], acc);
-                }
-            }
-            *o = clamp(acc * mul + add, post.lo, post.hi);
+        // Strips of STRIP blocks (independent accumulators, each weight loaded once per strip),
+        // then single blocks; a partial last block is computed again from `ow - LANES`: the
+        // overlap is written twice with the same values, and no output takes a scalar path.
+        let mut o = 0;
+        while o + STRIP * LANES <= ow {
+            M::strip::<K, STRIP>(&rows, &col, &wk, o, &ep, &mut orow[o..o + STRIP * LANES]);
+            o += STRIP * LANES;
+        }
+        while o + LANES <= ow {
+            M::strip::<K, 1>(&rows, &col, &wk, o, &ep, &mut orow[o..o + LANES]);
+            o += LANES;
+        }
+        if o < ow {
+            let o = ow - LANES;
+            M::strip::<K, 1>(&rows, &col, &wk, o, &ep, &mut orow[o..]);
         }
     }
 }
+
+/// Blocks of outputs of a row that [`dw_padded`] computes together.
+const STRIP: usize = 4;
+
+/// The post-op of one channel.
+pub struct Epilogue {
+    pub mul: f32,
+    pub add: f32,
+    pub lo: f32,
+    pub hi: f32,
+}
+
+impl Epilogue {
+    #[inline(always)]
+    pub fn apply(&self, acc: f32) -> f32 {
+        clamp(acc * self.mul + self.add, self.lo, self.hi)
+    }
+}
+
+/// The post-ops of `LANES` interleaved channels.
+pub struct LanesEpilogue {
+    pub mul: [f32; LANES],
+    pub add: [f32; LANES],
+    pub lo: f32,
+    pub hi: f32,
+}
+
+/// Outputs of a row (in positions) that [`dw_lanes`] computes together.
+const LANES_STRIP: usize = 4;
+
+/// The innermost loops of the depthwise kernels, one implementation per ISA instance. The
+/// provided bodies are portable; an ISA may override them with explicit vector code where the
+/// compiler's own vectorisation falls short (it rebuilds overlapping unaligned loads from
+/// shuffles, and spills the weights).
+pub trait DwInner: MulAdd {
+    /// `R` blocks of `LANES` consecutive outputs of one row from offset `o`, written to
+    /// `dst[..R * LANES]`: `R` independent accumulators, every tap one vector multiply-add per
+    /// block. `rows[ky]` starts at the input row of tap row `ky`; `col[kx]` is the offset of
+    /// tap column `kx` in it, so output `o + i` reads `rows[ky][col[kx] + o + i]`.
+    #[inline(always)]
+    fn strip<const K: usize, const R: usize>(
+        rows: &[&[f32]; K],
+        col: &[usize; K],
+        wk: &[[f32; K]; K],
+        o: usize,
+        ep: &Epilogue,
+        dst: &mut [f32],
+    ) {
+        let mut acc = [[0.0f32; LANES]; R];
+        for ky in 0..K {
+            for kx in 0..K {
+                let wv = wk[ky][kx];
+                let x = &rows[ky][col[kx] + o..][..R * LANES];
+                for (a, xb) in acc.iter_mut().zip(x.as_chunks::<LANES>().0) {
+                    for l in 0..LANES {
+                        a[l] = Self::mul_add(wv, xb[l], a[l]);
+                    }
+                }
+            }
+        }
+        for (d, a) in dst.as_chunks_mut::<LANES>().0.iter_mut().zip(&acc) {
+            for l in 0..LANES {
+                d[l] = ep.apply(a[l]);
+            }
+        }
+    }
+
+    /// `R` consecutive output positions from `ox` of one row of interleaved channels (see
+    /// [`dw_lanes`]), written to `dst[..R * LANES]`. `rows[ky]` starts at the padded input
+    /// row of tap row `ky`; `wk[ky * K + kx]` holds the tap's weight for each lane.
+    #[inline(always)]
+    fn lanes_strip<const K: usize, const S: usize, const R: usize>(
+        rows: &[&[f32]; K],
+        wk: &[[f32; LANES]; 25],
+        ox: usize,
+        ep: &LanesEpilogue,
+        dst: &mut [f32],
+    ) {
+        let mut acc = [[0.0f32; LANES]; R];
+        for ky in 0..K {
+            let row = &rows[ky][ox * S * LANES..][..((R - 1) * S + K) * LANES];
+            for kx in 0..K {
+                let wv = &wk[ky * K + kx];
+                for (r, a) in acc.iter_mut().enumerate() {
+                    let xv = &row[(r * S + kx) * LANES..][..LANES];
+                    for l in 0..LANES {
+                        a[l] = Self::mul_add(wv[l], xv[l], a[l]);
+                    }
+                }
+            }
+        }
+        for (d, a) in dst.as_chunks_mut::<LANES>().0.iter_mut().zip(&acc) {
+            for l in 0..LANES {
+                d[l] = clamp(a[l] * ep.mul[l] + ep.add[l], ep.lo, ep.hi);
+            }
+        }
+    }
+
+    /// `dst[x * LANES + l] = planes[l][from + x]` for `x < len`.
+    #[inline(always)]
+    fn interleave(planes: &[&[f32]; LANES], from: usize, len: usize, dst: &mut [f32]) {
+        for (x, d) in dst[..len * LANES].as_chunks_mut::<LANES>().0.iter_mut().enumerate() {
+            for l in 0..LANES {
+                d[l] = planes[l][from + x];
+            }
+        }
+    }
+
+    /// `out[l * plane + pos] = src[pos * LANES + l]` for `pos < plane` and each of the
+    /// `out.len() / plane` (at most `LANES`) planes of `out`.
+    #[inline(always)]
+    fn deinterleave(src: &[f32], out: &mut [f32], plane: usize) {
+        for (l, o) in out.chunks_exact_mut(plane).enumerate() {
+            for (pos, v) in o.iter_mut().enumerate() {
+                *v = src[pos * LANES + l];
+            }
+        }
+    }
+}
+
+impl DwInner for Plain {}
+
+#[cfg(feature = "std")]
+impl DwInner for super::Fused {}
 
 /// Any depthwise geometry: for each output row and tap, the range of output columns whose
 /// input column lies inside the image is computed once, so the inner loop is a plain

@@ -75,29 +75,64 @@ fn im2col_packed(s: &ConvShape, xg: &[f32], nr: usize, dst: &mut [f32]) {
     if n % nr != 0 {
         dst[last * panel_len..(last + 1) * panel_len].fill(0.0);
     }
+    let mut tmp = [0.0f32; IM2COL_CHUNK];
     let mut row = 0;
     for ci in 0..s.cin_g() {
         let plane = &xg[ci * s.h * s.w..(ci + 1) * s.h * s.w];
         for ky in 0..s.kh {
             for kx in 0..s.kw {
+                // Input column of output column ox: ox * sw + off; inside the image for ox in
+                // [lo, hi), computed once per tap.
+                let off = (kx * s.dw) as isize - s.pad[1] as isize;
+                let lo = if off >= 0 { 0 } else { ((-off) as usize).div_ceil(s.sw).min(ow) };
+                let hi = if (s.w as isize) <= off { 0 } else { ((s.w as isize - off) as usize).div_ceil(s.sw).min(ow) };
                 // Column `col` goes to panel `col / nr`, lane `col % nr`: tracked as a running
                 // offset instead of a division per element.
                 let (mut at, mut lane) = (row * nr, 0);
                 for oy in 0..oh {
                     let iy = (oy * s.sh + ky * s.dh) as isize - s.pad[0] as isize;
-                    let inside_y = iy >= 0 && (iy as usize) < s.h;
-                    for ox in 0..ow {
-                        let ix = (ox * s.sw + kx * s.dw) as isize - s.pad[1] as isize;
-                        let v = if inside_y && ix >= 0 && (ix as usize) < s.w {
-                            plane[iy as usize * s.w + ix as usize]
-                        } else {
-                            0.0
-                        };
-                        dst[at + lane] = v;
-                        lane += 1;
-                        if lane == nr {
-                            lane = 0;
-                            at += panel_len;
+                    let src = (iy >= 0 && (iy as usize) < s.h).then(|| &plane[iy as usize * s.w..][..s.w]);
+                    // A chunk of the output row gathered on the stack, then copied into the
+                    // panels in runs of up to `nr`.
+                    for x0 in (0..ow).step_by(IM2COL_CHUNK) {
+                        let t = &mut tmp[..IM2COL_CHUNK.min(ow - x0)];
+                        let (l, h) = (lo.clamp(x0, x0 + t.len()) - x0, hi.clamp(x0, x0 + t.len()) - x0);
+                        match src {
+                            Some(src) if l < h => {
+                                t[..l].fill(0.0);
+                                t[h..].fill(0.0);
+                                let first = (((x0 + l) * s.sw) as isize + off) as usize;
+                                let taps = &src[first..=first + (h - l - 1) * s.sw];
+                                match s.sw {
+                                    1 => t[l..h].copy_from_slice(taps),
+                                    // Pairs, so that the compiler vectorises the stride.
+                                    2 => {
+                                        let (pairs, last) = taps.as_chunks::<2>();
+                                        for (v, p) in t[l..h].iter_mut().zip(pairs) {
+                                            *v = p[0];
+                                        }
+                                        if let [x] = last {
+                                            t[h - 1] = *x;
+                                        }
+                                    }
+                                    _ => {
+                                        for (v, &x) in t[l..h].iter_mut().zip(taps.iter().step_by(s.sw)) {
+                                            *v = x;
+                                        }
+                                    }
+                                }
+                            }
+                            _ => t.fill(0.0),
+                        }
+                        let mut i = 0;
+                        while i < t.len() {
+                            let run = (nr - lane).min(t.len() - i);
+                            dst[at + lane..][..run].copy_from_slice(&t[i..i + run]);
+                            (i, lane) = (i + run, lane + run);
+                            if lane == nr {
+                                lane = 0;
+                                at += panel_len;
+                            }
                         }
                     }
                 }
@@ -106,6 +141,9 @@ fn im2col_packed(s: &ConvShape, xg: &[f32], nr: usize, dst: &mut [f32]) {
         }
     }
 }
+
+/// Output columns [`im2col_packed`] gathers on the stack at a time.
+const IM2COL_CHUNK: usize = 256;
 
 /// Depthwise conv (one kernel per channel), channels split across threads. For each output
 /// row and tap, the range of output columns whose input column is inside the image is computed

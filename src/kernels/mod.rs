@@ -187,9 +187,30 @@ impl ConvShape {
     }
 }
 
-/// A GEMM micro-kernel: `tile[i][j] = Σ_p a[i * lda + p] · b[p][j]` for `i < mr`, `j < nr`,
-/// `p < k`; `b` is one packed `[k][nr]` panel.
-pub type MicroKernelFn = fn(k: usize, a: &[f32], lda: usize, b: &[f32], tile: &mut [f32]);
+/// A GEMM micro-kernel with its epilogue: `c[i * ldc + j] = ep(i, Σ_p a[i * lda + p] · b[p][j])`
+/// for `i < mr`, `j < nr`, `p < k`; `b` is one packed `[k][nr]` panel. Applying the post-op
+/// while the tile is in registers and storing straight into C saves a round trip through a
+/// stack tile (measured: that epilogue loop was most of `gemm_rows` outside the kernel).
+pub type MicroKernelFn = fn(k: usize, a: &[f32], lda: usize, b: &[f32], ep: &TileEpilogue, c: &mut [f32], ldc: usize);
+
+/// Largest `mr` of any micro-kernel.
+pub const MAX_MR: usize = 12;
+
+/// The post-op of the `mr` rows of one micro-kernel tile: `clamp(acc * mul[i] + add[i], lo, hi)`.
+#[derive(Clone, Copy, Debug)]
+pub struct TileEpilogue {
+    pub mul: [f32; MAX_MR],
+    pub add: [f32; MAX_MR],
+    pub lo: f32,
+    pub hi: f32,
+}
+
+impl TileEpilogue {
+    #[inline(always)]
+    pub fn apply(&self, i: usize, acc: f32) -> f32 {
+        clamp(acc * self.mul[i] + self.add[i], self.lo, self.hi)
+    }
+}
 
 /// A convolution on one sample (see [`fast::conv2d`]).
 pub type ConvFn = fn(&Kernels, &ConvShape, Weights, &[f32], &mut [f32], &PostOp, &mut [f32]);

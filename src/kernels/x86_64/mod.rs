@@ -7,7 +7,7 @@
 //! multiply-adds. Everything here is tested against the reference kernels.
 #![allow(unsafe_code)]
 
-use super::{depthwise, fast, gemm, ConvShape, Kernels, MicroKernel, PostOp, Weights};
+use super::{depthwise, fast, gemm, ConvShape, Kernels, MicroKernel, PostOp, TileEpilogue, Weights};
 
 /// The best table this CPU runs: AVX2 + FMA, with the 512-bit GEMM micro-kernel when
 /// AVX-512F is present too.
@@ -88,7 +88,221 @@ fn depthwise(s: &ConvShape, w: Weights, c0: usize, x: &[f32], y: &mut [f32], pos
 }
 #[target_feature(enable = "avx2,fma")]
 fn depthwise_avx2(s: &ConvShape, w: Weights, c0: usize, x: &[f32], y: &mut [f32], post: &PostOp) {
-    depthwise::depthwise_channels_inline::<super::Fused>(s, w, c0, x, y, post)
+    depthwise::depthwise_channels_inline::<Avx2Fma>(s, w, c0, x, y, post)
+}
+
+/// The depthwise kernels' inner loops with AVX2 + FMA intrinsics: left to itself, the
+/// compiler rebuilds the overlapping unaligned loads of neighbouring taps from shuffles and
+/// spills the weights (measured: the blocked 3×3 stride-1 path ran at half the speed).
+/// Only named inside [`depthwise_avx2`], which the table reaches after checking AVX2 and FMA.
+struct Avx2Fma;
+
+impl super::MulAdd for Avx2Fma {
+    #[inline(always)]
+    fn mul_add(a: f32, b: f32, c: f32) -> f32 {
+        a.mul_add(b, c)
+    }
+}
+
+impl depthwise::DwInner for Avx2Fma {
+    #[inline(always)]
+    fn strip<const K: usize, const R: usize>(
+        rows: &[&[f32]; K],
+        col: &[usize; K],
+        wk: &[[f32; K]; K],
+        o: usize,
+        ep: &depthwise::Epilogue,
+        dst: &mut [f32],
+    ) {
+        let reach = o + col.iter().max().map_or(0, |&c| c) + R * depthwise::LANES;
+        assert!(rows.iter().all(|r| r.len() >= reach) && dst.len() >= R * depthwise::LANES);
+        // SAFETY: every load reads rows[ky][col[kx] + o ..][..R * LANES] and every store
+        // dst[..R * LANES], in bounds by the assertion; AVX2 and FMA: see `Avx2Fma`.
+        unsafe { dw_strip_avx2::<K, R>(rows, col, wk, o, ep, dst) }
+    }
+
+    #[inline(always)]
+    fn lanes_strip<const K: usize, const S: usize, const R: usize>(
+        rows: &[&[f32]; K],
+        wk: &[[f32; depthwise::LANES]; 25],
+        ox: usize,
+        ep: &depthwise::LanesEpilogue,
+        dst: &mut [f32],
+    ) {
+        const L: usize = depthwise::LANES;
+        let reach = (ox * S + (R - 1) * S + K) * L;
+        assert!(K * K <= 25 && rows.iter().all(|r| r.len() >= reach) && dst.len() >= R * L);
+        // SAFETY: every load reads rows[ky][(ox * S + r * S + kx) * L ..][..L] with r < R,
+        // kx < K, and every store dst[..R * L], in bounds by the assertion; AVX2 and FMA: see
+        // `Avx2Fma`.
+        unsafe { dw_lanes_strip_avx2::<K, S, R>(rows, wk, ox, ep, dst) }
+    }
+    #[inline(always)]
+    fn interleave(planes: &[&[f32]; depthwise::LANES], from: usize, len: usize, dst: &mut [f32]) {
+        assert!(planes.iter().all(|p| p.len() >= from + len) && dst.len() >= len * 8);
+        // SAFETY: reads planes[l][from..from + len], writes dst[..len * 8], in bounds by the
+        // assertion; AVX2: see `Avx2Fma`.
+        unsafe { interleave_avx2(planes, from, len, dst) }
+    }
+
+    #[inline(always)]
+    fn deinterleave(src: &[f32], out: &mut [f32], plane: usize) {
+        let n = out.len() / plane.max(1);
+        assert!(n <= 8 && src.len() >= plane * 8);
+        // SAFETY: reads src[..plane * 8], writes out[..n * plane], in bounds by the assertion;
+        // AVX2: see `Avx2Fma`.
+        unsafe { deinterleave_avx2(src, out, plane, n) }
+    }
+}
+
+/// Transposes an 8 × 8 block of floats held as 8 row vectors.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn transpose8(r: [core::arch::x86_64::__m256; 8]) -> [core::arch::x86_64::__m256; 8] {
+    use core::arch::x86_64::*;
+    // Pairs of rows interleaved, then pairs of pairs, then the 128-bit halves exchanged.
+    let t: [__m256; 8] = core::array::from_fn(|i| {
+        let (a, b) = (r[i / 2 * 2], r[i / 2 * 2 + 1]);
+        if i % 2 == 0 {
+            _mm256_unpacklo_ps(a, b)
+        } else {
+            _mm256_unpackhi_ps(a, b)
+        }
+    });
+    let s = [
+        _mm256_shuffle_ps::<0x44>(t[0], t[2]),
+        _mm256_shuffle_ps::<0xEE>(t[0], t[2]),
+        _mm256_shuffle_ps::<0x44>(t[1], t[3]),
+        _mm256_shuffle_ps::<0xEE>(t[1], t[3]),
+        _mm256_shuffle_ps::<0x44>(t[4], t[6]),
+        _mm256_shuffle_ps::<0xEE>(t[4], t[6]),
+        _mm256_shuffle_ps::<0x44>(t[5], t[7]),
+        _mm256_shuffle_ps::<0xEE>(t[5], t[7]),
+    ];
+    [
+        _mm256_permute2f128_ps::<0x20>(s[0], s[4]),
+        _mm256_permute2f128_ps::<0x20>(s[1], s[5]),
+        _mm256_permute2f128_ps::<0x20>(s[2], s[6]),
+        _mm256_permute2f128_ps::<0x20>(s[3], s[7]),
+        _mm256_permute2f128_ps::<0x31>(s[0], s[4]),
+        _mm256_permute2f128_ps::<0x31>(s[1], s[5]),
+        _mm256_permute2f128_ps::<0x31>(s[2], s[6]),
+        _mm256_permute2f128_ps::<0x31>(s[3], s[7]),
+    ]
+}
+
+/// See [`depthwise::DwInner::interleave`]: 8 positions of 8 planes per transpose; the caller
+/// checks the bounds.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn interleave_avx2(planes: &[&[f32]; 8], from: usize, len: usize, dst: &mut [f32]) {
+    use core::arch::x86_64::*;
+    let mut x = 0;
+    // SAFETY (whole body): the caller checked the bounds of every access below.
+    unsafe {
+        while x + 8 <= len {
+            let r = core::array::from_fn(|l| _mm256_loadu_ps(planes[l].as_ptr().add(from + x)));
+            for (j, v) in transpose8(r).iter().enumerate() {
+                _mm256_storeu_ps(dst.as_mut_ptr().add((x + j) * 8), *v);
+            }
+            x += 8;
+        }
+        for x in x..len {
+            for (l, p) in planes.iter().enumerate() {
+                *dst.get_unchecked_mut(x * 8 + l) = *p.get_unchecked(from + x);
+            }
+        }
+    }
+}
+
+/// See [`depthwise::DwInner::deinterleave`]: 8 positions of the `n` planes per transpose;
+/// the caller checks the bounds.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn deinterleave_avx2(src: &[f32], out: &mut [f32], plane: usize, n: usize) {
+    use core::arch::x86_64::*;
+    let mut pos = 0;
+    // SAFETY (whole body): the caller checked the bounds of every access below.
+    unsafe {
+        while pos + 8 <= plane {
+            let r = core::array::from_fn(|j| _mm256_loadu_ps(src.as_ptr().add((pos + j) * 8)));
+            for (l, v) in transpose8(r).iter().enumerate().take(n) {
+                _mm256_storeu_ps(out.as_mut_ptr().add(l * plane + pos), *v);
+            }
+            pos += 8;
+        }
+        for pos in pos..plane {
+            for l in 0..n {
+                *out.get_unchecked_mut(l * plane + pos) = *src.get_unchecked(pos * 8 + l);
+            }
+        }
+    }
+}
+
+/// See [`depthwise::DwInner::strip`]; the caller checks the bounds.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn dw_strip_avx2<const K: usize, const R: usize>(
+    rows: &[&[f32]; K],
+    col: &[usize; K],
+    wk: &[[f32; K]; K],
+    o: usize,
+    ep: &depthwise::Epilogue,
+    dst: &mut [f32],
+) {
+    use core::arch::x86_64::*;
+    // SAFETY (whole body): the caller checked that every address below is in bounds.
+    unsafe {
+        let mut acc = [_mm256_setzero_ps(); R];
+        for ky in 0..K {
+            let p = rows[ky].as_ptr().add(o);
+            for kx in 0..K {
+                let wv = _mm256_set1_ps(wk[ky][kx]);
+                let q = p.add(col[kx]);
+                for (r, a) in acc.iter_mut().enumerate() {
+                    *a = _mm256_fmadd_ps(wv, _mm256_loadu_ps(q.add(r * 8)), *a);
+                }
+            }
+        }
+        let (mul, add) = (_mm256_set1_ps(ep.mul), _mm256_set1_ps(ep.add));
+        let (lo, hi) = (_mm256_set1_ps(ep.lo), _mm256_set1_ps(ep.hi));
+        for (r, a) in acc.iter().enumerate() {
+            let v = _mm256_fmadd_ps(*a, mul, add);
+            _mm256_storeu_ps(dst.as_mut_ptr().add(r * 8), _mm256_min_ps(hi, _mm256_max_ps(lo, v)));
+        }
+    }
+}
+
+/// See [`depthwise::DwInner::lanes_strip`]; the caller checks the bounds.
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn dw_lanes_strip_avx2<const K: usize, const S: usize, const R: usize>(
+    rows: &[&[f32]; K],
+    wk: &[[f32; depthwise::LANES]; 25],
+    ox: usize,
+    ep: &depthwise::LanesEpilogue,
+    dst: &mut [f32],
+) {
+    use core::arch::x86_64::*;
+    // SAFETY (whole body): the caller checked that every address below is in bounds.
+    unsafe {
+        let mut acc = [_mm256_setzero_ps(); R];
+        for ky in 0..K {
+            let p = rows[ky].as_ptr().add(ox * S * 8);
+            for kx in 0..K {
+                let wv = _mm256_loadu_ps(wk[ky * K + kx].as_ptr());
+                for (r, a) in acc.iter_mut().enumerate() {
+                    *a = _mm256_fmadd_ps(wv, _mm256_loadu_ps(p.add((r * S + kx) * 8)), *a);
+                }
+            }
+        }
+        let (mul, add) = (_mm256_loadu_ps(ep.mul.as_ptr()), _mm256_loadu_ps(ep.add.as_ptr()));
+        let (lo, hi) = (_mm256_set1_ps(ep.lo), _mm256_set1_ps(ep.hi));
+        for (r, a) in acc.iter().enumerate() {
+            let v = _mm256_fmadd_ps(*a, mul, add);
+            _mm256_storeu_ps(dst.as_mut_ptr().add(r * 8), _mm256_min_ps(hi, _mm256_max_ps(lo, v)));
+        }
+    }
 }
 
 fn linear_rows(first: usize, i: usize, w: Weights, x: &[f32], ys: &mut [f32], post: &PostOp) {
@@ -102,35 +316,48 @@ fn linear_rows_avx2(first: usize, i: usize, w: Weights, x: &[f32], ys: &mut [f32
 /// Only reachable through [`detect`], which checked AVX2 and FMA.
 const AVX2_MICRO: MicroKernel = MicroKernel { name: "x86_64 avx2+fma 6x16", mr: 6, nr: 16, run: micro_6x16 };
 
-fn micro_6x16(k: usize, a: &[f32], lda: usize, b: &[f32], tile: &mut [f32]) {
-    assert!(lda >= k && a.len() >= 5 * lda + k && b.len() >= k * 16 && tile.len() >= 96);
+fn micro_6x16(k: usize, a: &[f32], lda: usize, b: &[f32], ep: &TileEpilogue, c: &mut [f32], ldc: usize) {
+    assert!(lda >= k && a.len() >= 5 * lda + k && b.len() >= k * 16 && ldc >= 16 && c.len() >= 5 * ldc + 16);
     // SAFETY: the slices hold what the kernel reads and writes (asserted above), and this
     // function is only reachable through `detect`, which confirmed AVX2 and FMA.
-    unsafe { micro_6x16_avx2(k, a.as_ptr(), lda, b.as_ptr(), tile.as_mut_ptr()) }
+    unsafe { micro_6x16_avx2(k, a.as_ptr(), lda, b.as_ptr(), ep, c.as_mut_ptr(), ldc) }
 }
 
 #[target_feature(enable = "avx2,fma")]
-unsafe fn micro_6x16_avx2(k: usize, a: *const f32, lda: usize, b: *const f32, tile: *mut f32) {
+unsafe fn micro_6x16_avx2(
+    k: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    ep: &TileEpilogue,
+    c: *mut f32,
+    ldc: usize,
+) {
     use core::arch::x86_64::*;
     // SAFETY (whole body): the caller guarantees 6 rows of `k` floats at stride `lda` in `a`,
-    // 16k floats in `b` and 96 in `tile`; every load and store below stays inside them.
+    // 16k floats in `b` and 6 rows of 16 at stride `ldc` in `c`; every load and store below
+    // stays inside them.
     unsafe {
-        let mut c = [[_mm256_setzero_ps(); 2]; 6];
+        let mut acc = [[_mm256_setzero_ps(); 2]; 6];
         let rows: [*const f32; 6] = core::array::from_fn(|i| a.add(i * lda));
         let mut bp = b;
         for p in 0..k {
             let b0 = _mm256_loadu_ps(bp);
             let b1 = _mm256_loadu_ps(bp.add(8));
-            for (i, row) in c.iter_mut().enumerate() {
+            for (i, row) in acc.iter_mut().enumerate() {
                 let av = _mm256_broadcast_ss(&*rows[i].add(p));
                 row[0] = _mm256_fmadd_ps(av, b0, row[0]);
                 row[1] = _mm256_fmadd_ps(av, b1, row[1]);
             }
             bp = bp.add(16);
         }
-        for (i, row) in c.iter().enumerate() {
-            _mm256_storeu_ps(tile.add(i * 16), row[0]);
-            _mm256_storeu_ps(tile.add(i * 16 + 8), row[1]);
+        let (lo, hi) = (_mm256_set1_ps(ep.lo), _mm256_set1_ps(ep.hi));
+        for (i, row) in acc.iter().enumerate() {
+            let (mul, add) = (_mm256_set1_ps(ep.mul[i]), _mm256_set1_ps(ep.add[i]));
+            for (h, v) in row.iter().enumerate() {
+                let y = _mm256_min_ps(hi, _mm256_max_ps(lo, _mm256_fmadd_ps(*v, mul, add)));
+                _mm256_storeu_ps(c.add(i * ldc + h * 8), y);
+            }
         }
     }
 }
@@ -140,31 +367,42 @@ const AVX512_MICRO: MicroKernel = MicroKernel { name: "x86_64 avx512f 12x16", mr
 
 /// 12 × 16 with 512-bit vectors: 12 zmm accumulators, one B load and 12 broadcasts per step.
 /// Same B panels as the AVX2 kernel (16 wide); twice the multiply-adds per instruction.
-fn micro_12x16(k: usize, a: &[f32], lda: usize, b: &[f32], tile: &mut [f32]) {
-    assert!(lda >= k && a.len() >= 11 * lda + k && b.len() >= k * 16 && tile.len() >= 192);
+fn micro_12x16(k: usize, a: &[f32], lda: usize, b: &[f32], ep: &TileEpilogue, c: &mut [f32], ldc: usize) {
+    assert!(lda >= k && a.len() >= 11 * lda + k && b.len() >= k * 16 && ldc >= 16 && c.len() >= 11 * ldc + 16);
     // SAFETY: the slices hold what the kernel reads and writes (asserted above), and this
     // function is only reachable through `detect`, which confirmed AVX-512F.
-    unsafe { micro_12x16_avx512(k, a.as_ptr(), lda, b.as_ptr(), tile.as_mut_ptr()) }
+    unsafe { micro_12x16_avx512(k, a.as_ptr(), lda, b.as_ptr(), ep, c.as_mut_ptr(), ldc) }
 }
 
 #[target_feature(enable = "avx512f")]
-unsafe fn micro_12x16_avx512(k: usize, a: *const f32, lda: usize, b: *const f32, tile: *mut f32) {
+unsafe fn micro_12x16_avx512(
+    k: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    ep: &TileEpilogue,
+    c: *mut f32,
+    ldc: usize,
+) {
     use core::arch::x86_64::*;
     // SAFETY (whole body): the caller guarantees 12 rows of `k` floats at stride `lda` in `a`,
-    // 16k floats in `b` and 192 in `tile`; every load and store below stays inside them.
+    // 16k floats in `b` and 12 rows of 16 at stride `ldc` in `c`; every load and store below
+    // stays inside them.
     unsafe {
-        let mut c = [_mm512_setzero_ps(); 12];
+        let mut acc = [_mm512_setzero_ps(); 12];
         let rows: [*const f32; 12] = core::array::from_fn(|i| a.add(i * lda));
         let mut bp = b;
         for p in 0..k {
             let bv = _mm512_loadu_ps(bp);
-            for (i, row) in c.iter_mut().enumerate() {
+            for (i, row) in acc.iter_mut().enumerate() {
                 *row = _mm512_fmadd_ps(_mm512_set1_ps(*rows[i].add(p)), bv, *row);
             }
             bp = bp.add(16);
         }
-        for (i, row) in c.iter().enumerate() {
-            _mm512_storeu_ps(tile.add(i * 16), *row);
+        let (lo, hi) = (_mm512_set1_ps(ep.lo), _mm512_set1_ps(ep.hi));
+        for (i, row) in acc.iter().enumerate() {
+            let y = _mm512_fmadd_ps(*row, _mm512_set1_ps(ep.mul[i]), _mm512_set1_ps(ep.add[i]));
+            _mm512_storeu_ps(c.add(i * ldc), _mm512_min_ps(hi, _mm512_max_ps(lo, y)));
         }
     }
 }
