@@ -119,6 +119,9 @@ pub struct Task {
     pub metrics: Vec<(String, f64)>,
     /// Seconds since the Unix epoch.
     pub created_at: u64,
+    /// Starts at 1; a task re-learned or shipped under the same name must have a higher one
+    /// to replace it (stores refuse downgrades).
+    pub version: u32,
 }
 
 impl Task {

@@ -172,6 +172,7 @@ mod tests {
             config: "{}".into(),
             metrics: alloc::vec![("train_accuracy".into(), 0.5)],
             created_at: 1,
+            version: 1,
         }
     }
 

@@ -165,6 +165,7 @@ pub fn learn(
         config: String::new(),
         metrics: Vec::new(),
         created_at: 0,
+        version: 1,
     };
     let chain: Vec<&Prior> = match cfg.method {
         Method::Exssnet => prior.iter().filter(|p| p.task.method == Method::Exssnet).collect(),
