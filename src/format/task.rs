@@ -22,6 +22,56 @@ pub const VERSION: u16 = 1;
 pub const HEADER_LEN: usize = 96;
 const TRAILER_LEN: usize = 32;
 
+/// Longest task name a store accepts (it becomes a file name, `NAME.ect`).
+pub const MAX_NAME_LEN: usize = 64;
+
+/// Why a task name cannot be used: names become file names inside a store, so they must not
+/// be able to escape it or collide with the store's own files.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NameError {
+    Empty,
+    TooLong {
+        len: usize,
+    },
+    /// A character outside `A-Z a-z 0-9 . _ -`.
+    BadChar {
+        ch: char,
+    },
+    /// Names starting with `.` (hidden files, `.`, `..`) are reserved.
+    LeadingDot,
+}
+
+impl core::fmt::Display for NameError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            NameError::Empty => f.write_str("a task name cannot be empty"),
+            NameError::TooLong { len } => write!(f, "a task name has at most {MAX_NAME_LEN} bytes, this one has {len}"),
+            NameError::BadChar { ch } => {
+                write!(f, "a task name may use only letters, digits, '.', '_' and '-', not {ch:?}")
+            }
+            NameError::LeadingDot => f.write_str("a task name cannot start with '.'"),
+        }
+    }
+}
+
+/// Checks that `name` can name a task: 1 to [`MAX_NAME_LEN`] bytes of ASCII letters, digits,
+/// `.`, `_`, `-`, not starting with `.` — so never a path (`a/b`, `../x`, `/etc/x`).
+pub fn check_name(name: &str) -> Result<(), NameError> {
+    if name.is_empty() {
+        return Err(NameError::Empty);
+    }
+    if name.len() > MAX_NAME_LEN {
+        return Err(NameError::TooLong { len: name.len() });
+    }
+    if let Some(ch) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
+        return Err(NameError::BadChar { ch });
+    }
+    if name.starts_with('.') {
+        return Err(NameError::LeadingDot);
+    }
+    Ok(())
+}
+
 /// A decoded task file.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TaskFile {
@@ -201,5 +251,21 @@ mod tests {
             b[i] ^= 1 << r.below(8);
             assert!(decode(&b).is_err(), "a flipped bit at {i} went unnoticed");
         }
+    }
+
+    #[test]
+    fn names_cannot_escape_a_directory() {
+        for ok in ["a", "task-1", "Split_2.v3", &"x".repeat(MAX_NAME_LEN)] {
+            assert_eq!(check_name(ok), Ok(()), "{ok}");
+        }
+        assert_eq!(check_name(""), Err(NameError::Empty));
+        assert_eq!(check_name(&"x".repeat(10_000)), Err(NameError::TooLong { len: 10_000 }));
+        assert_eq!(check_name("../x"), Err(NameError::BadChar { ch: '/' }));
+        assert_eq!(check_name("/etc/x"), Err(NameError::BadChar { ch: '/' }));
+        assert_eq!(check_name("a/b"), Err(NameError::BadChar { ch: '/' }));
+        assert_eq!(check_name("a\\b"), Err(NameError::BadChar { ch: '\\' }));
+        assert_eq!(check_name("é"), Err(NameError::BadChar { ch: 'é' }));
+        assert_eq!(check_name(".."), Err(NameError::LeadingDot));
+        assert_eq!(check_name(".hidden"), Err(NameError::LeadingDot));
     }
 }

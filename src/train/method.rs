@@ -146,6 +146,7 @@ pub fn learn(
     prior: &[Prior],
     progress: &mut dyn FnMut(&Progress),
 ) -> Result<Learned, TrainError> {
+    crate::format::task::check_name(name).map_err(|e| TrainError::Invalid(format!("bad task name: {e}")))?;
     let classes = labels.len();
     if classes < 2 {
         return Err(TrainError::Invalid(format!("a task needs at least 2 classes, '{name}' has {classes}")));
