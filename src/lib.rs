@@ -17,12 +17,13 @@
 //! |---|---|---|
 //! | [`format`] | bytes ⇄ typed, validated views; `.ecb` header, graph, checks, writer (alloc); `.ect` task files (alloc) | yes |
 //! | [`kernels`] | reference and fast kernels, per-ISA micro-kernels, the kernel table; strided matmul (alloc) | yes |
-//! | [`backbone`] | validated backbone, shape inference, execution plan, forward pass, mmap (std) | yes |
+//! | [`backbone`] | validated backbone, shape inference, execution plan, forward pass (plain, or as a task sees it through `task::TaskParts`), mmap (std) | yes |
 //! | [`adapter`] | (alloc) a task's components in owned form: bit-vector masks, overlays, reprogramming, norms, heads | with alloc |
 //! | [`train`] | (std) training graph with kept values, hand-written backward passes, masks, optimisers, methods, KKT | no |
 //! | [`eval`] | (std) accuracy from task files, accuracy matrix, ACC/BWT/forgetting, reports | no |
 //! | [`data`] | (std) `.npy` inputs; IDX, image-folder and embedded datasets; transforms; scenarios | no |
 //! | [`import`] | (std) random SupSup backbones, quantisation, ONNX import (feature `import`) | no |
+//! | [`session`] | (std) tasks decoded once over a mapped backbone; runs any task with switching that allocates and copies nothing | no |
 //! | [`rng`] | SplitMix64, the one source of randomness | yes |
 //!
 //! Data flow for learning: `data` yields samples → `train` builds a task's network over the
@@ -51,5 +52,7 @@ pub mod format;
 pub mod import;
 pub mod kernels;
 pub mod rng;
+#[cfg(feature = "std")]
+pub mod session;
 #[cfg(feature = "std")]
 pub mod train;

@@ -6,7 +6,7 @@
 use edgecl::backbone::Backbone;
 use edgecl::format::graph::WeightFormat;
 use edgecl::import::init::{random_backbone, Arch};
-use edgecl::kernels::{fast, reference, ConvShape, Kernels, PostOp, Weights};
+use edgecl::kernels::{fast, reference, ConvShape, Kernels, Masked, Overlay, PostOp, Weights};
 use proptest::prelude::*;
 
 fn close(fast: &[f32], reference: &[f32]) -> Result<(), TestCaseError> {
@@ -104,6 +104,102 @@ proptest! {
         reference::linear(i, o, weights, &x, &mut b, &post);
         for k in Kernels::available().iter().filter(|k| k.fast) {
             (k.linear)(k, i, o, weights, &x, &mut a, &post);
+            close(&a, &b)?;
+        }
+    }
+}
+
+/// A random mask and overlay over `n` weights in rows of `row_len`, and the dense weights a
+/// task with them sees, computed the obvious way: `mask ? (present ? value : base) : 0`.
+struct MaskCase {
+    mask: Vec<u32>,
+    present: Vec<u32>,
+    row_rank: Vec<u32>,
+    values: Vec<f32>,
+    dense: Vec<f32>,
+}
+
+fn mask_case(base: &Weights, n: usize, row_len: usize, seed: u64) -> MaskCase {
+    let words = n.div_ceil(32);
+    let bit = |v: f32, density: f32| (v + 1.0) / 2.0 < density;
+    let (m, p) = (floats(n, seed ^ 11), floats(n, seed ^ 12));
+    let density = 0.1 + 0.8 * (floats(1, seed ^ 13)[0] + 1.0) / 2.0;
+    let (mut mask, mut present) = (vec![0u32; words], vec![0u32; words]);
+    let (mut values, mut dense, mut row_rank) = (Vec::new(), vec![0.0; n], Vec::new());
+    let vals = floats(n, seed ^ 14);
+    for i in 0..n {
+        if i % row_len.max(1) == 0 {
+            row_rank.push(values.len() as u32);
+        }
+        let (on, has) = (bit(m[i], density), bit(p[i], 0.3));
+        mask[i / 32] |= u32::from(on) << (i % 32);
+        present[i / 32] |= u32::from(has) << (i % 32);
+        if has {
+            values.push(vals[i]);
+        }
+        dense[i] = match (on, has) {
+            (false, _) => 0.0,
+            (true, true) => vals[i],
+            (true, false) => base.get(i / row_len.max(1), i),
+        };
+    }
+    MaskCase { mask, present, row_rank, values, dense }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+
+    /// Masks and overlays applied while packing (fast) or per weight (reference) equal a conv
+    /// over the task's dense weights.
+    #[test]
+    fn masked_conv_matches_dense(s in conv_shape(), seed in any::<u64>(), int8 in any::<bool>(), overlay in any::<bool>()) {
+        let row_len = s.cin_g() * s.kh * s.kw;
+        let nw = s.c_out * row_len;
+        let wf = floats(nw, seed);
+        let q: Vec<i8> = floats(nw, seed ^ 1).iter().map(|v| (v * 127.0) as i8).collect();
+        let scale = floats(s.c_out, seed ^ 2).iter().map(|v| v.abs() * 0.05 + 0.001).collect::<Vec<_>>();
+        let base = if int8 { Weights::I8 { q: &q, scale: &scale } } else { Weights::F32(&wf) };
+        let mut c = mask_case(&base, nw, row_len, seed);
+        if !overlay {
+            c.present.fill(0);
+            c.values.clear();
+            c.row_rank.fill(0);
+            c = MaskCase { dense: (0..nw).map(|i| if c.mask[i / 32] >> (i % 32) & 1 != 0 { base.get(i / row_len, i) } else { 0.0 }).collect(), ..c };
+        }
+        let ov = Overlay { present: &c.present, row_rank: &c.row_rank, values: &c.values };
+        let masked = Weights::Masked(Masked { base: &base, mask: &c.mask, row_len, overlay: overlay.then_some(ov) });
+        for i in 0..nw {
+            prop_assert_eq!(masked.get(i / row_len, i), c.dense[i], "weight {}", i);
+        }
+        let x = floats(s.c_in * s.h * s.w, seed ^ 3);
+        let (mul, add) = (floats(s.c_out, seed ^ 4), floats(s.c_out, seed ^ 5));
+        let post = PostOp { mul: &mul, add: &add, lo: f32::NEG_INFINITY, hi: f32::INFINITY };
+        let want = run_conv(&Kernels::generic(false), &s, Weights::F32(&c.dense), &x, &post);
+        for k in Kernels::available() {
+            close(&run_conv(&k, &s, masked, &x, &post), &want)?;
+        }
+    }
+
+    #[test]
+    fn masked_linear_matches_dense(i in 1usize..600, o in 1usize..12, seed in any::<u64>(), int8 in any::<bool>()) {
+        let wf = floats(i * o, seed);
+        let q: Vec<i8> = wf.iter().map(|v| (v * 127.0) as i8).collect();
+        let scale = vec![0.01; o];
+        let base = if int8 { Weights::I8 { q: &q, scale: &scale } } else { Weights::F32(&wf) };
+        let c = mask_case(&base, i * o, i, seed);
+        let ov = Overlay { present: &c.present, row_rank: &c.row_rank, values: &c.values };
+        let masked = Weights::Masked(Masked { base: &base, mask: &c.mask, row_len: i, overlay: Some(ov) });
+        let x = floats(i, seed ^ 7);
+        let (mul, add) = (floats(o, seed ^ 8), floats(o, seed ^ 9));
+        let post = PostOp { mul: &mul, add: &add, lo: f32::NEG_INFINITY, hi: f32::INFINITY };
+        let (mut a, mut b) = (vec![0.0; o], vec![0.0; o]);
+        reference::linear(i, o, Weights::F32(&c.dense), &x, &mut b, &post);
+        for k in Kernels::available() {
+            if k.fast {
+                (k.linear)(&k, i, o, masked, &x, &mut a, &post);
+            } else {
+                reference::linear(i, o, masked, &x, &mut a, &post);
+            }
             close(&a, &b)?;
         }
     }

@@ -10,6 +10,7 @@ mod forward;
 #[cfg(feature = "std")]
 pub mod mmap;
 mod plan;
+pub mod task;
 
 pub use plan::{Loc, Plan, Step, StepKind};
 
@@ -164,7 +165,8 @@ impl<'a> Backbone<'a> {
         Some((0..w.len()).map(|j| w.get(j / (w.len() / self.output_channels(i).max(1)).max(1), j)).collect())
     }
 
-    fn output_channels(&self, i: usize) -> usize {
+    /// Output channels (rows of the weight matrix) of conv or linear layer `i`, else 0.
+    pub fn output_channels(&self, i: usize) -> usize {
         match &self.layers[i].op {
             Op::Conv2d(c) => c.out_channels as usize,
             Op::Linear(l) => l.out_features as usize,

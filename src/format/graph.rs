@@ -153,6 +153,11 @@ pub struct Layer {
 }
 
 impl Op {
+    /// Conv and linear layers: the ones with a weight matrix (maskable).
+    pub fn is_matmul(&self) -> bool {
+        matches!(self, Op::Conv2d(_) | Op::Linear(_))
+    }
+
     /// The op's name as `inspect` prints it.
     pub const fn name(&self) -> &'static str {
         match self {

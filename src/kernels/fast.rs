@@ -166,6 +166,17 @@ pub fn linear_rows_inline(first: usize, in_f: usize, w: Weights, x: &[f32], ys: 
         let acc = match w {
             Weights::I8 { q, scale } => scale[o] * dot_i8(&q[o * in_f..(o + 1) * in_f], x),
             Weights::F32(wf) => dot_f32(&wf[o * in_f..(o + 1) * in_f], x),
+            Weights::Masked(m) => {
+                // The row in L1-sized segments through the stack.
+                let mut seg = [0.0f32; 256];
+                let mut acc = 0.0;
+                for j0 in (0..in_f).step_by(256) {
+                    let d = &mut seg[..256.min(in_f - j0)];
+                    m.row_into(o, j0, d);
+                    acc += dot_f32(d, &x[j0..]);
+                }
+                acc
+            }
         };
         *yo = post.apply(o, acc);
     }

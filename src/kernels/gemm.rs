@@ -63,6 +63,11 @@ pub fn pack_a(w: Weights, row0: usize, m: usize, k: usize, mr: usize, dst: &mut 
             }
         }
         Weights::F32(wf) => rows.copy_from_slice(&wf[row0 * k..(row0 + m) * k]),
+        Weights::Masked(mw) => {
+            for (r, d) in rows.chunks_exact_mut(k).enumerate() {
+                mw.row_into(row0 + r, 0, d);
+            }
+        }
     }
     pad.fill(0.0);
 }

@@ -35,15 +35,127 @@ pub enum Weights<'a> {
         scale: &'a [f32],
     },
     F32(&'a [f32]),
+    /// A task's view of a layer (SupSup, ExSSNeT): see [`Masked`].
+    Masked(Masked<'a>),
+}
+
+/// The weights a mask-based task sees in one layer: `base ⊙ mask`, where an overlay value
+/// replaces the base value of every weight that both the mask and the overlay hold. Applied
+/// row by row while weights are packed ([`Masked::row_into`]), so no dense copy exists.
+#[derive(Clone, Copy, Debug)]
+pub struct Masked<'a> {
+    /// The backbone's weights: [`Weights::I8`] or [`Weights::F32`], never `Masked`.
+    pub base: &'a Weights<'a>,
+    /// One bit per weight in weight order, bit `i` is bit `i % 32` of word `i / 32`.
+    pub mask: &'a [u32],
+    /// Weights per output row (`in/groups · kh · kw`).
+    pub row_len: usize,
+    pub overlay: Option<Overlay<'a>>,
+}
+
+/// Trained values for a sparse set of weights (ExSSNeT's exclusive weights of a task chain).
+#[derive(Clone, Copy, Debug)]
+pub struct Overlay<'a> {
+    /// Which weights have a value, as a bit vector like [`Masked::mask`].
+    pub present: &'a [u32],
+    /// Per output row, the number of `present` bits before the row's first weight.
+    pub row_rank: &'a [u32],
+    /// The values, in the order of the set bits of `present`.
+    pub values: &'a [f32],
+}
+
+/// Bits `p .. p + 32` of a bit vector (zeros past its end).
+#[inline(always)]
+fn bits32(words: &[u32], p: usize) -> u32 {
+    let (w, s) = (p / 32, p % 32);
+    let lo = words.get(w).copied().unwrap_or(0) >> s;
+    if s == 0 {
+        lo
+    } else {
+        lo | words.get(w + 1).copied().unwrap_or(0) << (32 - s)
+    }
+}
+
+impl Masked<'_> {
+    /// Writes the effective weights of row `o`, columns `j0 .. j0 + dst.len()`.
+    #[inline(always)]
+    pub fn row_into(&self, o: usize, j0: usize, dst: &mut [f32]) {
+        let start = o * self.row_len + j0;
+        let n = dst.len();
+        match *self.base {
+            Weights::I8 { q, scale } => {
+                let s = scale[o];
+                for (c, d) in dst.chunks_mut(32).enumerate() {
+                    let bits = bits32(self.mask, start + c * 32);
+                    let qs = &q[start + c * 32..start + c * 32 + d.len()];
+                    for (j, (d, &v)) in d.iter_mut().zip(qs).enumerate() {
+                        *d = if bits >> j & 1 != 0 { v as f32 * s } else { 0.0 };
+                    }
+                }
+            }
+            Weights::F32(w) => {
+                for (c, d) in dst.chunks_mut(32).enumerate() {
+                    let bits = bits32(self.mask, start + c * 32);
+                    let ws = &w[start + c * 32..start + c * 32 + d.len()];
+                    for (j, (d, &v)) in d.iter_mut().zip(ws).enumerate() {
+                        *d = if bits >> j & 1 != 0 { v } else { 0.0 };
+                    }
+                }
+            }
+            Weights::Masked(_) => unreachable!("a mask's base is plain backbone weights"),
+        }
+        if let Some(ov) = &self.overlay {
+            // Rank of the first weight of the segment, then walk the present bits in order.
+            let row0 = o * self.row_len;
+            let mut rank = ov.row_rank[o] as usize + count_ones(ov.present, row0, start);
+            let mut p = start;
+            while p < start + n {
+                let mut bits = bits32(ov.present, p);
+                let take = 32.min(start + n - p);
+                if take < 32 {
+                    bits &= (1u32 << take) - 1;
+                }
+                let m = bits32(self.mask, p);
+                while bits != 0 {
+                    let j = bits.trailing_zeros() as usize;
+                    if m >> j & 1 != 0 {
+                        dst[p - start + j] = ov.values[rank];
+                    }
+                    rank += 1;
+                    bits &= bits - 1;
+                }
+                p += take;
+            }
+        }
+    }
+}
+
+/// Set bits of `words` in positions `from .. to`.
+#[inline]
+pub fn count_ones(words: &[u32], from: usize, to: usize) -> usize {
+    let mut n = 0;
+    let mut p = from;
+    while p < to {
+        let take = 32.min(to - p);
+        let b = bits32(words, p);
+        n += (if take < 32 { b & ((1u32 << take) - 1) } else { b }).count_ones() as usize;
+        p += take;
+    }
+    n
 }
 
 impl Weights<'_> {
-    /// The dequantised weight at flat index `i` of output channel `o`.
+    /// The effective weight at flat index `i` of output channel `o`.
     #[inline]
     pub fn get(&self, o: usize, i: usize) -> f32 {
         match self {
             Weights::I8 { q, scale } => scale[o] * q[i] as f32,
             Weights::F32(w) => w[i],
+            Weights::Masked(m) => {
+                let mut v = [0.0f32];
+                m.row_into(o, i - o * m.row_len, &mut v);
+                v[0]
+            }
         }
     }
 
@@ -51,6 +163,7 @@ impl Weights<'_> {
         match self {
             Weights::I8 { q, .. } => q.len(),
             Weights::F32(w) => w.len(),
+            Weights::Masked(m) => m.base.len(),
         }
     }
 

@@ -43,6 +43,13 @@ pub fn forward(
 pub fn dense(w: Weights<'_>) -> std::borrow::Cow<'_, [f32]> {
     match w {
         Weights::F32(v) => std::borrow::Cow::Borrowed(v),
+        Weights::Masked(m) => {
+            let mut v = vec![0.0f32; m.base.len()];
+            for (o, row) in v.chunks_exact_mut(m.row_len.max(1)).enumerate() {
+                m.row_into(o, 0, row);
+            }
+            std::borrow::Cow::Owned(v)
+        }
         Weights::I8 { q, scale } => {
             let per = q.len() / scale.len().max(1);
             std::borrow::Cow::Owned(
