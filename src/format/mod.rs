@@ -15,6 +15,8 @@ compile_error!("edgecl's file formats are read in place and need a little-endian
 pub mod ecb;
 pub mod graph;
 #[cfg(feature = "alloc")]
+pub mod keys;
+#[cfg(feature = "alloc")]
 pub mod task;
 
 use core::fmt;
