@@ -12,6 +12,8 @@
 #[cfg(target_endian = "big")]
 compile_error!("edgecl's file formats are read in place and need a little-endian target");
 
+#[cfg(feature = "alloc")]
+pub mod bundle;
 pub mod ecb;
 pub mod graph;
 #[cfg(feature = "alloc")]
