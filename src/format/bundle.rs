@@ -500,11 +500,12 @@ fn content(f: Frame<'_>) -> Result<Bundle<'_>, BundleError> {
     let mut names: BTreeMap<&str, ()> = BTreeMap::new();
     let mut digests: BTreeMap<Digest, &str> = BTreeMap::new();
     for (t, _) in &entries {
-        if names.insert(&t.name, ()).is_some() {
-            return Err(BundleError::DuplicateName { name: t.name.clone() });
-        }
+        // The same file twice is named as such before it is named as a name clash.
         if let Some(other) = digests.insert(t.digest, &t.name) {
             return Err(BundleError::DuplicateTask { name: t.name.clone(), other: other.into(), digest: t.digest });
+        }
+        if names.insert(&t.name, ()).is_some() {
+            return Err(BundleError::DuplicateName { name: t.name.clone() });
         }
     }
     // Each length is at most 2^28 and there are at most 2^10, so the sum cannot overflow.
