@@ -29,6 +29,7 @@ pub enum KeysCmd {
     Gen {
         /// Path without extension; its last part is the key's name (letters, digits, . _ -).
         name: PathBuf,
+        /// Machine-readable output.
         #[arg(long)]
         json: bool,
     },
@@ -37,7 +38,9 @@ pub enum KeysCmd {
     ///
     /// Example: edgecl keys trust release.pub --store /var/lib/edgecl
     Trust {
+        /// The public key file (NAME.pub).
         key: PathBuf,
+        /// The store that should trust it.
         #[arg(long)]
         store: PathBuf,
     },
@@ -49,6 +52,7 @@ pub enum BundleCmd {
     ///
     /// Example: edgecl bundle create --store st --key release.key shoes bags -o update.ecbundle
     Create {
+        /// The store whose current tasks to pack (STORE/backbone.ecb, STORE/current/NAME.ect).
         #[arg(long)]
         store: PathBuf,
         /// Secret key file (from `edgecl keys gen`).
@@ -60,8 +64,10 @@ pub enum BundleCmd {
         /// Task names, as in the store.
         #[arg(required = true)]
         tasks: Vec<String>,
+        /// The bundle file to write (.ecbundle); written whole or not at all.
         #[arg(short, long)]
         output: PathBuf,
+        /// Machine-readable output.
         #[arg(long)]
         json: bool,
     },
@@ -75,6 +81,7 @@ pub enum BundleCmd {
         /// With --store: treat an unsigned bundle as installable (as `install --allow-unsigned`).
         #[arg(long, requires = "store")]
         allow_unsigned: bool,
+        /// Machine-readable output (printed even when the store would refuse the bundle).
         #[arg(long)]
         json: bool,
     },
