@@ -12,8 +12,12 @@
 #[cfg(target_endian = "big")]
 compile_error!("edgecl's file formats are read in place and need a little-endian target");
 
+#[cfg(feature = "alloc")]
+pub mod bundle;
 pub mod ecb;
 pub mod graph;
+#[cfg(feature = "alloc")]
+pub mod keys;
 #[cfg(feature = "alloc")]
 pub mod task;
 

@@ -16,6 +16,7 @@ macro_rules! out {
     }};
 }
 
+mod bundle;
 mod cl;
 
 use anyhow::{bail, Context, Result};
@@ -199,6 +200,16 @@ enum Cmd {
         #[arg(long)]
         quiet: bool,
     },
+    /// Make ed25519 keys that sign bundles, and trust public keys in a store.
+    Keys {
+        #[command(subcommand)]
+        cmd: bundle::KeysCmd,
+    },
+    /// Make and inspect signed offline bundles of tasks (.ecbundle) for devices with no network.
+    Bundle {
+        #[command(subcommand)]
+        cmd: bundle::BundleCmd,
+    },
     /// Print the kernels chosen for this CPU (EDGECL_FORCE_GENERIC=1 forces the reference).
     Kernels {
         #[arg(long)]
@@ -237,6 +248,8 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Eval { backbone, task, data, json } => cl::eval_cmd(&backbone, &task, &data, json),
         Cmd::BenchCl { bench, train } => cl::bench_cl_cmd(&bench, &train),
         Cmd::Demo { quiet } => cl::demo_cmd(quiet),
+        Cmd::Keys { cmd } => bundle::keys_cmd(cmd),
+        Cmd::Bundle { cmd } => bundle::bundle_cmd(cmd),
     }
 }
 
