@@ -18,6 +18,8 @@ macro_rules! out {
 
 mod bundle;
 mod cl;
+mod predict;
+mod predict_auto;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -66,6 +68,15 @@ impl From<WeightsArg> for WeightFormat {
             WeightsArg::F32 => WeightFormat::F32,
         }
     }
+}
+
+/// Task inference among mask-based tasks (ALGORITHMS §1.4).
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum InferArg {
+    /// One gradient of the entropy over the superposition of every mask.
+    OneShot,
+    /// Halve the candidates by the gradient until one is left.
+    Binary,
 }
 
 #[derive(Subcommand)]
@@ -200,6 +211,43 @@ enum Cmd {
         #[arg(long)]
         quiet: bool,
     },
+    /// Predict with learned tasks: a named task, or `--task auto` to infer it.
+    ///
+    /// Example: edgecl predict --store /var/lib/edgecl --task shoes photo.jpg
+    ///          edgecl predict --store DIR --task auto --json t10k-images-idx3-ubyte.gz
+    ///
+    /// Inputs are images (PNG, JPEG), folders of them, .npy tensors (already normalised) or
+    /// IDX image files. All tasks are decoded once and share the mapped backbone; switching
+    /// between them costs nothing. `--task auto` picks each input's task (SupSup task
+    /// inference for supsup/exssnet tasks: the entropy gradient over all masks at once; for
+    /// clr/linear tasks the head with the lowest entropy, a heuristic); with --batch-auto
+    /// the inputs are taken to share one task and it is inferred from all of them together
+    /// (far more reliable).
+    Predict {
+        /// A store made by `edgecl store init` (its current tasks).
+        #[arg(long, conflicts_with = "backbone")]
+        store: Option<PathBuf>,
+        /// Or a backbone file with task files (--task-file).
+        #[arg(long, requires = "task_files")]
+        backbone: Option<PathBuf>,
+        #[arg(long = "task-file")]
+        task_files: Vec<PathBuf>,
+        /// The task's name, or `auto`.
+        #[arg(long)]
+        task: String,
+        /// How `--task auto` searches among mask-based tasks.
+        #[arg(long, value_enum, default_value = "one-shot")]
+        infer: InferArg,
+        /// Infer one task for all inputs together.
+        #[arg(long)]
+        batch_auto: bool,
+        /// One JSON object per input: input, task, label, label_index, score, task_digest
+        /// (and task_inferred, task_score with --task auto).
+        #[arg(long)]
+        json: bool,
+        #[arg(required = true)]
+        inputs: Vec<PathBuf>,
+    },
     /// Make ed25519 keys that sign bundles, and trust public keys in a store.
     Keys {
         #[command(subcommand)]
@@ -248,6 +296,16 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Eval { backbone, task, data, json } => cl::eval_cmd(&backbone, &task, &data, json),
         Cmd::BenchCl { bench, train } => cl::bench_cl_cmd(&bench, &train),
         Cmd::Demo { quiet } => cl::demo_cmd(quiet),
+        Cmd::Predict { store, backbone, task_files, task, infer, batch_auto, json, inputs } => predict::predict_cmd(
+            store.as_deref(),
+            backbone.as_deref(),
+            &task_files,
+            &task,
+            infer,
+            &inputs,
+            batch_auto,
+            json,
+        ),
         Cmd::Keys { cmd } => bundle::keys_cmd(cmd),
         Cmd::Bundle { cmd } => bundle::bundle_cmd(cmd),
     }
