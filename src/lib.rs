@@ -23,12 +23,14 @@
 //! | [`eval`] | (std) accuracy from task files, accuracy matrix, ACC/BWT/forgetting, reports | no |
 //! | [`data`] | (std) `.npy` inputs; IDX, image-folder and embedded datasets; transforms; scenarios | no |
 //! | [`import`] | (std) random SupSup backbones, quantisation, ONNX import (feature `import`) | no |
+//! | [`store`] | (std) the task store: backbone copy, generations swapped atomically, install/remove/rollback/verify/gc | no |
 //! | [`rng`] | SplitMix64, the one source of randomness | yes |
 //!
 //! Data flow for learning: `data` yields samples → `train` builds a task's network over the
 //! backbone and trains its components → `format::task` writes the `.ect` file → `eval` rebuilds
-//! the network from the file and measures it. Sessions and the task store arrive with their
-//! issue.
+//! the network from the file and measures it. A device keeps its tasks in a [`store`], which
+//! changes only by whole generations (a power cut leaves the old or the new state). Sessions
+//! arrive with their issue.
 //!
 //! Features: `std` ⊃ `alloc`; `cli` (the `edgecl` binary); `import` (tract-onnx). With no
 //! default features the core (`format`, `kernels`, `backbone`) builds for bare-metal targets
@@ -51,5 +53,7 @@ pub mod format;
 pub mod import;
 pub mod kernels;
 pub mod rng;
+#[cfg(feature = "std")]
+pub mod store;
 #[cfg(feature = "std")]
 pub mod train;
