@@ -478,3 +478,29 @@ fn cli_store_commands_end_to_end() {
     let err = fails(&o, "failed verification");
     assert!(String::from_utf8_lossy(&o.stdout).contains("c.ect"), "{err}");
 }
+
+#[test]
+fn init_refuses_foreign_directories_and_finishes_an_interrupted_init() {
+    let (d, s) = lib_store("init");
+    assert_eq!((s.generation(), s.predecessor(), s.entries().len()), (1, None, 0));
+    assert!(s.dir().join("keys").is_dir());
+    let e = Store::init(s.dir(), &d.join("bb.ecb")).unwrap_err();
+    assert!(matches!(e, StoreError::AlreadyStore { .. }), "{e}");
+    // A directory with other files is not taken over.
+    std::fs::create_dir(d.join("foreign")).unwrap();
+    std::fs::write(d.join("foreign/notes.txt"), b"mine").unwrap();
+    let e = Store::init(&d.join("foreign"), &d.join("bb.ecb")).unwrap_err();
+    assert!(e.to_string().contains("not empty"), "{e}");
+    // An init cut before `current` was published: opening says what to do, init again works.
+    std::fs::remove_file(s.dir().join("current")).unwrap();
+    let e = Store::open(s.dir()).unwrap_err();
+    assert!(e.to_string().contains("edgecl store init"), "{e}");
+    let s = Store::init(s.dir(), &d.join("bb.ecb")).unwrap();
+    assert_eq!(s.generation(), 1);
+    assert!(s.verify().unwrap().is_ok());
+    // Not a backbone: refused with the file named, nothing created.
+    std::fs::write(d.join("junk.ecb"), b"EDGECLB\0 not really").unwrap();
+    let e = Store::init(&d.join("s2"), &d.join("junk.ecb")).unwrap_err();
+    assert!(e.to_string().contains("junk.ecb is not a valid backbone"), "{e}");
+    assert!(!d.join("s2").exists());
+}

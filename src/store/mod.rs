@@ -15,7 +15,7 @@
 //! Invariants:
 //! - Files are never rewritten in place (a process may have them mapped): a change writes new
 //!   files into a temporary directory (`generations/.tmp-NNNNNN-PID`) and hard-links the
-//!   unchanged ones, then publishes the directory (see [`gen`] for the exact order).
+//!   unchanged ones, then publishes the directory (`store/gen.rs` gives the exact order).
 //! - `current` always names a complete generation, and it is the highest published one.
 //!   Readers only ever follow `current` and read its `index`; temporary directories and files
 //!   not in the index are never taken for tasks.
@@ -336,7 +336,8 @@ impl Store {
     /// Installs `tasks` all-or-nothing in one generation (the step a bundle install or an
     /// update hook runs). Each task must decode, have a valid name, belong to this backbone,
     /// not downgrade an installed task, and have its dependencies installed or in `tasks`.
-    /// Installing tasks that are all installed already makes no generation.
+    /// Installing tasks that are all installed already makes no generation (an installed task
+    /// offered again keeps the scores file it has, if any).
     pub fn install_tasks(&self, tasks: Vec<NewTask>) -> Result<Outcome, StoreError> {
         let mut c = self.change()?;
         for t in tasks {
