@@ -15,7 +15,7 @@
 //!
 //! | module | owns | builds without std |
 //! |---|---|---|
-//! | [`format`] | bytes ⇄ typed, validated views; `.ecb` header, graph, checks, writer (alloc); `.ect` task files (alloc) | yes |
+//! | [`format`] | bytes ⇄ typed, validated views; `.ecb` header, graph, checks, writer (alloc); `.ect` task files, `.ecbundle` signed bundles and key files (alloc) | yes |
 //! | [`kernels`] | reference and fast kernels, per-ISA micro-kernels, the kernel table; strided matmul (alloc) | yes |
 //! | [`backbone`] | validated backbone, shape inference, execution plan, forward pass (plain, or as a task sees it through `task::TaskParts`), mmap (std) | yes |
 //! | [`adapter`] | (alloc) a task's components in owned form: bit-vector masks, overlays, reprogramming, norms, heads | with alloc |
@@ -24,12 +24,16 @@
 //! | [`data`] | (std) `.npy` inputs; IDX, image-folder and embedded datasets; transforms; scenarios | no |
 //! | [`import`] | (std) random SupSup backbones, quantisation, ONNX import (feature `import`) | no |
 //! | [`session`] | (std) tasks decoded once over a mapped backbone; runs any task with switching that allocates and copies nothing | no |
+//! | [`store`] | (std) the task store: backbone copy, generations swapped atomically, install/remove/rollback/verify/gc | no |
 //! | [`rng`] | SplitMix64, the one source of randomness | yes |
 //!
 //! Data flow for learning: `data` yields samples → `train` builds a task's network over the
 //! backbone and trains its components → `format::task` writes the `.ect` file → `eval` rebuilds
-//! the network from the file and measures it. Sessions and the task store arrive with their
-//! issue.
+//! the network from the file and measures it. A device keeps its tasks in a [`store`], which
+//! changes only by whole generations (a power cut leaves the old or the new state); tasks
+//! travel between devices as signed bundles (`format::bundle`, `format::keys`). Serving: a
+//! [`session`] decodes the store's tasks once and runs any of them through
+//! `Backbone::forward_task`, masks and overlays applied while the weights are packed.
 //!
 //! Features: `std` ⊃ `alloc`; `cli` (the `edgecl` binary); `import` (tract-onnx). With no
 //! default features the core (`format`, `kernels`, `backbone`) builds for bare-metal targets
@@ -54,5 +58,7 @@ pub mod kernels;
 pub mod rng;
 #[cfg(feature = "std")]
 pub mod session;
+#[cfg(feature = "std")]
+pub mod store;
 #[cfg(feature = "std")]
 pub mod train;

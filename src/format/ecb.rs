@@ -53,7 +53,14 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
 impl Header {
     /// Reads and checks the header against the length of the whole file.
     pub fn parse(bytes: &[u8]) -> Result<Header, FormatError> {
-        let avail = bytes.len() as u64;
+        Header::parse_prefix(bytes, bytes.len() as u64)
+    }
+
+    /// Reads and checks the header from the first bytes of a file of `file_len` bytes (at
+    /// least [`HEADER_LEN`] of them), without the rest: enough to learn a backbone's digest and
+    /// check its layout against the file's length, as a store does when it is opened.
+    pub fn parse_prefix(bytes: &[u8], file_len: u64) -> Result<Header, FormatError> {
+        let avail = file_len;
         if bytes.len() < HEADER_LEN {
             return Err(FormatError::Truncated {
                 section: Section::Header,

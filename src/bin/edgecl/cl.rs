@@ -215,7 +215,7 @@ fn read_task(path: &Path, bb: &Backbone) -> Result<TaskFile> {
 }
 
 /// Scores kept beside a task file for KKT (`NAME.scores`: postcard, one vector per layer).
-fn scores_path(task: &Path) -> PathBuf {
+pub fn scores_path(task: &Path) -> PathBuf {
     task.with_extension("scores")
 }
 
@@ -272,6 +272,72 @@ fn view_of(args: &DataArgs, ds: &Dataset, base: &Transform) -> Result<TaskView> 
     Ok(scenario::classes_view(ds, &classes, &t)?)
 }
 
+/// A task learned by [`train_task`], not yet written anywhere.
+pub struct Trained {
+    pub task: Task,
+    /// Final scores (supsup, exssnet), kept as `NAME.scores` for KKT of later tasks.
+    pub scores: Option<Vec<Vec<f32>>>,
+    pub notes: Vec<String>,
+    pub secs: f64,
+}
+
+/// Earlier tasks given to `learn`, oldest first, with their KKT scores when kept.
+pub type Priors = [(TaskFile, Option<Vec<Vec<f32>>>)];
+
+/// Reads the KKT scores kept in `path` (absent or unreadable scores: KKT starts from masks).
+pub fn read_scores(path: &Path) -> Option<Vec<Vec<f32>>> {
+    std::fs::read(path).ok().and_then(|b| postcard::from_bytes(&b).ok())
+}
+
+/// Learns task `name` on `bb` from `data`, after `priors`; the shared core of `learn` with
+/// `-o` and `learn --store`.
+pub fn train_task(bb: &Backbone, name: &str, train: &TrainArgs, data: &DataArgs, priors: &Priors) -> Result<Trained> {
+    let cfg = train.config()?;
+    let k = Kernels::detect();
+    let src = Source::parse(&data.data)?;
+    let ds = Dataset::open(&src, Split::Train)?;
+    let view = view_of(data, &ds, &base_transform(bb))?;
+    let samples = ViewSamples { ds: &ds, view: &view, limit: data.limit.unwrap_or(usize::MAX) };
+    let labels: Vec<String> = view.classes.iter().map(|&c| ds.class_names()[c as usize].clone()).collect();
+    let prior: Vec<Prior> =
+        priors.iter().map(|(f, s)| Prior { task: &f.task, digest: f.digest, scores: s.as_deref() }).collect();
+    let (pb, mut cb) = progress_bar(&cfg, samples.len(), name);
+    let start = Instant::now();
+    let learned = learn(&k, bb, &cfg, name, labels, &samples, &prior, &mut cb);
+    pb.finish_and_clear();
+    let Learned { mut task, scores, notes } = learned?;
+    task.config = train.json().to_string();
+    task.created_at = now();
+    Ok(Trained { task, scores, notes, secs: start.elapsed().as_secs_f64() })
+}
+
+/// Prints what `learn` did; `wrote` says where the task went, `extra` adds JSON fields.
+pub fn print_learned(t: &Trained, method: &str, bytes: usize, wrote: &str, extra: serde_json::Value, json_out: bool) {
+    let metric = |n: &str| t.task.metrics.iter().find(|m| m.0 == n).map_or(0.0, |m| m.1);
+    if json_out {
+        let mut v = json!({"task": t.task.name, "bytes": bytes, "method": method, "version": t.task.version,
+            "train_loss": metric("train_loss"), "train_accuracy": metric("train_accuracy"), "train_seconds": t.secs,
+            "notes": t.notes});
+        if let (Some(v), serde_json::Value::Object(extra)) = (v.as_object_mut(), extra) {
+            v.extend(extra);
+        }
+        out!("{v}");
+    } else {
+        for n in &t.notes {
+            out!("{n}");
+        }
+        out!(
+            "learned '{}' ({} classes, {}) in {:.1} s: train loss {:.4}, accuracy {:.4}; {wrote} ({bytes} bytes)",
+            t.task.name,
+            t.task.classes(),
+            method,
+            t.secs,
+            metric("train_loss"),
+            metric("train_accuracy"),
+        );
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 pub fn learn_cmd(
     backbone_path: &Path,
@@ -283,62 +349,18 @@ pub fn learn_cmd(
     output: &Path,
     json_out: bool,
 ) -> Result<()> {
-    let cfg = train.config()?;
     let (map, path) = open_backbone(backbone_path)?;
     let bb = backbone(&map, &path)?;
-    let k = Kernels::detect();
-    let src = Source::parse(&data.data)?;
-    let ds = Dataset::open(&src, Split::Train)?;
-    let view = view_of(data, &ds, &base_transform(&bb))?;
-    let samples = ViewSamples { ds: &ds, view: &view, limit: data.limit.unwrap_or(usize::MAX) };
-    let labels: Vec<String> = view.classes.iter().map(|&c| ds.class_names()[c as usize].clone()).collect();
-    let priors: Vec<TaskFile> = prior_paths.iter().map(|p| read_task(p, &bb)).collect::<Result<_>>()?;
-    let prior_scores: Vec<Option<Vec<Vec<f32>>>> = prior_paths
-        .iter()
-        .map(|p| std::fs::read(scores_path(p)).ok().and_then(|b| postcard::from_bytes(&b).ok()))
-        .collect();
-    let prior: Vec<Prior> = priors
-        .iter()
-        .zip(&prior_scores)
-        .map(|(f, s)| Prior { task: &f.task, digest: f.digest, scores: s.as_deref() })
-        .collect();
-    let (pb, mut cb) = progress_bar(&cfg, samples.len(), name);
-    let start = Instant::now();
-    let learned = learn(&k, &bb, &cfg, name, labels, &samples, &prior, &mut cb);
-    pb.finish_and_clear();
-    let Learned { mut task, scores, notes } = learned?;
-    let secs = start.elapsed().as_secs_f64();
-    task.config = train.json().to_string();
-    task.created_at = now();
-    let bytes = encode(&task, &bb.digest());
+    let priors: Vec<(TaskFile, Option<Vec<Vec<f32>>>)> =
+        prior_paths.iter().map(|p| Ok((read_task(p, &bb)?, read_scores(&scores_path(p))))).collect::<Result<_>>()?;
+    let t = train_task(&bb, name, train, data, &priors)?;
+    let bytes = encode(&t.task, &bb.digest());
     write_atomic(output, &bytes)?;
-    if let (Some(s), false) = (&scores, no_scores) {
+    if let (Some(s), false) = (&t.scores, no_scores) {
         write_atomic(&scores_path(output), &postcard::to_allocvec(s).context("encoding scores")?)?;
     }
-    let metric = |n: &str| task.metrics.iter().find(|m| m.0 == n).map_or(0.0, |m| m.1);
-    if json_out {
-        out!(
-            "{}",
-            json!({"task": task.name, "file": output.display().to_string(), "bytes": bytes.len(), "method": train.method,
-                "train_loss": metric("train_loss"), "train_accuracy": metric("train_accuracy"), "train_seconds": secs,
-                "notes": notes})
-        );
-    } else {
-        for n in &notes {
-            out!("{n}");
-        }
-        out!(
-            "learned '{}' ({} classes, {}) in {:.1} s: train loss {:.4}, accuracy {:.4}; wrote {} ({} bytes)",
-            task.name,
-            task.classes(),
-            train.method,
-            secs,
-            metric("train_loss"),
-            metric("train_accuracy"),
-            output.display(),
-            bytes.len()
-        );
-    }
+    let wrote = format!("wrote {}", output.display());
+    print_learned(&t, &train.method, bytes.len(), &wrote, json!({"file": output.display().to_string()}), json_out);
     Ok(())
 }
 

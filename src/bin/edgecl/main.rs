@@ -20,6 +20,7 @@ mod bundle;
 mod cl;
 mod predict;
 mod predict_auto;
+mod store;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -43,7 +44,9 @@ use std::path::{Path, PathBuf};
                   `edgecl inspect` and `edgecl verify`, and run it with `edgecl forward`.\n\nThen learn \
                   tasks with `edgecl learn` (supsup, exssnet, clr, linear, finetune), check them \
                   with `edgecl eval`, and measure a whole continual-learning scenario with \
-                  `edgecl bench-cl`. `edgecl demo` shows all of it offline in under a minute."
+                  `edgecl bench-cl`. `edgecl demo` shows all of it offline in under a minute.\n\nOn a \
+                  device, keep tasks in a store: `edgecl store init`, `edgecl learn --store`, \
+                  `edgecl tasks list`, `edgecl store install|rollback|verify|gc`."
 )]
 struct Cli {
     /// Worker threads for the kernels (default: all cores).
@@ -149,16 +152,27 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Learn a task on a backbone and save it as a task file (.ect).
+    /// Learn a task on a backbone and save it as a task file (.ect), or install it in a store.
     ///
     /// Example: edgecl learn --backbone fc1024.ecb --task shoes --method supsup \
     ///   --data fashion-mnist --classes 5,7,9 --density 0.05 -o shoes.ect
     ///
     /// ExSSNeT tasks build on earlier ones: pass them, oldest first, with --prior (their
     /// NAME.scores files beside them are used by --kkt when present).
+    ///
+    /// With --store DIR the store's backbone is used, every task of the store is a prior, and
+    /// the task is installed through a new generation (replacing a task of the same name with
+    /// the next version); -o then also writes a copy:
+    ///
+    ///   edgecl learn --store /var/lib/edgecl --task tops --method exssnet --kkt \
+    ///     --data fashion-mnist --classes 0,2,6 --density 0.05
     Learn {
-        #[arg(long)]
-        backbone: PathBuf,
+        /// The backbone (.ecb) to learn on (not with --store, which has its own).
+        #[arg(long, required_unless_present = "store", conflicts_with = "store")]
+        backbone: Option<PathBuf>,
+        /// Learn on this store's backbone after its tasks, and install the task there.
+        #[arg(long, conflicts_with = "prior")]
+        store: Option<PathBuf>,
         /// The task's name.
         #[arg(long)]
         task: String,
@@ -169,11 +183,12 @@ enum Cmd {
         /// Earlier task files, oldest first.
         #[arg(long)]
         prior: Vec<PathBuf>,
-        /// Do not write NAME.scores beside the task file (KKT then starts from masks).
+        /// Do not keep NAME.scores beside the task (KKT then starts from masks).
         #[arg(long)]
         no_scores: bool,
-        #[arg(short, long)]
-        output: PathBuf,
+        /// The task file to write (optional with --store).
+        #[arg(short, long, required_unless_present = "store")]
+        output: Option<PathBuf>,
         #[arg(long)]
         json: bool,
     },
@@ -263,6 +278,17 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Keep a device's tasks in a store: init, install, rollback, verify, gc. A store changes
+    /// only by whole generations, so a power cut leaves the old or the new state.
+    ///
+    /// Example: edgecl store init /var/lib/edgecl --backbone fc1024.ecb
+    #[command(subcommand)]
+    Store(store::StoreCmd),
+    /// List, show and remove the tasks of a store.
+    ///
+    /// Example: edgecl tasks list --store /var/lib/edgecl
+    #[command(subcommand)]
+    Tasks(store::TasksCmd),
 }
 
 fn main() {
@@ -290,8 +316,16 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Verify { file, json } => verify(&file, json),
         Cmd::Forward { backbone, inputs, json } => forward(&backbone, &inputs, json),
         Cmd::Kernels { json } => kernels(json),
-        Cmd::Learn { backbone, task, train, data, prior, no_scores, output, json } => {
-            cl::learn_cmd(&backbone, &task, &train, &data, &prior, no_scores, &output, json)
+        Cmd::Learn { backbone, store, task, train, data, prior, no_scores, output, json } => {
+            match (store, backbone, output) {
+                (Some(dir), _, output) => {
+                    store::learn_cmd(&dir, &task, &train, &data, no_scores, output.as_deref(), json)
+                }
+                (None, Some(backbone), Some(output)) => {
+                    cl::learn_cmd(&backbone, &task, &train, &data, &prior, no_scores, &output, json)
+                }
+                _ => bail!("give --backbone and -o, or --store"),
+            }
         }
         Cmd::Eval { backbone, task, data, json } => cl::eval_cmd(&backbone, &task, &data, json),
         Cmd::BenchCl { bench, train } => cl::bench_cl_cmd(&bench, &train),
@@ -308,6 +342,8 @@ fn run(cli: Cli) -> Result<()> {
         ),
         Cmd::Keys { cmd } => bundle::keys_cmd(cmd),
         Cmd::Bundle { cmd } => bundle::bundle_cmd(cmd),
+        Cmd::Store(cmd) => store::store_cmd(cmd),
+        Cmd::Tasks(cmd) => store::tasks_cmd(cmd),
     }
 }
 

@@ -93,25 +93,12 @@ pub fn load_inputs(paths: &[PathBuf], bb: &Backbone) -> Result<Inputs> {
     Ok(out)
 }
 
-/// Reads a store's backbone and the task files of its current generation
-/// (`DIR/backbone.ecb`, `DIR/current/NAME.ect`).
-pub fn store_files(dir: &Path) -> Result<(MappedFile, PathBuf, Vec<PathBuf>)> {
-    let bb_path = dir.join("backbone.ecb");
-    if !bb_path.is_file() {
-        bail!("no store at {}: run `edgecl store init {} --backbone FILE.ecb`", dir.display(), dir.display());
-    }
-    let (map, path) = open_backbone(&bb_path)?;
-    let cur = dir.join("current");
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&cur)
-        .with_context(|| format!("reading {}", cur.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            let n = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            !n.starts_with('.') && n.ends_with(".ect")
-        })
-        .collect();
-    files.sort();
-    Ok((map, path, files))
+/// Tasks from the current generation of a store, each checked against its backbone.
+pub fn store_tasks(dir: &Path) -> Result<(MappedFile, PathBuf, Vec<TaskFile>)> {
+    let store = edgecl::store::Store::open(dir)?;
+    let (map, path) = open_backbone(&store.backbone_path())?;
+    let tasks = store.tasks()?.into_iter().map(|t| t.file).collect();
+    Ok((map, path, tasks))
 }
 
 fn read_tasks(paths: &[PathBuf], bb: &Backbone) -> Result<Vec<TaskFile>> {
@@ -151,15 +138,21 @@ pub fn predict_cmd(
     json_out: bool,
 ) -> Result<()> {
     let (map, path, files) = match (store, backbone_path) {
-        (Some(dir), None) => store_files(dir)?,
+        (Some(dir), None) => {
+            let (map, path, tasks) = store_tasks(dir)?;
+            (map, path, Ok(tasks))
+        }
         (None, Some(b)) => {
             let (map, path) = open_backbone(b)?;
-            (map, path, task_files.to_vec())
+            (map, path, Err(task_files))
         }
         _ => bail!("give either --store DIR, or --backbone FILE.ecb with --task-file T.ect …"),
     };
     let bb = backbone(&map, &path)?;
-    let tasks = read_tasks(&files, &bb)?;
+    let tasks = match files {
+        Ok(tasks) => tasks,
+        Err(paths) => read_tasks(paths, &bb)?,
+    };
     if tasks.is_empty() {
         bail!("no tasks installed: learn one with `edgecl learn --store DIR …` or install a bundle");
     }
