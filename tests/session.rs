@@ -6,11 +6,11 @@
 //! kernels and heads exercise every path (and every bit position of the masks) in
 //! milliseconds. Tolerance: 1e-4 · (1 + |v|) per logit, the kernels' own bound.
 
-use edgecl::adapter::{Affine, Components, Head, Mask, Method, NormState, Task};
+use edgecl::adapter::{Method, Task};
 use edgecl::backbone::Backbone;
 use edgecl::format::graph::{InputSpec, Op as GOp, WeightFormat};
-use edgecl::format::task::{decode, encode, TaskFile};
-use edgecl::import::init::{random_backbone, Arch};
+use edgecl::format::task::TaskFile;
+use edgecl::import::init::{random_backbone, random_task, Arch};
 use edgecl::import::{Ir, IrOp, IrWeights};
 use edgecl::kernels::Kernels;
 use edgecl::rng::SplitMix64;
@@ -51,99 +51,6 @@ fn conv_net() -> Vec<u8> {
     ir.emit(WeightFormat::I8)
 }
 
-fn randoms(r: &mut SplitMix64, n: usize, lo: f32, hi: f32) -> Vec<f32> {
-    (0..n).map(|_| r.uniform(lo, hi)).collect()
-}
-
-fn random_mask(r: &mut SplitMix64, n: usize) -> Mask {
-    let density = r.uniform(0.2, 0.8);
-    let mut words = vec![0u32; n.div_ceil(32)];
-    for i in 0..n {
-        if r.next_f32() < density {
-            words[i / 32] |= 1 << (i % 32);
-        }
-    }
-    Mask { len: n as u64, words }
-}
-
-/// A random task of `method` for `bb`; ExSSNeT tasks depend on `deps` (oldest first) and
-/// have values for exactly their exclusive weights.
-fn random_task(bb: &Backbone, method: Method, name: &str, deps: &[&TaskFile], seed: u64) -> TaskFile {
-    let mut r = SplitMix64::new(seed);
-    let layers = bb.layers();
-    let maskable: Vec<usize> = (0..layers.len()).filter(|&i| layers[i].op.is_matmul()).collect();
-    let mut c = Components::default();
-    let classes = 3;
-    match method {
-        Method::Supsup | Method::Exssnet => {
-            for (l, &i) in maskable.iter().enumerate() {
-                let n = bb.maskable(i);
-                let m = random_mask(&mut r, n);
-                if method == Method::Exssnet {
-                    let bits = m.bits().unwrap();
-                    let excl = bits
-                        .iter_ones()
-                        .filter(|&j| deps.iter().all(|d| !d.task.components.masks[l].bits().unwrap()[j]))
-                        .count();
-                    c.overlay.push(randoms(&mut r, excl, -0.3, 0.3));
-                }
-                c.masks.push(m);
-            }
-        }
-        Method::Finetune => {
-            for &i in &maskable {
-                c.dense.push(randoms(&mut r, bb.maskable(i), -0.3, 0.3));
-            }
-        }
-        Method::Clr => {
-            for i in (0..layers.len()).filter(|&i| bb.is_reprogrammed(i)) {
-                let ch = bb.output_channels(i);
-                let mut k = randoms(&mut r, 9 * ch, -0.1, 0.1);
-                for j in 0..ch {
-                    k[9 * j + 4] += 1.0;
-                }
-                c.reprogram.push(k);
-                if !bb.norm_follows(i) {
-                    c.affines
-                        .push(Affine { gamma: randoms(&mut r, ch, 0.5, 1.5), beta: randoms(&mut r, ch, -0.2, 0.2) });
-                }
-            }
-        }
-        Method::Linear => {}
-    }
-    let clr = method == Method::Clr;
-    for l in layers.iter().filter(|l| matches!(l.op, GOp::BatchNorm(_))) {
-        let ch = bb.shape(l.input).c;
-        c.norms.push(NormState {
-            mean: randoms(&mut r, ch, -0.2, 0.2),
-            var: randoms(&mut r, ch, 0.5, 2.0),
-            gamma: clr.then(|| randoms(&mut r, ch, 0.5, 1.5)),
-            beta: clr.then(|| randoms(&mut r, ch, -0.2, 0.2)),
-        });
-    }
-    if matches!(method, Method::Clr | Method::Linear) {
-        let inputs = bb.head_inputs();
-        c.head = Some(Head {
-            inputs: inputs as u32,
-            outputs: classes as u32,
-            weight: randoms(&mut r, inputs * classes, -0.5, 0.5),
-            bias: randoms(&mut r, classes, -0.1, 0.1),
-        });
-    }
-    let task = Task {
-        name: name.to_string(),
-        labels: (0..classes).map(|i| format!("c{i}")).collect(),
-        method,
-        components: c,
-        depends_on: deps.iter().map(|d| d.digest).collect(),
-        config: String::new(),
-        metrics: Vec::new(),
-        created_at: 0,
-        version: 1,
-    };
-    decode(&encode(&task, &bb.digest())).unwrap()
-}
-
 /// Logits of `task` through evaluation's training graph (dense weights materialised).
 fn reference_logits(k: &Kernels, bb: &Backbone, files: &[TaskFile], t: usize, x: &[f32], batch: usize) -> Vec<f32> {
     let task = &files[t].task;
@@ -177,7 +84,7 @@ fn check_backbone_with(bytes: &[u8], methods: &[Method], kernels: Vec<Kernels>) 
     }
     let batch = 3;
     let mut r = SplitMix64::new(7);
-    let x = randoms(&mut r, batch * bb.input_shape().len(), -1.0, 1.0);
+    let x: Vec<f32> = (0..batch * bb.input_shape().len()).map(|_| r.uniform(-1.0, 1.0)).collect();
     let session = Session::new(&bb, files.clone()).unwrap();
     for k in kernels {
         let mut ws = session.workspace(&k, batch);

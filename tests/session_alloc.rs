@@ -2,13 +2,11 @@
 //! process (its own test binary, so no other test's allocations are counted; the kernels'
 //! worker threads are).
 
-use edgecl::adapter::{Components, Mask, Method, Task};
+use edgecl::adapter::Method;
 use edgecl::backbone::Backbone;
 use edgecl::format::graph::WeightFormat;
-use edgecl::format::task::{decode, encode, TaskFile};
-use edgecl::import::init::{random_backbone, Arch};
+use edgecl::import::init::{random_backbone, random_task, Arch};
 use edgecl::kernels::Kernels;
-use edgecl::rng::SplitMix64;
 use edgecl::session::Session;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -30,50 +28,13 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
-/// A random mask-based task; ExSSNeT tasks get a value for each exclusive weight.
-fn task(bb: &Backbone, method: Method, name: &str, deps: &[&TaskFile], seed: u64) -> TaskFile {
-    let mut r = SplitMix64::new(seed);
-    let mut c = Components::default();
-    for (l, i) in (0..bb.layers().len()).filter(|&i| bb.layers()[i].op.is_matmul()).enumerate() {
-        let n = bb.maskable(i);
-        let mut words = vec![0u32; n.div_ceil(32)];
-        for j in 0..n {
-            if r.next_f32() < 0.3 {
-                words[j / 32] |= 1 << (j % 32);
-            }
-        }
-        let m = Mask { len: n as u64, words };
-        if method == Method::Exssnet {
-            let bits = m.bits().unwrap();
-            let excl = bits
-                .iter_ones()
-                .filter(|&j| deps.iter().all(|d| !d.task.components.masks[l].bits().unwrap()[j]))
-                .count();
-            c.overlay.push((0..excl).map(|_| r.uniform(-0.3, 0.3)).collect());
-        }
-        c.masks.push(m);
-    }
-    let t = Task {
-        name: name.into(),
-        labels: vec!["a".into(), "b".into()],
-        method,
-        components: c,
-        depends_on: deps.iter().map(|d| d.digest).collect(),
-        config: String::new(),
-        metrics: Vec::new(),
-        created_at: 0,
-        version: 1,
-    };
-    decode(&encode(&t, &bb.digest())).unwrap()
-}
-
 #[test]
 fn switching_tasks_allocates_nothing() {
     let bytes = random_backbone(Arch::Fc1024, 10, 3).emit(WeightFormat::I8);
     let bb = Backbone::open(&bytes).unwrap();
-    let a = task(&bb, Method::Exssnet, "a", &[], 1);
-    let b = task(&bb, Method::Exssnet, "b", &[&a], 2);
-    let c = task(&bb, Method::Supsup, "c", &[], 3);
+    let a = random_task(&bb, Method::Exssnet, "a", &[], 1);
+    let b = random_task(&bb, Method::Exssnet, "b", &[&a], 2);
+    let c = random_task(&bb, Method::Supsup, "c", &[], 3);
     let session = Session::new(&bb, vec![a, b, c]).unwrap();
     let k = Kernels::detect();
     let x = vec![0.5; 4 * bb.input_shape().len()];

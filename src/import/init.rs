@@ -4,7 +4,10 @@
 //! SplitMix64 stream of the recorded seed, so the seed regenerates the file bit for bit.
 
 use super::{Ir, IrOp, IrWeights};
+use crate::adapter::{Affine, Components, Head, Mask, Method, NormState, Task};
+use crate::backbone::Backbone;
 use crate::format::graph::{InputSpec, Op, Pool, ValueId};
+use crate::format::task::{decode, encode, TaskFile};
 pub use crate::rng::SplitMix64;
 
 /// The architectures `edgecl init` builds.
@@ -171,4 +174,98 @@ mod tests {
         assert!((pos - 0.5).abs() < 0.01, "signs are balanced: {pos}");
         assert!(scale.iter().all(|&s| (s - (2.0f32 / 784.0).sqrt()).abs() < 1e-7));
     }
+}
+
+fn randoms(r: &mut SplitMix64, n: usize, lo: f32, hi: f32) -> Vec<f32> {
+    (0..n).map(|_| r.uniform(lo, hi)).collect()
+}
+
+fn random_mask(r: &mut SplitMix64, n: usize) -> Mask {
+    let density = r.uniform(0.2, 0.8);
+    let mut words = vec![0u32; n.div_ceil(32)];
+    for i in 0..n {
+        if r.next_f32() < density {
+            words[i / 32] |= 1 << (i % 32);
+        }
+    }
+    Mask { len: n as u64, words }
+}
+
+/// A random task of `method` for `bb` with three classes, for tests and benchmarks: masks of
+/// density 0.2–0.8, ExSSNeT values for exactly the exclusive weights given `deps` (oldest
+/// first), norms with random statistics, CLR kernels near identity, random heads.
+pub fn random_task(bb: &Backbone, method: Method, name: &str, deps: &[&TaskFile], seed: u64) -> TaskFile {
+    let mut r = SplitMix64::new(seed);
+    let layers = bb.layers();
+    let maskable: Vec<usize> = (0..layers.len()).filter(|&i| layers[i].op.is_matmul()).collect();
+    let mut c = Components::default();
+    let classes = 3;
+    match method {
+        Method::Supsup | Method::Exssnet => {
+            for (l, &i) in maskable.iter().enumerate() {
+                let n = bb.maskable(i);
+                let m = random_mask(&mut r, n);
+                if method == Method::Exssnet {
+                    let bits = m.bits().unwrap();
+                    let excl = bits
+                        .iter_ones()
+                        .filter(|&j| deps.iter().all(|d| !d.task.components.masks[l].bits().unwrap()[j]))
+                        .count();
+                    c.overlay.push(randoms(&mut r, excl, -0.3, 0.3));
+                }
+                c.masks.push(m);
+            }
+        }
+        Method::Finetune => {
+            for &i in &maskable {
+                c.dense.push(randoms(&mut r, bb.maskable(i), -0.3, 0.3));
+            }
+        }
+        Method::Clr => {
+            for i in (0..layers.len()).filter(|&i| bb.is_reprogrammed(i)) {
+                let ch = bb.output_channels(i);
+                let mut k = randoms(&mut r, 9 * ch, -0.1, 0.1);
+                for j in 0..ch {
+                    k[9 * j + 4] += 1.0;
+                }
+                c.reprogram.push(k);
+                if !bb.norm_follows(i) {
+                    c.affines
+                        .push(Affine { gamma: randoms(&mut r, ch, 0.5, 1.5), beta: randoms(&mut r, ch, -0.2, 0.2) });
+                }
+            }
+        }
+        Method::Linear => {}
+    }
+    let clr = method == Method::Clr;
+    for l in layers.iter().filter(|l| matches!(l.op, Op::BatchNorm(_))) {
+        let ch = bb.shape(l.input).c;
+        c.norms.push(NormState {
+            mean: randoms(&mut r, ch, -0.2, 0.2),
+            var: randoms(&mut r, ch, 0.5, 2.0),
+            gamma: clr.then(|| randoms(&mut r, ch, 0.5, 1.5)),
+            beta: clr.then(|| randoms(&mut r, ch, -0.2, 0.2)),
+        });
+    }
+    if matches!(method, Method::Clr | Method::Linear) {
+        let inputs = bb.head_inputs();
+        c.head = Some(Head {
+            inputs: inputs as u32,
+            outputs: classes as u32,
+            weight: randoms(&mut r, inputs * classes, -0.5, 0.5),
+            bias: randoms(&mut r, classes, -0.1, 0.1),
+        });
+    }
+    let task = Task {
+        name: name.to_string(),
+        labels: (0..classes).map(|i| format!("c{i}")).collect(),
+        method,
+        components: c,
+        depends_on: deps.iter().map(|d| d.digest).collect(),
+        config: String::new(),
+        metrics: Vec::new(),
+        created_at: 0,
+        version: 1,
+    };
+    decode(&encode(&task, &bb.digest())).expect("an encoded task decodes")
 }

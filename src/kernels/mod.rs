@@ -85,23 +85,9 @@ impl Masked<'_> {
         match *self.base {
             Weights::I8 { q, scale } => {
                 let s = scale[o];
-                for (c, d) in dst.chunks_mut(32).enumerate() {
-                    let bits = bits32(self.mask, start + c * 32);
-                    let qs = &q[start + c * 32..start + c * 32 + d.len()];
-                    for (j, (d, &v)) in d.iter_mut().zip(qs).enumerate() {
-                        *d = if bits >> j & 1 != 0 { v as f32 * s } else { 0.0 };
-                    }
-                }
+                masked_copy(self.mask, start, &q[start..start + n], dst, |v| v as f32 * s);
             }
-            Weights::F32(w) => {
-                for (c, d) in dst.chunks_mut(32).enumerate() {
-                    let bits = bits32(self.mask, start + c * 32);
-                    let ws = &w[start + c * 32..start + c * 32 + d.len()];
-                    for (j, (d, &v)) in d.iter_mut().zip(ws).enumerate() {
-                        *d = if bits >> j & 1 != 0 { v } else { 0.0 };
-                    }
-                }
-            }
+            Weights::F32(w) => masked_copy(self.mask, start, &w[start..start + n], dst, |v| v),
             Weights::Masked(_) => unreachable!("a mask's base is plain backbone weights"),
         }
         if let Some(ov) = &self.overlay {
@@ -127,6 +113,25 @@ impl Masked<'_> {
                 p += take;
             }
         }
+    }
+}
+
+/// `dst[j] = f(src[j])` where bit `start + j` of `mask` is set, else 0. Whole groups of 8
+/// multiply by the bit as a float (a shift, a convert and a multiply per lane, which the
+/// compiler vectorises); a data-dependent branch per weight measured 3× slower packing.
+#[inline(always)]
+fn masked_copy<T: Copy>(mask: &[u32], start: usize, src: &[T], dst: &mut [f32], f: impl Fn(T) -> f32) {
+    let (groups, tail) = dst.as_chunks_mut::<8>();
+    let (sg, st) = src.as_chunks::<8>();
+    for (g, (d, s)) in groups.iter_mut().zip(sg).enumerate() {
+        let b = bits32(mask, start + g * 8);
+        for j in 0..8 {
+            d[j] = f(s[j]) * ((b >> j) & 1) as f32;
+        }
+    }
+    let b = bits32(mask, start + groups.len() * 8);
+    for (j, (d, &v)) in tail.iter_mut().zip(st).enumerate() {
+        *d = if b >> j & 1 != 0 { f(v) } else { 0.0 };
     }
 }
 
