@@ -3,7 +3,7 @@
 //! property-tested against [`super::reference`].
 
 use super::gemm::{a_scratch_len, gemm_packed, pack_b, packed_b_len};
-use super::{for_each_chunk, ConvShape, Kernels, PostOp, Weights};
+use super::{for_each_chunk, ConvShape, Kernels, Masked, PostOp, Weights};
 
 /// Scratch floats [`conv2d`] needs for this shape with these kernels.
 pub fn conv_scratch_len(s: &ConvShape, k: &Kernels) -> usize {
@@ -166,6 +166,11 @@ pub fn linear_rows_inline(first: usize, in_f: usize, w: Weights, x: &[f32], ys: 
         let acc = match w {
             Weights::I8 { q, scale } => scale[o] * dot_i8(&q[o * in_f..(o + 1) * in_f], x),
             Weights::F32(wf) => dot_f32(&wf[o * in_f..(o + 1) * in_f], x),
+            Weights::Masked(m @ Masked { base: Weights::I8 { q, scale }, overlay: None, .. }) => {
+                // SupSup: the mask's bits multiply straight into the int8 dot product.
+                let start = o * in_f;
+                scale[o] * dot_i8_masked(&q[start..start + in_f], m.mask, start, x)
+            }
             Weights::Masked(m) => {
                 // The row in L1-sized segments through the stack.
                 let mut seg = [0.0f32; 256];
@@ -199,6 +204,24 @@ fn dot_i8(q: &[i8], x: &[f32]) -> f32 {
         }
     }
     let tail: f32 = qr.iter().zip(xr).map(|(&a, &b)| a as f32 * b).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+/// [`dot_i8`] over the weights whose bit (from bit `start` of `mask`) is set: each group of
+/// 8 lanes is multiplied by its bits as floats, no branch.
+#[inline(always)]
+fn dot_i8_masked(q: &[i8], mask: &[u32], start: usize, x: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (qc, qr) = q.as_chunks::<8>();
+    let (xc, xr) = x[..q.len()].as_chunks::<8>();
+    for (g, (a, b)) in qc.iter().zip(xc).enumerate() {
+        let bits = super::bits32(mask, start + g * 8);
+        for l in 0..8 {
+            acc[l] += a[l] as f32 * ((bits >> l) & 1) as f32 * b[l];
+        }
+    }
+    let bits = super::bits32(mask, start + qc.len() * 8);
+    let tail: f32 = qr.iter().zip(xr).enumerate().map(|(l, (&a, &b))| a as f32 * ((bits >> l) & 1) as f32 * b).sum();
     acc.iter().sum::<f32>() + tail
 }
 

@@ -66,7 +66,7 @@ pub struct Overlay<'a> {
 
 /// Bits `p .. p + 32` of a bit vector (zeros past its end).
 #[inline(always)]
-fn bits32(words: &[u32], p: usize) -> u32 {
+pub(crate) fn bits32(words: &[u32], p: usize) -> u32 {
     let (w, s) = (p / 32, p % 32);
     let lo = words.get(w).copied().unwrap_or(0) >> s;
     if s == 0 {
