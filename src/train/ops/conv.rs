@@ -1,15 +1,23 @@
-//! Convolution over a batch: forward through the kernel table, backward by hand.
+//! Convolution over a batch: forward through the kernel table or batched GEMMs, backward by
+//! hand.
 //!
-//! Backward per sample and group, with `col = im2col(x)` (`K × P`, `K = c_in/g · kh · kw`,
-//! `P = oh · ow`): `dW += dY · colᵀ` and `dx = col2im(Wᵀ · dY)`. Depthwise convs (one input
+//! Non-depthwise convs work on chunks of samples ([`chunk_samples`]), chunks in parallel.
+//! With `col = im2col(x)` of a chunk (`K × nb·P`, `K = c_in/g · kh · kw`, `P = oh · ow`, sample
+//! `b`'s columns at `b·P`), each of `y = W · col`, `dWᵀ = col · dYᵀ` and `dcol = Wᵀ · dY` is one
+//! GEMM over every position of the chunk (per sample, the late layers' GEMMs had 16 columns
+//! and the weight gradient a `k` of 16), and `dx += col2im(dcol)`. Depthwise convs (one input
 //! channel per group) use direct loops instead: their per-group GEMMs would have `K ≤ 25`
-//! and one row. Weight gradients accumulate over the batch in sample order, so they do not
-//! depend on threading.
+//! and one row. Weight gradients are summed per chunk and the chunks in order, and chunks
+//! depend on the shape and batch only, so results do not depend on threading.
 
-use crate::kernels::matmul::{matmul, Mat};
+use crate::kernels::gemm::packed_b_len;
+use crate::kernels::matmul::{gemm_cols, pack_b_cols, pack_bt_cols, Cols};
 use crate::kernels::{reference, ConvShape, Kernels, PostOp, Weights};
 
-/// `y = conv(x) + bias` for `batch` samples.
+/// `y = conv(x) + bias` for `batch` samples. Depthwise convs (and the reference kernels) run
+/// per sample through the kernel table; every other conv runs over chunks of samples, each
+/// chunk one GEMM `W · col` over all its samples' output positions (see [`chunk_samples`]),
+/// chunks in parallel. Each output is one micro-kernel sum over the whole `K` either way.
 #[allow(clippy::too_many_arguments)]
 pub fn forward(
     k: &Kernels,
@@ -22,6 +30,9 @@ pub fn forward(
     scratch: &mut Vec<f32>,
 ) {
     let (xl, yl) = (s.c_in * s.h * s.w, s.c_out * s.oh() * s.ow());
+    if k.fast && !s.is_depthwise() {
+        return forward_batched(k, s, &dense(w), bias, &x[..batch * xl], batch, &mut y[..batch * yl]);
+    }
     let ones = vec![1.0f32; s.c_out];
     let zeros = vec![0.0f32; s.c_out];
     let post = PostOp { mul: &ones, add: bias.unwrap_or(&zeros), lo: f32::NEG_INFINITY, hi: f32::INFINITY };
@@ -37,6 +48,123 @@ pub fn forward(
             reference::conv2d(s, w, xs, ys, &post);
         }
     }
+}
+
+/// Floats of one chunk's unfolded input ([`chunk_samples`] keeps `K × columns` near this:
+/// 1 MB, so that a chunk's operands stay in L2/L3 and per-thread buffers stay small).
+const CHUNK_FLOATS: usize = 1 << 18;
+
+/// Samples per chunk of the batched conv: as many as keep `K × nb · P` within
+/// [`CHUNK_FLOATS`], at least one, and at most a quarter of the batch (so that two threads
+/// get work even on the last, smallest layers). It depends on the shape and the batch only,
+/// never on the thread count: the weight gradient sums per-chunk partials in chunk order.
+pub fn chunk_samples(s: &ConvShape, batch: usize) -> usize {
+    let kk = s.cin_g() * s.kh * s.kw;
+    let p = s.oh() * s.ow();
+    (CHUNK_FLOATS / (kk * p).max(1)).clamp(1, batch.div_ceil(4).max(1))
+}
+
+fn is_pointwise(s: &ConvShape) -> bool {
+    s.kh == 1 && s.kw == 1 && s.sh == 1 && s.sw == 1 && s.pad == [0; 4]
+}
+
+/// Runs `f(chunk index, first sample, samples, a, b)` over the batch's chunks, where `a` and
+/// `b` are the chunk's pieces of two optional per-sample (`a_len`, `b_len` floats each) and
+/// per-chunk (`b_chunk` floats, when not zero) buffers; in parallel when the work is worth it.
+#[allow(clippy::too_many_arguments)]
+fn for_each_chunk<F>(
+    batch: usize,
+    nb: usize,
+    work: usize,
+    a: Option<&mut [f32]>,
+    a_len: usize,
+    b: Option<&mut [f32]>,
+    b_len: usize,
+    f: F,
+) where
+    F: Fn(usize, usize, usize, Option<&mut [f32]>, Option<&mut [f32]>) + Sync + Send,
+{
+    let chunks = batch.div_ceil(nb);
+    let mut a_parts: Vec<Option<&mut [f32]>> = match a {
+        Some(a) => a[..batch * a_len].chunks_mut(nb * a_len).map(Some).collect(),
+        None => (0..chunks).map(|_| None).collect(),
+    };
+    let mut b_parts: Vec<Option<&mut [f32]>> = match b {
+        Some(b) => b.chunks_mut(b_len).take(chunks).map(Some).collect(),
+        None => (0..chunks).map(|_| None).collect(),
+    };
+    let jobs: Vec<(usize, Option<&mut [f32]>, Option<&mut [f32]>)> =
+        a_parts.drain(..).zip(b_parts.drain(..)).enumerate().map(|(c, (a, b))| (c, a, b)).collect();
+    let run = |(c, a, b): (usize, Option<&mut [f32]>, Option<&mut [f32]>)| {
+        let b0 = c * nb;
+        f(c, b0, nb.min(batch - b0), a, b)
+    };
+    if chunks > 1 && work >= crate::kernels::PAR_MIN_WORK && rayon::current_num_threads() > 1 {
+        use rayon::prelude::*;
+        jobs.into_par_iter().for_each(run);
+    } else {
+        jobs.into_iter().for_each(run);
+    }
+}
+
+/// [`forward`] for a non-depthwise conv with f32 weights `wf`, over chunks of samples.
+fn forward_batched(
+    k: &Kernels,
+    s: &ConvShape,
+    wf: &[f32],
+    bias: Option<&[f32]>,
+    x: &[f32],
+    batch: usize,
+    y: &mut [f32],
+) {
+    let (p, xl, yl) = (s.oh() * s.ow(), s.c_in * s.h * s.w, s.c_out * s.oh() * s.ow());
+    let (cin_g, cout_g) = (s.cin_g(), s.cout_g());
+    let kk = cin_g * s.kh * s.kw;
+    let plane = s.h * s.w;
+    let nb = chunk_samples(s, batch);
+    let nr = k.micro.nr;
+    let pointwise = is_pointwise(s);
+    let work = batch * s.macs();
+    for_each_chunk(batch, nb, work, Some(y), yl, None, 0, |_, b0, nbs, yc, _| {
+        let yc = yc.expect("output chunk");
+        let xc = &x[b0 * xl..(b0 + nbs) * xl];
+        let n = nbs * p;
+        COLS.with(|cell| {
+            let mut bufs = cell.borrow_mut();
+            let Bufs { col, packed, .. } = &mut *bufs;
+            let bpk = sized(packed, packed_b_len(kk, n, nr));
+            for g in 0..s.groups {
+                if pointwise {
+                    pack_b_cols(&xc[g * cin_g * plane..], kk, n, Cols { per: p, bs: xl, rs: p }, nr, bpk);
+                } else {
+                    let colm = sized(col, kk * n);
+                    im2col_chunk(s, xc, g, nbs, colm);
+                    pack_b_cols(colm, kk, n, Cols::plain(n, n), nr, bpk);
+                }
+                gemm_cols(
+                    k,
+                    cout_g,
+                    n,
+                    kk,
+                    &wf[g * cout_g * kk..(g + 1) * cout_g * kk],
+                    kk,
+                    bpk,
+                    &mut yc[g * cout_g * p..],
+                    Cols { per: p, bs: yl, rs: p },
+                    bias.map(|b| &b[g * cout_g..(g + 1) * cout_g]),
+                    false,
+                );
+            }
+        });
+    });
+}
+
+/// `v` grown to at least `n` floats; its first `n`.
+fn sized(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
+    if v.len() < n {
+        v.resize(n, 0.0);
+    }
+    &mut v[..n]
 }
 
 /// The weights as f32 (a copy for int8).
@@ -117,45 +245,51 @@ pub fn backward(
         }
         return;
     }
-    let kk = s.cin_g() * s.kh * s.kw;
-    COLS.with(|cell| {
-        let mut cols = cell.borrow_mut();
-        let (col, dcol, dwt) = &mut *cols;
-        col.resize(kk * p, 0.0);
-        dcol.resize(kk * p, 0.0);
-        dwt.resize(kk * s.cout_g(), 0.0);
-        backward_groups(k, s, &wf, x, dy, batch, dx, dw, &mut col[..kk * p], &mut dcol[..kk * p], dwt);
-    });
+    backward_batched(k, s, &wf, x, dy, batch, dx, dw);
+}
+
+/// Per-thread buffers of the batched conv: the unfolded input of a chunk, its gradient, and a
+/// packed GEMM operand; kept between calls.
+#[derive(Default)]
+struct Bufs {
+    col: Vec<f32>,
+    dcol: Vec<f32>,
+    packed: Vec<f32>,
 }
 
 std::thread_local! {
-    /// im2col buffers of the backward pass, kept per thread between calls.
-    #[allow(clippy::type_complexity)]
-    static COLS: std::cell::RefCell<(Vec<f32>, Vec<f32>, Vec<f32>)> =
-        const { std::cell::RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
+    static COLS: std::cell::RefCell<Bufs> = std::cell::RefCell::new(Bufs::default());
 }
 
+/// The non-depthwise backward over chunks of samples ([`chunk_samples`]), chunks in parallel.
+/// Per chunk and group, with `col` the chunk's unfolded input (`K × nb·P`) and `dY` its
+/// output gradient (`cout_g × nb·P`): `dWᵀ = col · dYᵀ` (one GEMM over all the chunk's
+/// positions, kept per chunk and summed in chunk order afterwards, so the result does not
+/// depend on the thread count) and `dx += col2im(Wᵀ · dY)` (for a pointwise conv the product
+/// is added straight into `dx`).
 #[allow(clippy::too_many_arguments)]
-fn backward_groups(
+fn backward_batched(
     k: &Kernels,
     s: &ConvShape,
     wf: &[f32],
     x: &[f32],
     dy: &[f32],
     batch: usize,
-    mut dx: Option<&mut [f32]>,
-    mut dw: Option<&mut [f32]>,
-    col: &mut [f32],
-    dcol: &mut [f32],
-    dwt: &mut [f32],
+    dx: Option<&mut [f32]>,
+    dw: Option<&mut [f32]>,
 ) {
     let (p, xl, yl) = (s.oh() * s.ow(), s.c_in * s.h * s.w, s.c_out * s.oh() * s.ow());
-    let (cin_g, cout_g) = (s.cin_g(), s.cout_g());
+    let (cin_g, cout_g, groups) = (s.cin_g(), s.cout_g(), s.groups);
     let kk = cin_g * s.kh * s.kw;
     let plane = s.h * s.w;
-    // Wᵀ per group, transposed once per call rather than once per sample.
-    let wt: Vec<f32> = if dx.is_some() {
-        (0..s.groups)
+    let nr = k.micro.nr;
+    let pointwise = is_pointwise(s);
+    let nb = chunk_samples(s, batch);
+    let chunks = batch.div_ceil(nb);
+    let want_dx = dx.is_some();
+    // Wᵀ per group (`K × cout_g`), transposed once per call.
+    let wt: Vec<f32> = if want_dx {
+        (0..groups)
             .flat_map(|g| {
                 let wg = &wf[g * cout_g * kk..(g + 1) * cout_g * kk];
                 (0..kk).flat_map(move |r| (0..cout_g).map(move |o| wg[o * kk + r]))
@@ -164,40 +298,105 @@ fn backward_groups(
     } else {
         Vec::new()
     };
-    for b in 0..batch {
-        for g in 0..s.groups {
-            let xg = &x[b * xl + g * cin_g * plane..][..cin_g * plane];
-            let dyg = &dy[b * yl + g * cout_g * p..][..cout_g * p];
-            let pointwise = s.kh == 1 && s.kw == 1 && s.sh == 1 && s.sw == 1 && s.pad == [0; 4];
-            if let Some(dw) = dw.as_deref_mut() {
-                let colm = if pointwise {
-                    xg
-                } else {
-                    im2col(s, xg, col);
-                    &*col
-                };
-                // dW_gᵀ (K × cout_g) = col (K × P) · dY_gᵀ (P × cout_g): A is read in place and
-                // only the small dY is packed (packing colᵀ instead cost 17 % of a GEMResNet step).
-                let tmp = &mut dwt[..kk * cout_g];
-                matmul(k, Mat::rows(colm, kk, p), Mat::t(dyg, cout_g, p), tmp, false);
-                let dwg = &mut dw[g * cout_g * kk..][..cout_g * kk];
-                for (r, row) in tmp.chunks_exact(cout_g).enumerate() {
-                    for (o, &v) in row.iter().enumerate() {
-                        dwg[o * kk + r] += v;
+    // Per chunk, per group: dWᵀ (`K × cout_g`).
+    let part_len = groups * kk * cout_g;
+    let mut partial = if dw.is_some() { vec![0.0f32; chunks * part_len] } else { Vec::new() };
+    let work = 2 * batch * s.macs();
+    let dyc_cols = Cols { per: p, bs: yl, rs: p };
+    for_each_chunk(
+        batch,
+        nb,
+        work,
+        dx,
+        xl,
+        dw.is_some().then_some(&mut partial[..]),
+        part_len,
+        |_, b0, nbs, dxc, part| {
+            let n = nbs * p;
+            let xc = &x[b0 * xl..(b0 + nbs) * xl];
+            let dyc = &dy[b0 * yl..(b0 + nbs) * yl];
+            COLS.with(|cell| {
+                let mut bufs = cell.borrow_mut();
+                let Bufs { col, dcol, packed } = &mut *bufs;
+                let mut dxc = dxc;
+                let mut part = part;
+                for g in 0..groups {
+                    let dyg = &dyc[g * cout_g * p..];
+                    if let Some(part) = part.as_deref_mut() {
+                        let colm = sized(col, kk * n);
+                        im2col_chunk(s, xc, g, nbs, colm);
+                        let bpk = sized(packed, packed_b_len(n, cout_g, nr));
+                        pack_bt_cols(dyg, cout_g, n, dyc_cols, nr, bpk);
+                        let out = &mut part[g * kk * cout_g..(g + 1) * kk * cout_g];
+                        gemm_cols(k, kk, cout_g, n, colm, n, bpk, out, Cols::plain(cout_g, cout_g), None, false);
+                    }
+                    if let Some(dxc) = dxc.as_deref_mut() {
+                        let bpk = sized(packed, packed_b_len(cout_g, n, nr));
+                        pack_b_cols(dyg, cout_g, n, dyc_cols, nr, bpk);
+                        let wtg = &wt[g * kk * cout_g..(g + 1) * kk * cout_g];
+                        if pointwise {
+                            let out = &mut dxc[g * cin_g * plane..];
+                            gemm_cols(
+                                k,
+                                kk,
+                                n,
+                                cout_g,
+                                wtg,
+                                cout_g,
+                                bpk,
+                                out,
+                                Cols { per: p, bs: xl, rs: p },
+                                None,
+                                true,
+                            );
+                        } else {
+                            let dcolm = sized(dcol, kk * n);
+                            gemm_cols(k, kk, n, cout_g, wtg, cout_g, bpk, dcolm, Cols::plain(n, n), None, false);
+                            col2im_chunk(s, dcolm, g, nbs, dxc);
+                        }
                     }
                 }
+            });
+        },
+    );
+    if let Some(dw) = dw {
+        // Chunk partials summed in chunk order, then transposed into dW.
+        let (first, rest) = partial.split_at_mut(part_len);
+        for pc in rest.chunks_exact(part_len) {
+            for (a, &v) in first.iter_mut().zip(pc) {
+                *a += v;
             }
-            if let Some(dx) = dx.as_deref_mut() {
-                let dxg = &mut dx[b * xl + g * cin_g * plane..][..cin_g * plane];
-                let wtg = Mat::rows(&wt[g * cout_g * kk..(g + 1) * cout_g * kk], kk, cout_g);
-                if pointwise {
-                    matmul(k, wtg, Mat::rows(dyg, cout_g, p), dxg, true);
-                } else {
-                    matmul(k, wtg, Mat::rows(dyg, cout_g, p), dcol, false);
-                    col2im_add(s, dcol, dxg);
+        }
+        for g in 0..groups {
+            let pg = &first[g * kk * cout_g..(g + 1) * kk * cout_g];
+            let dwg = &mut dw[g * cout_g * kk..(g + 1) * cout_g * kk];
+            for (r, row) in pg.chunks_exact(cout_g).enumerate() {
+                for (o, &v) in row.iter().enumerate() {
+                    dwg[o * kk + r] += v;
                 }
             }
         }
+    }
+}
+
+/// The unfolded input of group `g` of `nbs` samples `x` (`[nbs][c_in][h][w]`): `col` is
+/// `K × nbs·P`, sample `b`'s columns at `b·P`.
+fn im2col_chunk(s: &ConvShape, x: &[f32], g: usize, nbs: usize, col: &mut [f32]) {
+    let (xl, plane, p) = (s.c_in * s.h * s.w, s.h * s.w, s.oh() * s.ow());
+    let ld = nbs * p;
+    for b in 0..nbs {
+        let xg = &x[b * xl + g * s.cin_g() * plane..][..s.cin_g() * plane];
+        im2col(s, xg, col, ld, b * p);
+    }
+}
+
+/// The adjoint of [`im2col_chunk`]: adds `dcol` onto group `g` of the samples' `dx`.
+fn col2im_chunk(s: &ConvShape, dcol: &[f32], g: usize, nbs: usize, dx: &mut [f32]) {
+    let (xl, plane, p) = (s.c_in * s.h * s.w, s.h * s.w, s.oh() * s.ow());
+    let ld = nbs * p;
+    for b in 0..nbs {
+        let dxg = &mut dx[b * xl + g * s.cin_g() * plane..][..s.cin_g() * plane];
+        col2im_add(s, dcol, ld, b * p, dxg);
     }
 }
 
@@ -229,12 +428,18 @@ fn for_each_run(s: &ConvShape, cin_g: usize, mut f: impl FnMut(usize, usize, usi
     }
 }
 
-/// `col[(ci, ky, kx)][oy * ow + ox]` for one group.
-fn im2col(s: &ConvShape, xg: &[f32], col: &mut [f32]) {
+/// `col[(ci, ky, kx) * ld + off + oy * ow + ox]` for one group of one sample; taps in the
+/// padding are zero.
+fn im2col(s: &ConvShape, xg: &[f32], col: &mut [f32], ld: usize, off: usize) {
     let (p, sw) = (s.oh() * s.ow(), s.sw);
-    col.fill(0.0);
+    let rows = s.cin_g() * s.kh * s.kw;
+    if !is_pointwise(s) {
+        for r in 0..rows {
+            col[r * ld + off..][..p].fill(0.0);
+        }
+    }
     for_each_run(s, s.cin_g(), |r, c, i, n| {
-        let dst = &mut col[r * p + c..][..n];
+        let dst = &mut col[r * ld + off + c..][..n];
         if sw == 1 {
             dst.copy_from_slice(&xg[i..i + n]);
         } else {
@@ -246,10 +451,10 @@ fn im2col(s: &ConvShape, xg: &[f32], col: &mut [f32]) {
 }
 
 /// The adjoint of [`im2col`]: scatters `dcol` back onto the input, adding.
-fn col2im_add(s: &ConvShape, dcol: &[f32], dxg: &mut [f32]) {
-    let (p, sw) = (s.oh() * s.ow(), s.sw);
+fn col2im_add(s: &ConvShape, dcol: &[f32], ld: usize, off: usize, dxg: &mut [f32]) {
+    let sw = s.sw;
     for_each_run(s, s.cin_g(), |r, c, i, n| {
-        let src = &dcol[r * p + c..][..n];
+        let src = &dcol[r * ld + off + c..][..n];
         if sw == 1 {
             for (d, &v) in dxg[i..i + n].iter_mut().zip(src) {
                 *d += v;
