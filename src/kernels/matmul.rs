@@ -394,16 +394,16 @@ mod tests {
                 let bias: Vec<f32> = (0..m).map(|i| i as f32).collect();
                 let mut out = vec![0.5f32; samples * (m + 1) * per];
                 gemm_cols(&kern, m, n, k, &a, lda, &bp, &mut out, ocols, Some(&bias), false);
-                for e in 0..m * n {
+                for (e, &w) in want.iter().enumerate() {
                     let (i, j) = (e / n, e % n);
                     let got = out[ocols.at(i, j)];
-                    assert!((got - want[e] - i as f32).abs() < 1e-4 * (1.0 + want[e].abs()), "{got} vs {}", want[e]);
+                    assert!((got - w - i as f32).abs() < 1e-4 * (1.0 + w.abs()), "{got} vs {w}");
                 }
                 gemm_cols(&kern, m, n, k, &a, lda, &bp, &mut out, ocols, None, true);
-                for e in 0..m * n {
+                for (e, &w) in want.iter().enumerate() {
                     let (i, j) = (e / n, e % n);
                     let got = out[ocols.at(i, j)];
-                    assert!((got - 2.0 * want[e] - i as f32).abs() < 1e-4 * (1.0 + want[e].abs()));
+                    assert!((got - 2.0 * w - i as f32).abs() < 1e-4 * (1.0 + w.abs()));
                 }
                 // Transposed packing: C' = A' · Mᵀ with M the same `k × n` matrix.
                 let mut bt = vec![f32::NAN; packed_b_len(n, k, nr)];

@@ -68,6 +68,9 @@ fn is_pointwise(s: &ConvShape) -> bool {
     s.kh == 1 && s.kw == 1 && s.sh == 1 && s.sw == 1 && s.pad == [0; 4]
 }
 
+/// A chunk's index and its pieces of the two buffers of [`for_each_chunk`].
+type Job<'a> = (usize, Option<&'a mut [f32]>, Option<&'a mut [f32]>);
+
 /// Runs `f(chunk index, first sample, samples, a, b)` over the batch's chunks, where `a` and
 /// `b` are the chunk's pieces of two optional per-sample (`a_len`, `b_len` floats each) and
 /// per-chunk (`b_chunk` floats, when not zero) buffers; in parallel when the work is worth it.
@@ -93,9 +96,8 @@ fn for_each_chunk<F>(
         Some(b) => b.chunks_mut(b_len).take(chunks).map(Some).collect(),
         None => (0..chunks).map(|_| None).collect(),
     };
-    let jobs: Vec<(usize, Option<&mut [f32]>, Option<&mut [f32]>)> =
-        a_parts.drain(..).zip(b_parts.drain(..)).enumerate().map(|(c, (a, b))| (c, a, b)).collect();
-    let run = |(c, a, b): (usize, Option<&mut [f32]>, Option<&mut [f32]>)| {
+    let jobs: Vec<Job> = a_parts.drain(..).zip(b_parts.drain(..)).enumerate().map(|(c, (a, b))| (c, a, b)).collect();
+    let run = |(c, a, b): Job| {
         let b0 = c * nb;
         f(c, b0, nb.min(batch - b0), a, b)
     };
