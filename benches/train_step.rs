@@ -4,7 +4,9 @@
 //!
 //! `cargo bench --bench train_step` runs every case, each in its own process (so that peak
 //! RSS is the case's own), and prints one JSON line per case:
-//! `{"case", "threads", "batch", "images_per_second", "step_seconds", "peak_rss_bytes"}`.
+//! `{"case", "threads", "batch", "images_per_second", "step_seconds", "cpu_seconds_per_step",
+//! "peak_rss_bytes"}` (`cpu_seconds_per_step`: user + system time of all threads; on a
+//! loaded machine it is the steadier figure).
 //! `cargo bench --bench train_step -- CASE [--threads N]` runs one case in this process.
 //!
 //! Cases: `supsup-fc1024` (batch 128), `supsup-gemresnet18` (32×32, batch 64),
@@ -84,22 +86,38 @@ fn run_case(case: &str, threads: usize) {
     learn(&k, &bb, &cfg, "warm", labels.clone(), &warm, &[], &mut |_| {}).unwrap();
     let data = Synthetic { sample: len, n: STEPS * batch, classes: classes as u32 };
     let mut first = None;
-    let start = Instant::now();
+    let start = (Instant::now(), cpu_seconds());
     learn(&k, &bb, &cfg, "bench", labels, &data, &[], &mut |p| {
         if p.step == 0 {
-            first = Some(Instant::now());
+            first = Some((Instant::now(), cpu_seconds()));
         }
     })
     .unwrap();
     // Time from the end of the first step to the end: STEPS - 1 steps, setup excluded.
-    let t = first.map_or(start.elapsed(), |f| f.elapsed()).as_secs_f64();
+    let (t0, c0) = first.unwrap_or(start);
+    let t = t0.elapsed().as_secs_f64();
     let step = t / (STEPS - 1) as f64;
+    let cpu = (cpu_seconds() - c0) / (STEPS - 1) as f64;
     println!(
-        "{{\"case\": \"{case}\", \"threads\": {threads}, \"batch\": {batch}, \"images_per_second\": {:.1}, \"step_seconds\": {:.5}, \"peak_rss_bytes\": {}}}",
+        "{{\"case\": \"{case}\", \"threads\": {threads}, \"batch\": {batch}, \"images_per_second\": {:.1}, \"step_seconds\": {:.5}, \"cpu_seconds_per_step\": {:.5}, \"peak_rss_bytes\": {}}}",
         batch as f64 / step,
         step,
+        cpu,
         peak_rss()
     );
+}
+
+/// User + system CPU time of the whole process (every thread) so far: on a loaded machine
+/// wall time measures the other processes too, CPU time much less so.
+fn cpu_seconds() -> f64 {
+    let mut u = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage writes one `rusage` into the pointer it is given, which is valid.
+    let u = unsafe {
+        libc::getrusage(libc::RUSAGE_SELF, u.as_mut_ptr());
+        u.assume_init()
+    };
+    let s = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    s(u.ru_utime) + s(u.ru_stime)
 }
 
 fn peak_rss() -> u64 {

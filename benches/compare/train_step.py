@@ -46,7 +46,8 @@ mark of a forked child into ru_maxrss). Random synthetic inputs U(-1, 1) and lab
 2 warm-up steps, then at least 5 timed steps and at least 3 s; the median step time is
 reported. One JSON line per case:
 {"impl": "pytorch", "case", "threads", "batch", "images_per_second", "step_seconds",
- "peak_rss_bytes", "torch", "import_rss_bytes"}
+ "cpu_seconds_per_step", "peak_rss_bytes", "torch", "import_rss_bytes"}
+(`cpu_seconds_per_step`: median user + system time of the process per step, all threads.)
 (`import_rss_bytes`: the RSS right after `import torch`, i.e. the interpreter and libraries'
 share of the peak). With `--edgecl`, edgecl's line follows each PyTorch line (with
 "impl": "edgecl"), and a comparison table is printed at the end. `--json FILE` writes every
@@ -254,13 +255,14 @@ def worker(case, threads):
 
     for i in range(WARMUP):
         step(i)
-    times = []
+    times, cpus = [], []
     start = time.perf_counter()
     i = WARMUP
     while len(times) < MIN_STEPS or time.perf_counter() - start < MIN_SECONDS:
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         loss = step(i)
         times.append(time.perf_counter() - t)
+        cpus.append(time.process_time() - c)
         i += 1
     if not loss == loss:
         raise SystemExit(f"{case}: loss is NaN")
@@ -268,6 +270,7 @@ def worker(case, threads):
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
     print(json.dumps({"impl": "pytorch", "case": case, "threads": threads, "batch": batch,
                       "images_per_second": round(batch / med, 1), "step_seconds": round(med, 5),
+                      "cpu_seconds_per_step": round(statistics.median(cpus), 5),
                       "peak_rss_bytes": peak, "torch": torch.__version__,
                       "import_rss_bytes": import_rss, "steps": len(times)}), flush=True)
 
@@ -304,21 +307,26 @@ def run(cmd, env, what):
 
 def table(results, cases):
     by = {(r["impl"], r["case"]): r for r in results}
-    head = ["case", "edgecl img/s", "PyTorch img/s", "ratio", "edgecl RSS MB", "PyTorch RSS MB", "RSS ratio"]
+    head = ["case", "edgecl img/s", "PyTorch img/s", "ratio", "CPU-time ratio", "edgecl RSS MB", "PyTorch RSS MB",
+            "RSS ratio"]
     rows = []
     for c in cases:
         e, t = by.get(("edgecl", c)), by.get(("pytorch", c))
         fmt = lambda v, spec: "-" if v is None else format(v, spec)
         ei, ti = e and e["images_per_second"], t and t["images_per_second"]
         em, tm = e and e["peak_rss_bytes"] / 1e6, t and t["peak_rss_bytes"] / 1e6
+        ec, tc = e and e.get("cpu_seconds_per_step"), t and t.get("cpu_seconds_per_step")
         rows.append([c, fmt(ei, ".1f"), fmt(ti, ".1f"), fmt(ei / ti if ei and ti else None, ".2f"),
+                     fmt(tc / ec if ec and tc else None, ".2f"),
                      fmt(em, ".1f"), fmt(tm, ".1f"), fmt(em / tm if em and tm else None, ".2f")])
     w = [max(len(str(r[i])) for r in [head] + rows) for i in range(len(head))]
     line = lambda r: "  ".join(str(v).rjust(w[i]) if i else str(v).ljust(w[i]) for i, v in enumerate(r))
     print(line(head))
     for r in rows:
         print(line(r))
-    print("ratio = edgecl / PyTorch (throughput: > 1 means edgecl is faster; RSS: < 1 means edgecl uses less)")
+    print("ratio = edgecl / PyTorch (throughput: > 1 means edgecl is faster; RSS: < 1 means edgecl uses less);")
+    print("CPU-time ratio = PyTorch / edgecl CPU seconds per step (all threads; > 1 means edgecl needs less CPU;")
+    print("steadier than wall time on a loaded machine, but blind to how well the threads overlap)")
 
 
 def main():

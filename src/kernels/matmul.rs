@@ -7,8 +7,9 @@
 //! are kept per thread and reused: allocating them per call made the kernel zero fresh pages
 //! for a quarter of a training step (measured with perf on fc1024).
 
+use super::gemm::MAX_TILE;
 use super::gemm::{a_scratch_len, gemm_packed, packed_b_len};
-use super::{Kernels, PostOp, Weights};
+use super::{Kernels, PostOp, TileEpilogue, Weights, MAX_MR};
 use std::cell::RefCell;
 use std::vec::Vec;
 
@@ -143,6 +144,186 @@ pub fn matmul(kern: &Kernels, a: Mat, b: Mat, c: &mut [f32], accumulate: bool) {
     })
 }
 
+/// Where the columns of a product go (or where a packed operand's columns come from): column
+/// `j = b * per + p` of row `i` is element `b * bs + i * rs + p`. A batch of `[c][plane]`
+/// tensors read as one `c × (batch · plane)` matrix is `{ per: plane, bs: c_total · plane,
+/// rs: plane }`; a plain row-major matrix with row stride `ld` is `{ per: n, bs: 0, rs: ld }`.
+#[derive(Clone, Copy, Debug)]
+pub struct Cols {
+    pub per: usize,
+    pub bs: usize,
+    pub rs: usize,
+}
+
+impl Cols {
+    /// A row-major matrix of `n` columns with row stride `ld`.
+    pub fn plain(n: usize, ld: usize) -> Self {
+        Cols { per: n.max(1), bs: 0, rs: ld }
+    }
+    #[inline(always)]
+    fn at(&self, i: usize, j: usize) -> usize {
+        let (b, p) = (j / self.per, j % self.per);
+        b * self.bs + i * self.rs + p
+    }
+}
+
+/// `dst.copy_from_slice(src)` for the short runs of packing and im2col (a few to a few dozen
+/// floats): `copy_from_slice` calls `memmove`, whose per-call cost was 7 % of a GEMResNet
+/// training step; eight floats at a time move as one array.
+#[inline(always)]
+pub fn copy_short(dst: &mut [f32], src: &[f32]) {
+    let src = &src[..dst.len()];
+    let (dc, dt) = dst.as_chunks_mut::<8>();
+    let (sc, st) = src.as_chunks::<8>();
+    for (d, s) in dc.iter_mut().zip(sc) {
+        *d = *s;
+    }
+    for (d, s) in dt.iter_mut().zip(st) {
+        *d = *s;
+    }
+}
+
+/// Packs `k × n` of B, element `(r, j)` at `src[cols.at(r, j)]`, into `nr`-wide panels
+/// (`[panel][k][nr]`, zero-padded; the layout [`gemm_cols`] reads). Runs of a panel row that
+/// lie in one sample are copied as slices.
+pub fn pack_b_cols(src: &[f32], k: usize, n: usize, cols: Cols, nr: usize, dst: &mut [f32]) {
+    for (q, panel) in dst[..packed_b_len(k, n, nr)].chunks_exact_mut(k * nr).enumerate() {
+        let c0 = q * nr;
+        let w = nr.min(n - c0);
+        let (b, p0) = (c0 / cols.per, c0 % cols.per);
+        if p0 + w <= cols.per {
+            // One sample: every row of the panel is one contiguous run.
+            let base = b * cols.bs + p0;
+            for (r, d) in panel.chunks_exact_mut(nr).enumerate() {
+                copy_short(&mut d[..w], &src[base + r * cols.rs..][..w]);
+                d[w..].fill(0.0);
+            }
+        } else {
+            for (r, d) in panel.chunks_exact_mut(nr).enumerate() {
+                for (jj, v) in d[..w].iter_mut().enumerate() {
+                    *v = src[cols.at(r, c0 + jj)];
+                }
+                d[w..].fill(0.0);
+            }
+        }
+    }
+}
+
+/// Packs the transpose of a `n × k` matrix `M` (element `(c, j)` at `src[cols.at(c, j)]`)
+/// as B (`k × n`, `B[j][c] = M[c][j]`) into `nr`-wide panels: each panel gathers `nr` rows
+/// of `M`, read along their (contiguous) runs and written into their lanes.
+pub fn pack_bt_cols(src: &[f32], n: usize, k: usize, cols: Cols, nr: usize, dst: &mut [f32]) {
+    for (q, panel) in dst[..packed_b_len(k, n, nr)].chunks_exact_mut(k * nr).enumerate() {
+        let c0 = q * nr;
+        let w = nr.min(n - c0);
+        if w < nr {
+            panel.fill(0.0);
+        }
+        for lane in 0..w {
+            let mut j = 0;
+            while j < k {
+                let (b, p) = (j / cols.per, j % cols.per);
+                let run = (cols.per - p).min(k - j);
+                let s = &src[b * cols.bs + (c0 + lane) * cols.rs + p..][..run];
+                for (t, &v) in s.iter().enumerate() {
+                    panel[(j + t) * nr + lane] = v;
+                }
+                j += run;
+            }
+        }
+    }
+}
+
+/// `C = A · B (+ bias per row)` on the calling thread, for drivers that split work
+/// themselves (training convs split the batch). `a` holds `m` rows of `k` at stride `lda`;
+/// `bp` is B packed by [`pack_b_cols`] or [`pack_bt_cols`]; element `(i, j)` of C is written
+/// to (or, with `accumulate`, added to) `out[cols.at(i, j)]`. Every element is one
+/// micro-kernel sum over the whole `k`, so results do not depend on how callers split `n`.
+/// Tiles are visited in blocks of a few B panels, each block against every row panel, so the
+/// block stays in L1/L2 while A streams.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_cols(
+    kern: &Kernels,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    lda: usize,
+    bp: &[f32],
+    out: &mut [f32],
+    cols: Cols,
+    bias: Option<&[f32]>,
+    accumulate: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let (mr, nr) = (kern.micro.mr, kern.micro.nr);
+    assert!(k > 0 && lda >= k && a.len() >= (m - 1) * lda + k && bp.len() >= packed_b_len(k, n, nr));
+    const BLOCK: usize = 4;
+    let mut tile = [0.0f32; MAX_TILE];
+    let tile = &mut tile[..mr * nr];
+    let mut ep = TileEpilogue { mul: [1.0; MAX_MR], add: [0.0; MAX_MR], lo: f32::NEG_INFINITY, hi: f32::INFINITY };
+    let panels = n.div_ceil(nr);
+    GEMM_PAD.with(|cell| {
+        let mut pad = cell.borrow_mut();
+        for q0 in (0..panels).step_by(BLOCK) {
+            for r0 in (0..m).step_by(mr) {
+                let m_eff = mr.min(m - r0);
+                // A partial row panel is copied and zero-padded: the micro-kernel reads `mr` rows.
+                let (ap, ald) = if m_eff == mr {
+                    (&a[r0 * lda..], lda)
+                } else {
+                    let p = sized(&mut pad, mr * k);
+                    p.fill(0.0);
+                    for i in 0..m_eff {
+                        p[i * k..(i + 1) * k].copy_from_slice(&a[(r0 + i) * lda..][..k]);
+                    }
+                    (&p[..], k)
+                };
+                if let Some(bias) = bias {
+                    ep.add[..m_eff].copy_from_slice(&bias[r0..r0 + m_eff]);
+                }
+                for q in q0..(q0 + BLOCK).min(panels) {
+                    let bq = &bp[q * k * nr..][..k * nr];
+                    let c0 = q * nr;
+                    let n_eff = nr.min(n - c0);
+                    let (b, p0) = (c0 / cols.per, c0 % cols.per);
+                    if !accumulate && m_eff == mr && n_eff == nr && p0 + nr <= cols.per {
+                        let at = b * cols.bs + r0 * cols.rs + p0;
+                        (kern.micro.run)(k, ap, ald, bq, &ep, &mut out[at..], cols.rs);
+                        continue;
+                    }
+                    (kern.micro.run)(k, ap, ald, bq, &ep, tile, nr);
+                    for i in 0..m_eff {
+                        let row = &tile[i * nr..i * nr + n_eff];
+                        if p0 + n_eff <= cols.per {
+                            let d = &mut out[b * cols.bs + (r0 + i) * cols.rs + p0..][..n_eff];
+                            if accumulate {
+                                for (d, &v) in d.iter_mut().zip(row) {
+                                    *d += v;
+                                }
+                            } else {
+                                d.copy_from_slice(row);
+                            }
+                        } else {
+                            for (jj, &v) in row.iter().enumerate() {
+                                let d = &mut out[cols.at(r0 + i, c0 + jj)];
+                                *d = if accumulate { *d + v } else { v };
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    })
+}
+
+std::thread_local! {
+    /// [`gemm_cols`]' copy of a partial row panel of A.
+    static GEMM_PAD: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -183,6 +364,57 @@ mod tests {
                     matmul(&kern, a, b, &mut c, false);
                     for (got, w) in c.iter().zip(&want) {
                         assert!((got - w).abs() < 1e-4 * (1.0 + w.abs()), "{got} vs {w}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn gemm_cols_matches_the_naive_product_in_every_layout() {
+        let mut r = crate::rng::SplitMix64::new(6);
+        for kern in Kernels::available() {
+            let nr = kern.micro.nr;
+            // (m, k, per, samples): columns of C and of B are `samples` runs of `per`.
+            for &(m, k, per, samples) in &[(1, 1, 1, 1), (7, 5, 9, 3), (13, 20, 16, 2), (6, 3, 40, 1), (19, 33, 5, 7)] {
+                let n = per * samples;
+                let a: Vec<f32> = (0..m * (k + 2)).map(|_| r.uniform(-1.0, 1.0)).collect();
+                let lda = k + 2;
+                // B as `[samples][k + 1][per]` (one spare row per sample), its transpose as
+                // `[samples][k][per]` read by pack_bt_cols.
+                let bsrc: Vec<f32> = (0..samples * (k + 1) * per).map(|_| r.uniform(-1.0, 1.0)).collect();
+                let bcols = Cols { per, bs: (k + 1) * per, rs: per };
+                let bval = |i: usize, j: usize| bsrc[bcols.at(i, j)];
+                let want: Vec<f32> =
+                    (0..m * n).map(|e| (0..k).map(|p| a[(e / n) * lda + p] * bval(p, e % n)).sum::<f32>()).collect();
+                let mut bp = vec![f32::NAN; packed_b_len(k, n, nr)];
+                pack_b_cols(&bsrc, k, n, bcols, nr, &mut bp);
+                // Output `[samples][m + 1][per]`.
+                let ocols = Cols { per, bs: (m + 1) * per, rs: per };
+                let bias: Vec<f32> = (0..m).map(|i| i as f32).collect();
+                let mut out = vec![0.5f32; samples * (m + 1) * per];
+                gemm_cols(&kern, m, n, k, &a, lda, &bp, &mut out, ocols, Some(&bias), false);
+                for (e, &w) in want.iter().enumerate() {
+                    let (i, j) = (e / n, e % n);
+                    let got = out[ocols.at(i, j)];
+                    assert!((got - w - i as f32).abs() < 1e-4 * (1.0 + w.abs()), "{got} vs {w}");
+                }
+                gemm_cols(&kern, m, n, k, &a, lda, &bp, &mut out, ocols, None, true);
+                for (e, &w) in want.iter().enumerate() {
+                    let (i, j) = (e / n, e % n);
+                    let got = out[ocols.at(i, j)];
+                    assert!((got - 2.0 * w - i as f32).abs() < 1e-4 * (1.0 + w.abs()));
+                }
+                // Transposed packing: C' = A' · Mᵀ with M the same `k × n` matrix.
+                let mut bt = vec![f32::NAN; packed_b_len(n, k, nr)];
+                pack_bt_cols(&bsrc, k, n, bcols, nr, &mut bt);
+                let a2: Vec<f32> = (0..m * n).map(|_| r.uniform(-1.0, 1.0)).collect();
+                let mut c2 = vec![0.0; m * k];
+                gemm_cols(&kern, m, k, n, &a2, n, &bt, &mut c2, Cols::plain(k, k), None, false);
+                for i in 0..m {
+                    for c in 0..k {
+                        let w: f32 = (0..n).map(|j| a2[i * n + j] * bval(c, j)).sum();
+                        assert!((c2[i * k + c] - w).abs() < 1e-4 * (1.0 + w.abs()));
                     }
                 }
             }

@@ -49,29 +49,44 @@ pub fn top_k(scores: &[f32], density: f64, mask: &mut BitVec<u32, Lsb0>) {
         mask.fill(false);
         return;
     }
+    // The threshold as the bits of |s|: for non-negative floats the bit patterns order as
+    // `total_cmp` does, and integer comparisons are cheaper than `total_cmp` in the selection.
     let t = MAGNITUDES.with(|cell| {
         let mut mag = cell.borrow_mut();
         mag.clear();
-        mag.extend(scores.iter().map(|s| s.abs()));
-        *mag.select_nth_unstable_by(drop - 1, |a, b| a.total_cmp(b)).1
+        mag.extend(scores.iter().map(|s| s.abs().to_bits()));
+        *mag.select_nth_unstable(drop - 1).1
     });
     // Entries strictly below the threshold all go; ties at it go in order until `drop` are gone.
-    let below = scores.iter().filter(|s| s.abs().total_cmp(&t).is_lt()).count();
+    let below = scores.iter().filter(|s| s.abs().to_bits() < t).count();
     let mut ties = drop - below;
-    for (i, s) in scores.iter().enumerate() {
-        let a = s.abs();
-        if a.total_cmp(&t).is_lt() {
-            mask.set(i, false);
-        } else if ties > 0 && a.total_cmp(&t).is_eq() {
-            mask.set(i, false);
-            ties -= 1;
-        }
-    }
+    // The mask built 32 bits at a time (setting bits one by one was a tenth of an fc1024 step).
+    let words: Vec<u32> = scores
+        .chunks(32)
+        .map(|chunk| {
+            let mut word = 0u32;
+            for (j, v) in chunk.iter().enumerate() {
+                let a = v.abs().to_bits();
+                let keep = if a > t {
+                    true
+                } else if a == t && ties > 0 {
+                    ties -= 1;
+                    false
+                } else {
+                    a == t
+                };
+                word |= (keep as u32) << j;
+            }
+            word
+        })
+        .collect();
+    *mask = BitVec::from_vec(words);
+    mask.truncate(n);
 }
 
 std::thread_local! {
     /// `|S|` of the layer being thresholded, kept between calls (layers reach millions of scores).
-    static MAGNITUDES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    static MAGNITUDES: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// `M = 1[S ≥ 0]`.
@@ -82,8 +97,13 @@ pub fn threshold(scores: &[f32], mask: &mut BitVec<u32, Lsb0>) {
 
 /// `W_eff = W ⊙ M`.
 pub fn apply(w: &[f32], mask: &BitSlice<u32, Lsb0>, out: &mut [f32]) {
-    for ((o, &v), m) in out.iter_mut().zip(w).zip(mask.iter().by_vals()) {
-        *o = if m { v } else { 0.0 };
+    use bitvec::field::BitField;
+    // 32 bits at a time rather than an iterator over bits.
+    for ((o, w), bits) in out.chunks_mut(32).zip(w.chunks(32)).zip(mask.chunks(32)) {
+        let word: u32 = bits.load_le();
+        for (j, (o, &v)) in o.iter_mut().zip(w).enumerate() {
+            *o = if word >> j & 1 == 1 { v } else { 0.0 };
+        }
     }
 }
 

