@@ -189,7 +189,7 @@ pub fn learn(
             } else {
                 base.iter().map(|l| BitVec::repeat(false, l.len())).collect()
             };
-            let mut scores = init_scores(bb, &net, cfg.seed);
+            let mut scores = init_scores(bb, &net, cfg.seed, name);
             if cfg.kkt && !prior.is_empty() {
                 let (choice, note) = kkt(k, bb, cfg, train, prior, classes)?;
                 notes.push(note);
@@ -295,9 +295,15 @@ fn check_outputs(net: &Net, classes: usize) -> Result<(), TrainError> {
     Ok(())
 }
 
-/// Scores `U(±1/sqrt(fan_in))` per maskable layer (Kaiming uniform with a = √5).
-fn init_scores(bb: &Backbone, net: &Net, seed: u64) -> Vec<Vec<f32>> {
-    let mut r = SplitMix64::fork(seed, 1);
+/// Scores `U(±1/sqrt(fan_in))` per maskable layer (Kaiming uniform with a = √5), drawn
+/// independently per task as the reference allocates them: the stream depends on the task's
+/// name as well as the seed. Tasks sharing one starting point end with masks that agree on
+/// most bits they were not trained to change, and the entropy gradient of task inference
+/// (ALGORITHMS §1.4) then cannot tell them apart.
+fn init_scores(bb: &Backbone, net: &Net, seed: u64, name: &str) -> Vec<Vec<f32>> {
+    // FNV-1a of the name.
+    let tag = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3));
+    let mut r = SplitMix64::fork(seed ^ tag, 1);
     net.maskable
         .iter()
         .map(|&(layer, p)| {

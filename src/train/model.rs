@@ -31,30 +31,40 @@ pub fn recipe(method: Method, classes: usize) -> Recipe {
 /// Writes the overlays of an ExSSNeT chain (oldest first) into the dense weights `w` (one
 /// vector per maskable layer) and returns the union of the chain's masks per layer.
 pub fn apply_chain(w: &mut [Vec<f32>], chain: &[&Task]) -> Result<Vec<BitVec<u32, Lsb0>>, ComponentError> {
-    let mut union: Vec<BitVec<u32, Lsb0>> = w.iter().map(|l| BitVec::repeat(false, l.len())).collect();
+    let layers = w.len();
+    w.iter_mut().enumerate().map(|(l, wl)| apply_chain_layer(wl, chain, l, layers)).collect()
+}
+
+/// [`apply_chain`] for maskable layer `l` alone (of `layers`), so that a caller can hold one
+/// layer's weights at a time: writes the chain's overlay values of that layer into `wl` and
+/// returns the union of the chain's masks of that layer.
+pub fn apply_chain_layer(
+    wl: &mut [f32],
+    chain: &[&Task],
+    l: usize,
+    layers: usize,
+) -> Result<BitVec<u32, Lsb0>, ComponentError> {
+    let mut union: BitVec<u32, Lsb0> = BitVec::repeat(false, wl.len());
     for t in chain {
         let c = &t.components;
-        if c.masks.len() != w.len() || (!c.overlay.is_empty() && c.overlay.len() != w.len()) {
+        if c.masks.len() != layers || (!c.overlay.is_empty() && c.overlay.len() != layers) {
             return Err(ComponentError(format!(
-                "task '{}' has masks for {} layers, the backbone has {}",
+                "task '{}' has masks for {} layers, the backbone has {layers}",
                 t.name,
-                c.masks.len(),
-                w.len()
+                c.masks.len()
             )));
         }
-        for (l, (wl, u)) in w.iter_mut().zip(union.iter_mut()).enumerate() {
-            let m = mask_bits(t, l, wl.len())?;
-            if let Some(values) = c.overlay.get(l) {
-                let mut it = values.iter();
-                for i in m.iter_ones().filter(|&i| !u[i]) {
-                    wl[i] = *it.next().ok_or_else(|| short(t, l))?;
-                }
-                if it.next().is_some() {
-                    return Err(short(t, l));
-                }
+        let m = mask_bits(t, l, wl.len())?;
+        if let Some(values) = c.overlay.get(l) {
+            let mut it = values.iter();
+            for i in m.iter_ones().filter(|&i| !union[i]) {
+                wl[i] = *it.next().ok_or_else(|| short(t, l))?;
             }
-            *u |= m;
+            if it.next().is_some() {
+                return Err(short(t, l));
+            }
         }
+        union |= m;
     }
     Ok(union)
 }
