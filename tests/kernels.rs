@@ -181,14 +181,17 @@ proptest! {
     }
 
     #[test]
-    fn masked_linear_matches_dense(i in 1usize..600, o in 1usize..12, seed in any::<u64>(), int8 in any::<bool>()) {
+    fn masked_linear_matches_dense(i in 1usize..600, o in 1usize..12, seed in any::<u64>(), int8 in any::<bool>(), overlay in any::<bool>()) {
         let wf = floats(i * o, seed);
         let q: Vec<i8> = wf.iter().map(|v| (v * 127.0) as i8).collect();
         let scale = vec![0.01; o];
         let base = if int8 { Weights::I8 { q: &q, scale: &scale } } else { Weights::F32(&wf) };
-        let c = mask_case(&base, i * o, i, seed);
+        let mut c = mask_case(&base, i * o, i, seed);
+        if !overlay {
+            c.dense = (0..i * o).map(|j| if c.mask[j / 32] >> (j % 32) & 1 != 0 { base.get(j / i, j) } else { 0.0 }).collect();
+        }
         let ov = Overlay { present: &c.present, row_rank: &c.row_rank, values: &c.values };
-        let masked = Weights::Masked(Masked { base: &base, mask: &c.mask, row_len: i, overlay: Some(ov) });
+        let masked = Weights::Masked(Masked { base: &base, mask: &c.mask, row_len: i, overlay: overlay.then_some(ov) });
         let x = floats(i, seed ^ 7);
         let (mul, add) = (floats(o, seed ^ 8), floats(o, seed ^ 9));
         let post = PostOp { mul: &mul, add: &add, lo: f32::NEG_INFINITY, hi: f32::INFINITY };

@@ -5,7 +5,7 @@ use crate::{backbone, open_backbone};
 use anyhow::{bail, Context, Result};
 use edgecl::backbone::mmap::MappedFile;
 use edgecl::backbone::Backbone;
-use edgecl::data::transform::{Image, Scratch, Transform};
+use edgecl::data::{Image, Scratch, Transform};
 use edgecl::format::task::{decode, TaskFile};
 use edgecl::format::Hex;
 use edgecl::kernels::Kernels;
@@ -79,7 +79,12 @@ pub fn load_inputs(paths: &[PathBuf], bb: &Backbone) -> Result<Inputs> {
             let images = edgecl::data::idx::read_images(p)?;
             for i in 0..images.count {
                 let px = images.image(i).context("IDX image out of range")?;
-                let img = Image { c: 1, h: images.rows, w: images.cols, data: px.iter().map(|&v| v as f32 / 255.0).collect() };
+                let img = Image {
+                    c: 1,
+                    h: images.rows,
+                    w: images.cols,
+                    data: px.iter().map(|&v| v as f32 / 255.0).collect(),
+                };
                 push(&mut out, format!("{name}#{i}"), &img)?;
             }
         } else {

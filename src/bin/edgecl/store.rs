@@ -237,7 +237,11 @@ fn read_bundle(store: &Store, path: &Path, allow_unsigned: bool) -> Result<Vec<N
     b.check_backbone(&store.backbone_digest()).with_context(|| format!("{} refused", path.display()))?;
     Ok(b.tasks
         .iter()
-        .map(|t| NewTask { bytes: t.bytes.to_vec(), scores: None, origin: format!("{} (task '{}')", path.display(), t.name) })
+        .map(|t| NewTask {
+            bytes: t.bytes.to_vec(),
+            scores: None,
+            origin: format!("{} (task '{}')", path.display(), t.name),
+        })
         .collect())
 }
 
