@@ -177,7 +177,7 @@ impl Backbone<'_> {
                                 let ones: usize = o.present.iter().map(|w| w.count_ones() as usize).sum();
                                 fit("overlay values of maskable layer", mi, ones, o.values.len())?;
                                 // Bits past the end would shift every rank: they must be clear.
-                                if n % 32 != 0 && o.present[n / 32] >> (n % 32) != 0 {
+                                if !n.is_multiple_of(32) && o.present[n / 32] >> (n % 32) != 0 {
                                     return Err(TaskFit {
                                         what: "overlay bits past maskable layer",
                                         index: mi,

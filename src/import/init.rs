@@ -151,31 +151,6 @@ pub fn random_backbone(arch: Arch, outputs: usize, seed: u64) -> Ir {
     b.ir
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn splitmix_matches_the_published_sequence() {
-        // First outputs for seed 1234567 from the reference implementation's test vector.
-        let mut r = SplitMix64::new(1234567);
-        assert_eq!(r.next_u64(), 6457827717110365317);
-        assert_eq!(r.next_u64(), 3203168211198807973);
-    }
-
-    #[test]
-    fn signed_kaiming_constant() {
-        let ir = random_backbone(Arch::Lenet, 10, 7);
-        let IrOp::Linear { weight: IrWeights::I8 { q, scale }, .. } = &ir.layers[1].1 else {
-            panic!("layer 1 is linear")
-        };
-        assert!(q.iter().all(|&v| v == 1 || v == -1));
-        let pos = q.iter().filter(|&&v| v == 1).count() as f64 / q.len() as f64;
-        assert!((pos - 0.5).abs() < 0.01, "signs are balanced: {pos}");
-        assert!(scale.iter().all(|&s| (s - (2.0f32 / 784.0).sqrt()).abs() < 1e-7));
-    }
-}
-
 fn randoms(r: &mut SplitMix64, n: usize, lo: f32, hi: f32) -> Vec<f32> {
     (0..n).map(|_| r.uniform(lo, hi)).collect()
 }
@@ -268,4 +243,29 @@ pub fn random_task(bb: &Backbone, method: Method, name: &str, deps: &[&TaskFile]
         version: 1,
     };
     decode(&encode(&task, &bb.digest())).expect("an encoded task decodes")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splitmix_matches_the_published_sequence() {
+        // First outputs for seed 1234567 from the reference implementation's test vector.
+        let mut r = SplitMix64::new(1234567);
+        assert_eq!(r.next_u64(), 6457827717110365317);
+        assert_eq!(r.next_u64(), 3203168211198807973);
+    }
+
+    #[test]
+    fn signed_kaiming_constant() {
+        let ir = random_backbone(Arch::Lenet, 10, 7);
+        let IrOp::Linear { weight: IrWeights::I8 { q, scale }, .. } = &ir.layers[1].1 else {
+            panic!("layer 1 is linear")
+        };
+        assert!(q.iter().all(|&v| v == 1 || v == -1));
+        let pos = q.iter().filter(|&&v| v == 1).count() as f64 / q.len() as f64;
+        assert!((pos - 0.5).abs() < 0.01, "signs are balanced: {pos}");
+        assert!(scale.iter().all(|&s| (s - (2.0f32 / 784.0).sqrt()).abs() < 1e-7));
+    }
 }

@@ -60,13 +60,16 @@ struct LayerOverlay {
     values: Vec<f32>,
 }
 
+/// A chain's merged overlay: per maskable layer, shared by the tasks of the chain.
+type Merged = Arc<Vec<Option<LayerOverlay>>>;
+
 /// A task ready to run.
 #[derive(Debug)]
 pub struct Prepared {
     pub digest: Digest,
     pub task: Task,
     /// Per maskable layer (ExSSNeT only), shared along a chain.
-    overlay: Option<Arc<Vec<Option<LayerOverlay>>>>,
+    overlay: Option<Merged>,
     posts: Vec<f32>,
     folded: bool,
 }
@@ -203,8 +206,8 @@ impl<'a> Session<'a> {
         // Longest chains first: a chain that is a prefix of a built one shares its overlay.
         let mut order: Vec<usize> = (0..files.len()).filter(|&i| chains[i].is_some()).collect();
         order.sort_by_key(|&i| std::cmp::Reverse(chains[i].as_ref().map_or(0, |c| c.len())));
-        let mut built: Vec<(Vec<usize>, Arc<Vec<Option<LayerOverlay>>>)> = Vec::new();
-        let mut overlays: Vec<Option<Arc<Vec<Option<LayerOverlay>>>>> = (0..files.len()).map(|_| None).collect();
+        let mut built: Vec<(Vec<usize>, Merged)> = Vec::new();
+        let mut overlays: Vec<Option<Merged>> = (0..files.len()).map(|_| None).collect();
         for &i in &order {
             let chain = chains[i].as_ref().expect("ordered tasks have chains");
             let shared = built.iter().find(|(c, _)| c.starts_with(chain)).map(|(_, o)| o.clone());
