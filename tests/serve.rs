@@ -11,7 +11,7 @@
 
 use edgecl::adapter::{Components, Mask, Method, Task};
 use edgecl::backbone::Backbone;
-use edgecl::data::transform::Transform;
+use edgecl::data::Transform;
 use edgecl::format::graph::WeightFormat;
 use edgecl::format::task::{decode, encode, TaskFile};
 use edgecl::import::init::{random_backbone, Arch};

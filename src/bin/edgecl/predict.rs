@@ -5,7 +5,7 @@ use crate::{backbone, open_backbone};
 use anyhow::{bail, Context, Result};
 use edgecl::backbone::mmap::MappedFile;
 use edgecl::backbone::Backbone;
-use edgecl::data::transform::{Image, Scratch, Transform};
+use edgecl::data::{Image, Scratch, Transform};
 use edgecl::format::task::{decode, TaskFile};
 use edgecl::format::Hex;
 use edgecl::kernels::Kernels;

@@ -17,7 +17,7 @@ use crate::predict::{input_transform, top};
 use anyhow::{bail, Context, Result};
 use edgecl::backbone::mmap::MappedFile;
 use edgecl::backbone::Backbone;
-use edgecl::data::transform::{Scratch, Transform};
+use edgecl::data::{Scratch, Transform};
 use edgecl::format::task::TaskFile;
 use edgecl::format::{Digest, Hex};
 use edgecl::kernels::Kernels;
