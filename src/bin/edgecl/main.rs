@@ -20,6 +20,7 @@ mod bundle;
 mod cl;
 mod predict;
 mod predict_auto;
+mod serve;
 mod store;
 
 use anyhow::{bail, Context, Result};
@@ -284,6 +285,12 @@ enum Cmd {
     /// Example: edgecl store init /var/lib/edgecl --backbone fc1024.ecb
     #[command(subcommand)]
     Store(store::StoreCmd),
+    /// Serve a store's tasks over HTTP/JSON: POST /v1/predict?task=NAME (image bytes or
+    /// {"input": [f32…]}), GET /v1/tasks, /healthz, /metrics (Prometheus). New generations
+    /// are picked up on the next request. Workers: --threads (default: all cores).
+    ///
+    /// Example: edgecl serve --store /var/lib/edgecl --listen 127.0.0.1:8080 --threads 2
+    Serve(serve::ServeArgs),
     /// List, show and remove the tasks of a store.
     ///
     /// Example: edgecl tasks list --store /var/lib/edgecl
@@ -343,6 +350,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Keys { cmd } => bundle::keys_cmd(cmd),
         Cmd::Bundle { cmd } => bundle::bundle_cmd(cmd),
         Cmd::Store(cmd) => store::store_cmd(cmd),
+        Cmd::Serve(args) => serve::serve_cmd(&args, cli.threads),
         Cmd::Tasks(cmd) => store::tasks_cmd(cmd),
     }
 }
