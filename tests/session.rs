@@ -158,6 +158,10 @@ fn bad_task_sets_are_refused_with_named_errors() {
     wide.task.components.masks[1].words.push(0);
     let e = Session::new(&bb, vec![wide]).unwrap_err();
     assert!(e.to_string().contains("mask"), "{e}");
+    let mut len = a.clone();
+    len.task.components.masks[0].len -= 1; // same word count, one weight uncovered
+    let e = Session::new(&bb, vec![len]).unwrap_err();
+    assert!(e.to_string().contains("mask of maskable layer 0"), "{e}");
     let mut head = random_task(&bb, Method::Linear, "h", &[], 4);
     head.task.components.head.as_mut().unwrap().inputs += 1;
     let e = Session::new(&bb, vec![head]).unwrap_err();

@@ -290,6 +290,10 @@ fn check_components(bb: &Backbone, t: &Task) -> Result<(), SessionError> {
             if c.masks.iter().any(|m| m.bits().is_none()) {
                 return bad("a mask's length does not match its words");
             }
+            let layers = (0..bb.layers().len()).filter(|&i| bb.layers()[i].op.is_matmul());
+            if let Some((l, _)) = layers.enumerate().find(|&(l, i)| c.masks[l].len != bb.maskable(i) as u64) {
+                return bad(&format!("the mask of maskable layer {l} does not cover its weights"));
+            }
             Ok(())
         }
         Method::Finetune if c.dense.len() != maskable => bad("dense weights missing for some layers"),
