@@ -8,11 +8,11 @@
 //!
 //! `cargo bench --bench serve` (release build of the binary).
 
-use edgecl::adapter::{Components, Mask, Method, Task};
+use edgecl::adapter::Method;
 use edgecl::backbone::Backbone;
 use edgecl::format::graph::WeightFormat;
 use edgecl::format::task::encode;
-use edgecl::import::init::{random_backbone, Arch};
+use edgecl::import::init::{random_backbone, random_task, Arch};
 use edgecl::rng::SplitMix64;
 use edgecl::store::{NewTask, Store};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -24,32 +24,9 @@ fn env_or(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
+/// A random SupSup task file.
 fn task_bytes(bb: &Backbone, name: &str, seed: u64) -> Vec<u8> {
-    let mut r = SplitMix64::new(seed);
-    let mut c = Components::default();
-    for i in (0..bb.layers().len()).filter(|&i| bb.layers()[i].op.is_matmul()) {
-        let n = bb.maskable(i);
-        let mut words = vec![0u32; n.div_ceil(32)];
-        for j in 0..n {
-            if r.next_f32() < 0.5 {
-                words[j / 32] |= 1 << (j % 32);
-            }
-        }
-        c.masks.push(Mask { len: n as u64, words });
-    }
-    let labels = (0..10).map(|i| format!("c{i}")).collect();
-    let task = Task {
-        name: name.into(),
-        labels,
-        method: Method::Supsup,
-        components: c,
-        depends_on: Vec::new(),
-        config: String::new(),
-        metrics: Vec::new(),
-        created_at: 0,
-        version: 1,
-    };
-    encode(&task, &bb.digest())
+    encode(&random_task(bb, Method::Supsup, name, &[], seed).task, &bb.digest())
 }
 
 /// One keep-alive connection: sends a request, reads the answer (Content-Length framed).

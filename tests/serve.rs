@@ -9,12 +9,12 @@
 //! tolerance of 1e-5 · (1 + |v|) (the server's kernels run on one thread, the reference's on
 //! the rayon pool); labels must be equal.
 
-use edgecl::adapter::{Components, Mask, Method, Task};
+use edgecl::adapter::Method;
 use edgecl::backbone::Backbone;
 use edgecl::data::Transform;
 use edgecl::format::graph::WeightFormat;
 use edgecl::format::task::{decode, encode, TaskFile};
-use edgecl::import::init::{random_backbone, Arch};
+use edgecl::import::init::{random_backbone, random_task, Arch};
 use edgecl::kernels::Kernels;
 use edgecl::rng::SplitMix64;
 use edgecl::session::Session;
@@ -35,31 +35,10 @@ fn temp_dir(name: &str) -> PathBuf {
     d
 }
 
-/// A random SupSup task with three classes.
+/// A random SupSup task with three classes named zero, one, two.
 fn supsup_task(bb: &Backbone, name: &str, seed: u64) -> TaskFile {
-    let mut r = SplitMix64::new(seed);
-    let mut c = Components::default();
-    for i in (0..bb.layers().len()).filter(|&i| bb.layers()[i].op.is_matmul()) {
-        let n = bb.maskable(i);
-        let mut words = vec![0u32; n.div_ceil(32)];
-        for j in 0..n {
-            if r.next_f32() < 0.5 {
-                words[j / 32] |= 1 << (j % 32);
-            }
-        }
-        c.masks.push(Mask { len: n as u64, words });
-    }
-    let task = Task {
-        name: name.into(),
-        labels: vec!["zero".into(), "one".into(), "two".into()],
-        method: Method::Supsup,
-        components: c,
-        depends_on: Vec::new(),
-        config: String::new(),
-        metrics: Vec::new(),
-        created_at: 0,
-        version: 1,
-    };
+    let mut task = random_task(bb, Method::Supsup, name, &[], seed).task;
+    task.labels = vec!["zero".into(), "one".into(), "two".into()];
     decode(&encode(&task, &bb.digest())).unwrap()
 }
 

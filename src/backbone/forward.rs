@@ -99,9 +99,9 @@ impl Backbone<'_> {
             post_off += plen;
             match step.kind {
                 StepKind::Matmul { .. } => {
-                    let (w, _) = match &layer.op {
-                        Op::Conv2d(c) => (self.weights(c.weight, c.scale), c.bias),
-                        Op::Linear(l) => (self.weights(l.weight, l.scale), l.bias),
+                    let w = match &layer.op {
+                        Op::Conv2d(c) => self.weights(c.weight, c.scale),
+                        Op::Linear(l) => self.weights(l.weight, l.scale),
                         _ => unreachable!("matmul steps are conv or linear"),
                     };
                     let row_len = self.maskable(li) / self.output_channels(li).max(1);

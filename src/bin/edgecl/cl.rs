@@ -159,8 +159,9 @@ impl Samples for ViewSamples<'_> {
     }
 }
 
-/// The backbone's input as a dataset transform.
-fn base_transform(bb: &Backbone) -> Transform {
+/// The backbone's input as a dataset transform: what training, `predict` and `serve` all feed
+/// the network.
+pub(crate) fn base_transform(bb: &Backbone) -> Transform {
     let i = bb.input();
     let mut t = Transform::new(i.channels as usize, i.height as usize, i.width as usize, i.mean, i.std);
     // 28×28 digits into a 32×32 network are padded, not stretched (the SupSup convention).
@@ -207,7 +208,7 @@ fn now() -> u64 {
 }
 
 /// Reads and validates a task file against a backbone.
-fn read_task(path: &Path, bb: &Backbone) -> Result<TaskFile> {
+pub(crate) fn read_task(path: &Path, bb: &Backbone) -> Result<TaskFile> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let f = decode(&bytes).with_context(|| format!("{} is not a valid task file", path.display()))?;
     f.check_backbone(&bb.digest()).with_context(|| format!("{}", path.display()))?;

@@ -5,8 +5,8 @@ use crate::{backbone, open_backbone};
 use anyhow::{bail, Context, Result};
 use edgecl::backbone::mmap::MappedFile;
 use edgecl::backbone::Backbone;
-use edgecl::data::{Image, Scratch, Transform};
-use edgecl::format::task::{decode, TaskFile};
+use edgecl::data::{Image, Scratch};
+use edgecl::format::task::TaskFile;
 use edgecl::format::Hex;
 use edgecl::kernels::Kernels;
 use edgecl::session::Session;
@@ -23,19 +23,10 @@ pub struct Inputs {
 /// Most samples one `predict` call reads (IDX files can hold many).
 const MAX_SAMPLES: usize = 1 << 20;
 
-/// The backbone's input as a transform, as training used it (28×28 images into 32×32
-/// networks are padded, not stretched).
-pub fn input_transform(bb: &Backbone) -> Transform {
-    let i = bb.input();
-    let mut t = Transform::new(i.channels as usize, i.height as usize, i.width as usize, i.mean, i.std);
-    t.pad = true;
-    t
-}
-
 /// Reads images (PNG, JPEG), folders of images (sorted by name, not recursive), `.npy`
 /// tensors (already normalised) and IDX image files (`*-idx3-ubyte`, gzipped or not).
 pub fn load_inputs(paths: &[PathBuf], bb: &Backbone) -> Result<Inputs> {
-    let t = input_transform(bb);
+    let t = crate::cl::base_transform(bb);
     let per = t.sample_len();
     let mut scratch = Scratch::default();
     let mut out = Inputs { names: Vec::new(), x: Vec::new() };
@@ -106,18 +97,6 @@ pub fn store_tasks(dir: &Path) -> Result<(MappedFile, PathBuf, Vec<TaskFile>)> {
     Ok((map, path, tasks))
 }
 
-fn read_tasks(paths: &[PathBuf], bb: &Backbone) -> Result<Vec<TaskFile>> {
-    paths
-        .iter()
-        .map(|p| {
-            let bytes = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
-            let f = decode(&bytes).with_context(|| format!("{} is not a valid task file", p.display()))?;
-            f.check_backbone(&bb.digest()).with_context(|| p.display().to_string())?;
-            Ok(f)
-        })
-        .collect()
-}
-
 /// Index and probability of the largest of `logits[..classes]`.
 pub fn top(logits: &[f32], classes: usize) -> (usize, f32) {
     let l = &logits[..classes];
@@ -156,7 +135,7 @@ pub fn predict_cmd(
     let bb = backbone(&map, &path)?;
     let tasks = match files {
         Ok(tasks) => tasks,
-        Err(paths) => read_tasks(paths, &bb)?,
+        Err(paths) => paths.iter().map(|p| crate::cl::read_task(p, &bb)).collect::<Result<_>>()?,
     };
     if tasks.is_empty() {
         bail!("no tasks installed: learn one with `edgecl learn --store DIR …` or install a bundle");

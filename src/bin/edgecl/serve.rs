@@ -13,7 +13,8 @@
 //! counted in /metrics, and loading is retried when `current` changes again or after a pause.
 //! The backbone of a store never changes: it is mapped once, for the life of the process.
 
-use crate::predict::{input_transform, top};
+use crate::cl::base_transform;
+use crate::predict::top;
 use anyhow::{bail, Context, Result};
 use edgecl::backbone::mmap::MappedFile;
 use edgecl::backbone::Backbone;
@@ -418,7 +419,7 @@ fn inputs(s: &Shared, req: &tiny_http::Request, body: &[u8], w: &mut Worker) -> 
     let per = s.bb.input_shape().len();
     let ct = header(req, "Content-Type").unwrap_or("").to_ascii_lowercase();
     if ct.starts_with("image/") {
-        let t = input_transform(s.bb);
+        let t = base_transform(s.bb);
         let mut x = vec![0.0; per];
         image_input(body, &t, &mut w.scratch, &mut x).map_err(|e| Reply::error(400, e))?;
         return Ok((x, 1, false));
