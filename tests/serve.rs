@@ -15,6 +15,7 @@ use edgecl::data::Transform;
 use edgecl::format::graph::WeightFormat;
 use edgecl::format::task::{decode, encode, TaskFile};
 use edgecl::import::init::{random_backbone, random_task, Arch};
+use edgecl::infer::{infer_task, Candidate, Mode};
 use edgecl::kernels::Kernels;
 use edgecl::rng::SplitMix64;
 use edgecl::session::Session;
@@ -322,6 +323,29 @@ fn images_batches_and_bad_requests() {
         check(p, &f.tasks[0], &want[j * width..(j + 1) * width]).unwrap();
     }
     assert_eq!(v["generation"], 3);
+    // task=auto: the task the library infers from the same three inputs, and its answers.
+    let cands: Vec<Candidate> = f.tasks[..2].iter().map(|t| Candidate::new(&t.task, vec![])).collect();
+    for (mode, query) in [
+        (Mode::OneShot, "task=auto&logits"),
+        (Mode::Entropy, "task=auto&infer=entropy&logits"),
+        (Mode::Binary, "task=auto&infer=binary&logits"),
+    ] {
+        let r = infer_task(&k, &bb, &cands, &flat, 3, mode).unwrap();
+        let t = r.index;
+        let want = session.run(&k, t, &flat, 3, &mut ws).to_vec();
+        let (st, b) = http(a, "POST", &format!("/v1/predict?{query}"), "application/json", body.as_bytes());
+        assert_eq!(st, 200, "{}", String::from_utf8_lossy(&b));
+        let v = json_of(&b);
+        assert_eq!(
+            (v["task"].as_str(), &v["task_inferred"]),
+            (Some(f.tasks[t].task.name.as_str()), &Value::Bool(true))
+        );
+        let score = v["task_score"].as_f64().unwrap() as f32;
+        assert!((score - r.scores[t]).abs() <= 1e-4 * (1.0 + r.scores[t].abs()), "{score} vs {:?}", r.scores);
+        for (j, p) in v["predictions"].as_array().unwrap().iter().enumerate() {
+            check(p, &f.tasks[t], &want[j * width..(j + 1) * width]).unwrap();
+        }
+    }
 
     let err = |st: u16, b: &[u8], want_status: u16, needle: &str| {
         let v = json_of(b);
@@ -334,7 +358,7 @@ fn images_batches_and_bad_requests() {
     let big = vec![b' '; 150_000];
     let (st, b) = http(a, "POST", "/v1/predict?task=a", "application/json", &big);
     err(st, &b, 413, "at most 100000");
-    // 400: malformed JSON, wrong length, both or neither field, non-images, no task, auto.
+    // 400: malformed JSON, wrong length, both or neither field, non-images, no task, bad infer=.
     let (st, b) = http(a, "POST", "/v1/predict?task=a", "application/json", b"{\"input\": [1, 2,");
     err(st, &b, 400, "not the expected JSON");
     let (st, b) = http(a, "POST", "/v1/predict?task=a", "application/json", b"{\"input\": [1, 2, 3]}");
@@ -347,8 +371,8 @@ fn images_batches_and_bad_requests() {
     err(st, &b, 400, "image");
     let (st, b) = http(a, "POST", "/v1/predict", "application/json", one.as_bytes());
     err(st, &b, 400, "name the task");
-    let (st, b) = http(a, "POST", "/v1/predict?task=auto", "application/json", one.as_bytes());
-    err(st, &b, 400, "edgecl predict");
+    let (st, b) = http(a, "POST", "/v1/predict?task=auto&infer=fast", "application/json", one.as_bytes());
+    err(st, &b, 400, "infer=one-shot");
     let (st, b) = http(a, "POST", "/v1/predict?task=a", "text/plain", one.as_bytes());
     err(st, &b, 415, "Content-Type");
     // 404: an unknown task names the installed ones; unknown endpoints; 405: wrong method.

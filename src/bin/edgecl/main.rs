@@ -74,13 +74,18 @@ impl From<WeightsArg> for WeightFormat {
     }
 }
 
-/// Task inference among mask-based tasks (ALGORITHMS §1.4).
+/// How `--task auto` chooses (ALGORITHMS §1.4; `edgecl::infer`).
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum InferArg {
-    /// One gradient of the entropy over the superposition of every mask.
+    /// SupSup's one-shot entropy gradient over the superposition of every mask: one pass for
+    /// all supsup/exssnet tasks (clr/linear tasks: lowest entropy).
     OneShot,
-    /// Halve the candidates by the gradient until one is left.
+    /// SupSup's halving search by the same gradient.
     Binary,
+    /// Run every task on the inputs; the one whose predictions have the lowest entropy wins
+    /// (one pass per task). Use it when tasks differ by input domain (e.g. permuted or
+    /// rotated inputs), where the gradient is unreliable; see the README.
+    Entropy,
 }
 
 #[derive(Subcommand)]
@@ -234,11 +239,12 @@ enum Cmd {
     ///
     /// Inputs are images (PNG, JPEG), folders of them, .npy tensors (already normalised) or
     /// IDX image files. All tasks are decoded once and share the mapped backbone; switching
-    /// between them costs nothing. `--task auto` picks each input's task (SupSup task
-    /// inference for supsup/exssnet tasks: the entropy gradient over all masks at once; for
-    /// clr/linear tasks the head with the lowest entropy, a heuristic); with --batch-auto
-    /// the inputs are taken to share one task and it is inferred from all of them together
-    /// (far more reliable).
+    /// between them costs nothing. `--task auto` picks each input's task: by default with
+    /// SupSup's entropy gradient over all masks at once (supsup/exssnet tasks; for clr/linear
+    /// tasks the head with the lowest entropy, a heuristic); `--infer entropy` runs every
+    /// task and takes the most certain, which is right where tasks differ by input domain.
+    /// With --batch-auto the inputs are taken to share one task and it is inferred from all
+    /// of them together (far more reliable than one image).
     Predict {
         /// A store made by `edgecl store init` (its current tasks).
         #[arg(long, conflicts_with = "backbone")]
@@ -251,7 +257,7 @@ enum Cmd {
         /// The task's name, or `auto`.
         #[arg(long)]
         task: String,
-        /// How `--task auto` searches among mask-based tasks.
+        /// How `--task auto` chooses the task.
         #[arg(long, value_enum, default_value = "one-shot")]
         infer: InferArg,
         /// Infer one task for all inputs together.
@@ -285,9 +291,11 @@ enum Cmd {
     /// Example: edgecl store init /var/lib/edgecl --backbone fc1024.ecb
     #[command(subcommand)]
     Store(store::StoreCmd),
-    /// Serve a store's tasks over HTTP/JSON: POST /v1/predict?task=NAME (image bytes or
-    /// {"input": [f32…]}), GET /v1/tasks, /healthz, /metrics (Prometheus). New generations
-    /// are picked up on the next request. Workers: --threads (default: all cores).
+    /// Serve a store's tasks over HTTP/JSON: POST /v1/predict?task=NAME|auto (image bytes,
+    /// {"input": [f32…]} or {"inputs": [[f32…], …]}), GET /v1/tasks, /healthz, /metrics
+    /// (Prometheus). task=auto infers one task from all inputs of the request (add
+    /// infer=binary for the halving search). New generations are picked up on the next
+    /// request. Workers: --threads (default: all cores).
     ///
     /// Example: edgecl serve --store /var/lib/edgecl --listen 127.0.0.1:8080 --threads 2
     Serve(serve::ServeArgs),

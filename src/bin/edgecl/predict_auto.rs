@@ -3,7 +3,7 @@
 use crate::InferArg;
 use anyhow::{bail, Result};
 use edgecl::adapter::{Method, Task};
-use edgecl::infer::{infer_task, Candidate, Mode};
+use edgecl::infer::{infer_task, normalised_entropy, Candidate, Mode};
 use edgecl::kernels::Kernels;
 use edgecl::session::Session;
 
@@ -38,12 +38,13 @@ pub fn choose(
             Candidate::new(all[i], deps)
         })
         .collect();
+    let bb = session.backbone();
+    let per = bb.input_shape().len();
     let mode = match infer {
+        InferArg::Entropy => return Ok(lowest_entropy(k, session, &index, x, n, per, together)),
         InferArg::OneShot => Mode::OneShot,
         InferArg::Binary => Mode::Binary,
     };
-    let bb = session.backbone();
-    let per = bb.input_shape().len();
     if together {
         let m = n.min(MAX_AUTO_BATCH);
         let r = infer_task(k, bb, &candidates, &x[..m * per], m, mode)?;
@@ -55,4 +56,35 @@ pub fn choose(
             Ok((index[r.index], Some(r.scores[r.index])))
         })
         .collect()
+}
+
+/// `--infer entropy`: every candidate task runs through the session (masks applied while
+/// packing, no network built per task), the lowest normalised entropy wins.
+fn lowest_entropy(
+    k: &Kernels,
+    session: &Session,
+    index: &[usize],
+    x: &[f32],
+    n: usize,
+    per: usize,
+    together: bool,
+) -> Vec<(usize, Option<f32>)> {
+    let group = if together { n.min(MAX_AUTO_BATCH) } else { 1 };
+    let mut ws = session.workspace(k, group);
+    let mut pick = |x: &[f32], m: usize| {
+        let mut best = (index[0], f32::INFINITY);
+        for &t in index {
+            let out = session.run(k, t, x, m, &mut ws);
+            let h = normalised_entropy(out, session.output_len(t), session.tasks()[t].task.classes(), m);
+            // NaN never wins; the first of equal scores does.
+            if h < best.1 {
+                best = (t, h);
+            }
+        }
+        (best.0, Some(best.1))
+    };
+    if together {
+        return vec![pick(&x[..group * per], group); n];
+    }
+    (0..n).map(|i| pick(&x[i * per..(i + 1) * per], 1)).collect()
 }

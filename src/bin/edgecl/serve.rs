@@ -15,6 +15,7 @@
 
 use crate::cl::base_transform;
 use crate::predict::top;
+use crate::{predict_auto, InferArg};
 use anyhow::{bail, Context, Result};
 use edgecl::backbone::mmap::MappedFile;
 use edgecl::backbone::Backbone;
@@ -477,13 +478,17 @@ fn predict(s: &Shared, req: &mut tiny_http::Request, w: &mut Worker) -> Reply {
     let Some(task) = q.iter().find(|(k, _)| k == "task").map(|(_, v)| v.clone()) else {
         return Reply::error(400, "name the task: POST /v1/predict?task=NAME (GET /v1/tasks lists them)");
     };
-    if task == "auto" {
-        // Hook for task inference: the lead wires `predict_auto` in here later.
-        return Reply::error(
-            400,
-            "task=auto (inferring the task) is served by `edgecl predict --task auto` for now; name the task",
-        );
-    }
+    let infer = match q.iter().find(|(k, _)| k == "infer").map(|(_, v)| v.as_str()) {
+        None | Some("one-shot") => InferArg::OneShot,
+        Some("entropy") => InferArg::Entropy,
+        Some("binary") => InferArg::Binary,
+        Some(other) => {
+            return Reply::error(
+                400,
+                format!("infer={other}: use infer=one-shot (the default), infer=binary or infer=entropy"),
+            )
+        }
+    };
     let with_logits = q.iter().any(|(k, v)| k == "logits" && matches!(v.as_str(), "" | "1" | "true"));
     let body = match read_body(req, s.max_body) {
         Ok(b) => b,
@@ -500,7 +505,16 @@ fn predict(s: &Shared, req: &mut tiny_http::Request, w: &mut Worker) -> Reply {
         loaded = s.current(true);
     }
     let session = &loaded.session;
-    let Some(t) = session.find(&task) else {
+    // `task=auto`: one task for all inputs of the request, inferred from them together (up to
+    // 256; more inputs say more, one image says little).
+    let mut inferred = None;
+    if task == "auto" {
+        match predict_auto::choose(&s.k, session, &x, n, infer, true) {
+            Ok(c) => inferred = c.first().copied(),
+            Err(e) => return Reply::error(400, format!("task=auto: {e:#}")),
+        }
+    }
+    let Some(t) = inferred.map(|c| c.0).or_else(|| session.find(&task)) else {
         let names: Vec<&str> = session.tasks().iter().map(|t| t.task.name.as_str()).collect();
         return Reply::json(
             404,
@@ -540,17 +554,19 @@ fn predict(s: &Shared, req: &mut tiny_http::Request, w: &mut Worker) -> Reply {
         i += m;
     }
     let digest = Hex(&p.digest).to_string();
-    if batch {
-        Reply::json(
-            200,
-            json!({"task": p.task.name, "task_digest": digest, "generation": loaded.generation, "predictions": preds}),
-        )
+    let mut v = if batch {
+        json!({"task": p.task.name, "task_digest": digest, "generation": loaded.generation, "predictions": preds})
     } else {
         let mut v = preds.pop().unwrap_or(Value::Null);
         v["task_digest"] = json!(digest);
         v["generation"] = json!(loaded.generation);
-        Reply::json(200, v)
+        v
+    };
+    if let Some((_, score)) = inferred {
+        v["task_inferred"] = json!(true);
+        v["task_score"] = json!(score);
     }
+    Reply::json(200, v)
 }
 
 fn tasks(s: &Shared) -> Reply {
