@@ -547,3 +547,209 @@ fn transpose4(r: [float32x4_t; 4]) -> [float32x4_t; 4] {
         ]
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Each NEON kernel against its portable counterpart, at the edges the whole-op property
+    //! tests in `tests/kernels.rs` do not reach: micro-kernel `k` of 0 and 1 and every
+    //! remainder of 4, strides between rows; packing of odd row lengths, rows that start
+    //! mid-word in the mask, overlays; depthwise strides, kernels and paddings on every
+    //! plane-size path.
+    use super::*;
+    use crate::kernels::depthwise::{DwInner, LANES};
+    use crate::kernels::{reference, ConvShape, Overlay, Plain, MAX_MR};
+    use crate::rng::SplitMix64;
+    use proptest::prelude::*;
+    use std::vec;
+    use std::vec::Vec;
+
+    fn floats(n: usize, r: &mut SplitMix64) -> Vec<f32> {
+        (0..n).map(|_| r.uniform(-1.0, 1.0)).collect()
+    }
+
+    fn close(got: f32, want: f32) -> bool {
+        (got - want).abs() <= 1e-5 * (1.0 + want.abs())
+    }
+
+    #[test]
+    fn neon_is_the_best_table_and_is_named() {
+        let best = Kernels::best_fast();
+        assert_eq!(best.isa, "aarch64 neon");
+        assert_eq!(best.micro.name, NEON_MICRO.name);
+        assert!(Kernels::available().iter().any(|k| k.isa == ISA), "the tests would skip the NEON table");
+        let d = best.describe();
+        assert!(d.iter().any(|&(slot, desc)| slot == "gemm micro-kernel" && desc == "aarch64 neon 8x8"));
+        assert!(d.iter().any(|&(slot, desc)| slot == "depthwise" && desc == DEPTHWISE));
+        assert!(d.iter().any(|&(slot, desc)| slot == "linear" && desc == LINEAR));
+    }
+
+    /// Random weights of `rows × row_len`: int8, f32, or a mask (with or without an overlay)
+    /// over either, every bit vector at a random density.
+    struct Case {
+        q: Vec<i8>,
+        scale: Vec<f32>,
+        wf: Vec<f32>,
+        mask: Vec<u32>,
+        present: Vec<u32>,
+        row_rank: Vec<u32>,
+        values: Vec<f32>,
+    }
+
+    fn case(rows: usize, row_len: usize, seed: u64) -> Case {
+        let mut r = SplitMix64::new(seed);
+        let n = rows * row_len;
+        let q = (0..n).map(|_| (r.uniform(-1.0, 1.0) * 127.0) as i8).collect();
+        let scale = (0..rows).map(|_| r.uniform(-0.1, 0.1)).collect();
+        let wf = floats(n, &mut r);
+        let (density, overlay_density) = (r.uniform(0.0, 1.0), r.uniform(0.0, 0.5));
+        let (mut mask, mut present) = (vec![0u32; n.div_ceil(32)], vec![0u32; n.div_ceil(32)]);
+        let (mut row_rank, mut values) = (Vec::new(), Vec::new());
+        for i in 0..n {
+            if i % row_len == 0 {
+                row_rank.push(values.len() as u32);
+            }
+            mask[i / 32] |= u32::from(r.next_f32() < density) << (i % 32);
+            if r.next_f32() < overlay_density {
+                present[i / 32] |= 1 << (i % 32);
+                values.push(r.uniform(-2.0, 2.0));
+            }
+        }
+        Case { q, scale, wf, mask, present, row_rank, values }
+    }
+
+    impl Case {
+        /// kind 0: int8, 1: f32, 2/3: masked int8 without/with overlay, 4/5: masked f32.
+        fn weights<'a>(&'a self, kind: u8, base: &'a mut Weights<'a>, row_len: usize) -> Weights<'a> {
+            let plain =
+                |int8| if int8 { Weights::I8 { q: &self.q, scale: &self.scale } } else { Weights::F32(&self.wf) };
+            if kind < 2 {
+                return plain(kind == 0);
+            }
+            *base = plain(kind < 4);
+            let ov = Overlay { present: &self.present, row_rank: &self.row_rank, values: &self.values };
+            Weights::Masked(Masked { base, mask: &self.mask, row_len, overlay: (kind % 2 == 1).then_some(ov) })
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn micro_kernel_matches_generic(k in 0usize..27, lda_gap in 0usize..3, ldc_gap in 0usize..3, act in 0u8..3, seed in any::<u64>()) {
+            let mut r = SplitMix64::new(seed);
+            let (lda, ldc) = (k + lda_gap, 8 + ldc_gap);
+            let a = floats(7 * lda + k, &mut r);
+            let b = floats(8 * k, &mut r);
+            let (lo, hi) = [(f32::NEG_INFINITY, f32::INFINITY), (0.0, f32::INFINITY), (-0.3, 0.4)][act as usize];
+            let mut ep = TileEpilogue { mul: [0.0; MAX_MR], add: [0.0; MAX_MR], lo, hi };
+            for i in 0..8 {
+                (ep.mul[i], ep.add[i]) = (r.uniform(-2.0, 2.0), r.uniform(-1.0, 1.0));
+            }
+            // The portable 4 × 8 kernel twice: rows 0-3 and 4-7.
+            let generic = gemm::GENERIC_MICRO;
+            let mut want = vec![0.0f32; 8 * 8];
+            let mut ep_hi = ep;
+            ep_hi.mul[..4].copy_from_slice(&ep.mul[4..8]);
+            ep_hi.add[..4].copy_from_slice(&ep.add[4..8]);
+            (generic.run)(k, &a, lda, &b, &ep, &mut want, 8);
+            (generic.run)(k, &a[4 * lda..], lda, &b, &ep_hi, &mut want[32..], 8);
+            let mut c = vec![f32::NAN; 7 * ldc + 8];
+            (NEON_MICRO.run)(k, &a, lda, &b, &ep, &mut c, ldc);
+            for i in 0..8 {
+                for j in 0..ldc {
+                    let got = c.get(i * ldc + j).copied().unwrap_or(f32::NAN);
+                    if j < 8 {
+                        prop_assert!(close(got, want[i * 8 + j]), "({}, {}): {} vs {}", i, j, got, want[i * 8 + j]);
+                    } else {
+                        prop_assert!(got.is_nan(), "({}, {}) past the tile was written", i, j);
+                    }
+                }
+            }
+        }
+
+        #[test]
+        fn packing_matches_portable(row_len in 1usize..90, row0 in 0usize..5, m in 1usize..=8, kind in 0u8..6, seed in any::<u64>()) {
+            let c = case(row0 + m + 1, row_len, seed);
+            let mut base = Weights::F32(&[]);
+            let w = c.weights(kind, &mut base, row_len);
+            let len = gemm::packed_a_len(m, row_len, 8);
+            let (mut want, mut got) = (vec![f32::NAN; len], vec![f32::NAN; len]);
+            gemm::pack_a(w, row0, m, row_len, 8, &mut want);
+            pack_a(w, row0, m, row_len, 8, &mut got);
+            prop_assert_eq!(got, want);
+        }
+
+        /// Segments of a row from any column (a linear layer's L1-sized pieces), so that the
+        /// mask words start anywhere relative to a group of 16.
+        #[test]
+        fn segments_match_row_into(row_len in 1usize..700, o in 0usize..3, from in 0.0f64..1.0, to in 0.0f64..1.0, kind in 2u8..6, seed in any::<u64>()) {
+            let c = case(3, row_len, seed);
+            let mut base = Weights::F32(&[]);
+            let w = c.weights(kind, &mut base, row_len);
+            let Weights::Masked(mw) = w else { unreachable!() };
+            let j0 = (from * row_len as f64) as usize;
+            let n = ((to * (row_len - j0) as f64) as usize).max(1).min(row_len - j0);
+            let (mut want, mut got) = (vec![f32::NAN; n], vec![f32::NAN; n]);
+            mw.row_into(o, j0, &mut want);
+            segment_into(&w, o, row_len, j0, &mut got);
+            prop_assert_eq!(got, want);
+        }
+
+        #[test]
+        fn linear_rows_match_reference(in_f in 1usize..300, out_f in 1usize..6, kind in 0u8..6, seed in any::<u64>()) {
+            let c = case(out_f, in_f, seed);
+            let mut base = Weights::F32(&[]);
+            let w = c.weights(kind, &mut base, in_f);
+            let mut r = SplitMix64::new(seed ^ 1);
+            let x = floats(in_f, &mut r);
+            let (mul, add) = (floats(out_f, &mut r), floats(out_f, &mut r));
+            let post = PostOp { mul: &mul, add: &add, lo: -0.5, hi: f32::INFINITY };
+            let (mut want, mut got) = (vec![0.0; out_f], vec![0.0; out_f]);
+            reference::linear(in_f, out_f, w, &x, &mut want, &post);
+            linear_rows(0, in_f, w, &x, &mut got, &post);
+            for (g, w) in got.iter().zip(&want) {
+                prop_assert!((g - w).abs() <= 1e-4 * (1.0 + w.abs()), "{} vs {}", g, w);
+            }
+        }
+
+        #[test]
+        fn interleave_and_deinterleave_match_portable(len in 0usize..40, from in 0usize..5, n in 1usize..=LANES, seed in any::<u64>()) {
+            let mut r = SplitMix64::new(seed);
+            let data: Vec<Vec<f32>> = (0..LANES).map(|_| floats(from + len, &mut r)).collect();
+            let planes: [&[f32]; LANES] = core::array::from_fn(|l| &data[l][..]);
+            let (mut want, mut got) = (vec![f32::NAN; len * LANES + 3], vec![f32::NAN; len * LANES + 3]);
+            <Plain as DwInner>::interleave(&planes, from, len, &mut want);
+            <Neon as DwInner>::interleave(&planes, from, len, &mut got);
+            prop_assert_eq!(&got[..len * LANES], &want[..len * LANES]);
+            prop_assert!(got[len * LANES..].iter().all(|v| v.is_nan()), "written past len");
+            let plane = len.max(1);
+            let src = floats(plane * LANES, &mut r);
+            let (mut want, mut got) = (vec![f32::NAN; n * plane], vec![f32::NAN; n * plane]);
+            <Plain as DwInner>::deinterleave(&src, &mut want, plane);
+            <Neon as DwInner>::deinterleave(&src, &mut got, plane);
+            prop_assert_eq!(got, want);
+        }
+
+        /// Depthwise 3×3 / 5×5, strides 1 and 2, each side padded 0-2, on planes from 1×1 to
+        /// 40×40 (the interleaved small-plane path and the padded mid-size one; channel counts
+        /// that leave a partial group of 8; one channel is a plain conv, not depthwise),
+        /// against the reference conv.
+        #[test]
+        fn depthwise_matches_reference(c in 2usize..20, h in 1usize..41, w in 1usize..41, k5 in any::<bool>(), s2 in any::<bool>(), pad in prop::array::uniform4(0usize..3), act in 0u8..3, seed in any::<u64>()) {
+            let k = if k5 { 5 } else { 3 };
+            let s = ConvShape { c_in: c, h, w, c_out: c, kh: k, kw: k, sh: 1 + s2 as usize, sw: 1 + s2 as usize, pad, dh: 1, dw: 1, groups: c };
+            prop_assume!(s.out_hw().is_some());
+            let mut r = SplitMix64::new(seed);
+            let (wf, x) = (floats(c * k * k, &mut r), floats(c * h * w, &mut r));
+            let (mul, add) = (floats(c, &mut r), floats(c, &mut r));
+            let (lo, hi) = [(f32::NEG_INFINITY, f32::INFINITY), (0.0, f32::INFINITY), (0.0, 0.5)][act as usize];
+            let post = PostOp { mul: &mul, add: &add, lo, hi };
+            let len = c * s.oh() * s.ow();
+            let (mut want, mut got) = (vec![0.0; len], vec![f32::NAN; len]);
+            reference::conv2d(&s, Weights::F32(&wf), &x, &mut want, &post);
+            let kern = neon_table();
+            (kern.conv2d)(&kern, &s, Weights::F32(&wf), &x, &mut got, &post, &mut []);
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                prop_assert!((g - w).abs() <= 1e-4 * (1.0 + w.abs()), "{:?} element {}: {} vs {}", s, i, g, w);
+            }
+        }
+    }
+}
