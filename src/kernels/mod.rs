@@ -443,14 +443,17 @@ impl Kernels {
     pub fn describe(&self) -> [(&'static str, &'static str); 5] {
         if self.fast {
             #[allow(unused_mut)]
-            let (mut depthwise, mut linear) =
-                ("8 channels per vector on small planes, unrolled 3x3/5x5, else row-wise", "int8 dot product, 8 lanes");
+            let (mut conv2d, mut depthwise, mut linear) = (
+                "im2col + GEMM",
+                "8 channels per vector on small planes, unrolled 3x3/5x5, else row-wise",
+                "int8 dot product, 8 lanes",
+            );
             #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
             if self.isa == aarch64::ISA {
-                (depthwise, linear) = (aarch64::DEPTHWISE, aarch64::LINEAR);
+                (conv2d, depthwise, linear) = (aarch64::CONV2D, aarch64::DEPTHWISE, aarch64::LINEAR);
             }
             [
-                ("conv2d", "im2col + GEMM"),
+                ("conv2d", conv2d),
                 ("gemm micro-kernel", self.micro.name),
                 ("depthwise", depthwise),
                 ("linear", linear),

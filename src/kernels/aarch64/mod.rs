@@ -52,6 +52,7 @@ pub fn available() -> std::vec::Vec<Kernels> {
 
 /// The table's `isa`, and the kernels `edgecl kernels` names ([`Kernels::describe`]).
 pub(crate) const ISA: &str = "aarch64 neon";
+pub(crate) const CONV2D: &str = "im2col + GEMM, masked weights dequantised and masked by neon";
 pub(crate) const DEPTHWISE: &str = "neon: 8 channels per 2 vectors on small planes, unrolled 3x3/5x5, else row-wise";
 pub(crate) const LINEAR: &str = "neon: int8 dot product, mask fused, 16 lanes";
 
@@ -574,6 +575,7 @@ mod tests {
         assert!(Kernels::available().iter().any(|k| k.isa == ISA), "the tests would skip the NEON table");
         let d = best.describe();
         assert!(d.iter().any(|&(slot, desc)| slot == "gemm micro-kernel" && desc == "aarch64 neon 8x8"));
+        assert!(d.iter().any(|&(slot, desc)| slot == "conv2d" && desc == CONV2D));
         assert!(d.iter().any(|&(slot, desc)| slot == "depthwise" && desc == DEPTHWISE));
         assert!(d.iter().any(|&(slot, desc)| slot == "linear" && desc == LINEAR));
     }
