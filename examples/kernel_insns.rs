@@ -15,7 +15,7 @@ use edgecl::kernels::gemm::{self, a_scratch_len, gemm_packed, pack_b, packed_b_l
 use edgecl::kernels::{ConvShape, Kernels, Masked, Overlay, PostOp, Weights};
 use std::hint::black_box;
 
-const WORKLOADS: [&str; 12] = [
+const WORKLOADS: [&str; 13] = [
     "pack-i8",
     "pack-masked",
     "pack-overlay",
@@ -25,6 +25,7 @@ const WORKLOADS: [&str; 12] = [
     "gemm-overlay",
     "dw-mid",
     "dw-small",
+    "dw-rows",
     "linear-i8",
     "linear-masked",
     "gemresnet18",
@@ -142,11 +143,15 @@ fn main() {
                 black_box(&c);
             })
         }
-        "dw-mid" | "dw-small" => {
-            // A MobileNet-style 3×3 stride-1 layer on a 56×56 plane (the padded mid-size path)
-            // and 5×5 stride 2 / 3×3 stride 1 layers on 14×14 and 7×7 planes (interleaved).
-            let shapes: Vec<ConvShape> =
-                if workload == "dw-mid" { vec![dw(96, 56, 3, 1)] } else { vec![dw(240, 14, 5, 2), dw(480, 7, 3, 1)] };
+        "dw-mid" | "dw-small" | "dw-rows" => {
+            // A MobileNet-style 3×3 stride-1 layer on a 56×56 plane (the padded mid-size path),
+            // 5×5 stride 2 / 3×3 stride 1 layers on 14×14 and 7×7 planes (interleaved), and a
+            // 3×3 layer on a plane too large to copy padded (the row-wise path).
+            let shapes: Vec<ConvShape> = match workload.as_str() {
+                "dw-mid" => vec![dw(96, 56, 3, 1)],
+                "dw-small" => vec![dw(240, 14, 5, 2), dw(480, 7, 3, 1)],
+                _ => vec![dw(16, 150, 3, 1)],
+            };
             let data: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = shapes
                 .iter()
                 .map(|s| (floats(s.c_out * s.kh * s.kw, 6), floats(s.c_in * s.h * s.w, 7), floats(s.c_out, 8)))
