@@ -6,9 +6,11 @@
 //!   v.s[i]`): per four steps of `k`, 8 loads of A, 8 of B and 64 multiply-adds. 16
 //!   accumulators + 8 A + 2 B = 26 of the 32 registers. The classic 8 × 12 (24 accumulators)
 //!   needs A packed `k`-major to broadcast by lane; with row-major A it needs 35 registers,
-//!   or a broadcast load per row and step (8 × 12 with `ld1r`: 0.36 instructions per
-//!   multiply-add against 0.31 here). The panel width 8 also keeps B packing on its
-//!   fixed-width path. The post-op is applied while the tile is in registers.
+//!   or a broadcast load per row and step (inner loop of 8 × 12 with `ld1r`: 0.36
+//!   instructions per multiply-add, against 0.31 here). The panel width 8 also keeps B
+//!   packing on its fixed-width path. The post-op is applied while the tile is in registers.
+//!   Counted under qemu, a 256³ GEMM takes 0.35 instructions per multiply-add, the portable
+//!   4 × 8 kernel 0.81 (`benches/qemu/insn_ratio.sh`).
 //! * Weight packing for the GEMM, for a task's masked weights (SupSup, ExSSNeT): int8
 //!   dequantised and the mask applied in one pass, 16 weights per step, the mask bits turned
 //!   into byte masks (`cmtst`) that clear the int8 values before they are widened. Overlays
@@ -28,7 +30,7 @@
 //! target_feature = "neon"` on the module). On std the table is still chosen at run time by
 //! `is_aarch64_feature_detected!("neon")`; without std (bare metal) by that compile-time cfg.
 //! Every kernel is tested against the portable and reference kernels (`tests/kernels.rs` and
-//! the tests below), under qemu-aarch64 in CI.
+//! the tests below), which run under qemu-aarch64 on an x86 host.
 #![allow(unsafe_code)]
 
 use super::{depthwise, fast, gemm, Kernels, Masked, MicroKernel, MulAdd, PostOp, TileEpilogue, Weights};
