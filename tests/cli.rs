@@ -86,6 +86,24 @@ fn forward_on_npy_and_images_prints_top5_and_json() {
     }
 }
 
+/// `edgecl kernels` names every slot of the table this CPU runs (on aarch64 the NEON
+/// kernels, on x86-64 the AVX2/AVX-512 ones), as text and as JSON.
+#[test]
+fn kernels_names_the_detected_table() {
+    let d = tempdir("kernels");
+    let k = edgecl::kernels::Kernels::detect();
+    let text = ok(&edgecl(&d, &["kernels"]));
+    assert!(text.contains(&format!("arch      {}", std::env::consts::ARCH)), "{text}");
+    for (slot, desc) in k.describe() {
+        assert!(text.lines().any(|l| l.starts_with(slot) && l.ends_with(desc)), "{slot}: {desc} missing in\n{text}");
+    }
+    let json: serde_json::Value = serde_json::from_str(&ok(&edgecl(&d, &["kernels", "--json"]))).unwrap();
+    assert_eq!(json["fast"], k.fast);
+    for (slot, desc) in k.describe() {
+        assert_eq!(json["slots"][slot], desc, "{json}");
+    }
+}
+
 #[test]
 fn bad_inputs_give_messages_not_panics() {
     let d = tempdir("errors");

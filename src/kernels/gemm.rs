@@ -170,6 +170,28 @@ pub fn gemm_rows_inline(
     post: &PostOp,
     apanel: &mut [f32],
 ) {
+    gemm_rows_with(pack_a, micro, n, k, w, row0, b, c, post, apanel)
+}
+
+/// A packer of A panels with the signature of [`pack_a`].
+pub type PackAFn = fn(Weights, usize, usize, usize, usize, &mut [f32]);
+
+/// [`gemm_rows_inline`] with the A panels packed by `pack` (an ISA's own dequantise-and-mask
+/// kernel, same layout and values as [`pack_a`]).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+pub fn gemm_rows_with(
+    pack: PackAFn,
+    micro: &MicroKernel,
+    n: usize,
+    k: usize,
+    w: Weights,
+    row0: usize,
+    b: &[f32],
+    c: &mut [f32],
+    post: &PostOp,
+    apanel: &mut [f32],
+) {
     let (mr, nr) = (micro.mr, micro.nr);
     let mut tile = [0.0f32; MAX_TILE];
     let tile = &mut tile[..mr * nr];
@@ -179,7 +201,7 @@ pub fn gemm_rows_inline(
     for pi in 0..rows.div_ceil(mr) {
         let r0 = pi * mr;
         let m_eff = mr.min(rows - r0);
-        pack_a(w, row0 + r0, m_eff, k, mr, ap);
+        pack(w, row0 + r0, m_eff, k, mr, ap);
         let ch = row0 + r0;
         ep.mul[..m_eff].copy_from_slice(&post.mul[ch..ch + m_eff]);
         ep.add[..m_eff].copy_from_slice(&post.add[ch..ch + m_eff]);

@@ -12,11 +12,13 @@
 //!   it to the reference within 1e-4 relative.
 //!
 //! The choice is made once, in [`Kernels::detect`]: run-time CPU feature detection on std
-//! (x86-64: AVX2+FMA, AVX-512F); bare-metal builds use the portable table (compile-time
-//! per-ISA selection arrives with the ARM kernels). `EDGECL_FORCE_GENERIC=1` selects the
-//! reference kernels.
+//! (x86-64: AVX2+FMA, AVX-512F; aarch64: NEON); bare-metal builds select by the target's
+//! compile-time features (aarch64 with NEON gets the NEON table, other targets the portable
+//! one). `EDGECL_FORCE_GENERIC=1` selects the reference kernels.
 //! Kernels never allocate: callers pass scratch sized by [`fast::conv_scratch_len`].
 
+#[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
+pub mod aarch64;
 pub mod depthwise;
 pub mod fast;
 pub mod gemm;
@@ -90,6 +92,16 @@ impl Masked<'_> {
             Weights::F32(w) => masked_copy(self.mask, start, &w[start..start + n], dst, |v| v),
             Weights::Masked(_) => unreachable!("a mask's base is plain backbone weights"),
         }
+        self.overlay_into(o, j0, dst);
+    }
+
+    /// The overlay's part of [`Masked::row_into`]: puts the overlay values of row `o`,
+    /// columns `j0 .. j0 + dst.len()`, whose mask bit is set, into `dst` (which holds the
+    /// masked base weights). Shared with the per-ISA packing kernels.
+    #[inline(always)]
+    pub(crate) fn overlay_into(&self, o: usize, j0: usize, dst: &mut [f32]) {
+        let start = o * self.row_len + j0;
+        let n = dst.len();
         if let Some(ov) = &self.overlay {
             // Rank of the first weight of the segment, then walk the present bits in order.
             let row0 = o * self.row_len;
@@ -407,6 +419,10 @@ impl Kernels {
         if let Some(k) = x86_64::detect() {
             return k;
         }
+        #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
+        if let Some(k) = aarch64::detect() {
+            return k;
+        }
         Self::generic(true)
     }
 
@@ -418,17 +434,29 @@ impl Kernels {
         let mut out = std::vec![Self::generic(false), Self::generic(true)];
         #[cfg(target_arch = "x86_64")]
         out.extend(x86_64::available());
+        #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
+        out.extend(aarch64::available());
         out
     }
 
     /// One line per kernel slot, for `edgecl kernels`.
     pub fn describe(&self) -> [(&'static str, &'static str); 5] {
         if self.fast {
+            #[allow(unused_mut)]
+            let (mut conv2d, mut depthwise, mut linear) = (
+                "im2col + GEMM",
+                "8 channels per vector on small planes, unrolled 3x3/5x5, else row-wise",
+                "int8 dot product, 8 lanes",
+            );
+            #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
+            if self.isa == aarch64::ISA {
+                (conv2d, depthwise, linear) = (aarch64::CONV2D, aarch64::DEPTHWISE, aarch64::LINEAR);
+            }
             [
-                ("conv2d", "im2col + GEMM"),
+                ("conv2d", conv2d),
                 ("gemm micro-kernel", self.micro.name),
-                ("depthwise", "8 channels per vector on small planes, unrolled 3x3/5x5, else row-wise"),
-                ("linear", "int8 dot product, 8 lanes"),
+                ("depthwise", depthwise),
+                ("linear", linear),
                 ("compiled for", self.isa),
             ]
         } else {
