@@ -13,8 +13,8 @@ target=${CARGO_TARGET_DIR:-target}
 mkdir -p "$target"
 plugin=$target/insn_count.so
 gcc -shared -fPIC -O2 -o "$plugin" benches/qemu/insn_count.c
-cargo build --quiet --release --example kernel_insns --target aarch64-unknown-linux-gnu --no-default-features --features std
-bin=$target/aarch64-unknown-linux-gnu/release/examples/kernel_insns
+bin=$(cargo bench --no-run --bench kernel_insns --target aarch64-unknown-linux-gnu --no-default-features --features std \
+    --message-format=json 2>/dev/null | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -1)
 out=$(mktemp)
 trap 'rm -f "$out"' EXIT
 

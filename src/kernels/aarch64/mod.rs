@@ -171,7 +171,7 @@ fn gemm_rows(
 /// [`gemm::pack_a`] with masked rows through [`masked_segment`]; int8 and f32 rows take the
 /// portable loops, which the compiler vectorises well (instruction counts under qemu, 256
 /// rows of 1152: 322 k for int8 against 364 k with intrinsics; masked 1.40 M against 0.72 M).
-/// Public for that comparison (`examples/kernel_insns.rs`).
+/// Public for that comparison (`benches/kernel_insns.rs`).
 pub fn pack_a(w: Weights, row0: usize, m: usize, k: usize, mr: usize, dst: &mut [f32]) {
     let Weights::Masked(mw) = w else {
         return gemm::pack_a(w, row0, m, k, mr, dst);
