@@ -69,6 +69,7 @@ awk -v tol="$TOLERANCE" '
         if (!(k in host)) { print "device only: " $0; bad++; next }
         h = host[k]; delete host[k]; m++
         d = field($0, "score") - field(h, "score"); if (d < 0) d = -d
+        if (field($0, "score") == field(h, "score") "") same++
         if (d > worst) worst = d
         if (field($0, "label_index") != field(h, "label_index") || label($0) != label(h) || d > tol) {
             print "MISMATCH\n  device: " $0 "\n  host:   " h; bad++
@@ -76,7 +77,7 @@ awk -v tol="$TOLERANCE" '
     }
     END {
         for (k in host) { print "host only: " host[k]; bad++ }
-        printf "%d host predictions, %d device predictions compared: %d mismatches; largest score difference %.3g (tolerance %s)\n", n, m, bad, worst, tol
+        printf "%d host predictions, %d device predictions compared: %d mismatches; %d scores print the same digits, largest difference %.3g (tolerance %s)\n", n, m, bad, same, worst, tol
         exit (bad > 0 || n == 0)
     }' "$out/host.txt" "$out/device-predictions.txt"
 

@@ -148,7 +148,9 @@ fn main() -> ! {
                 i,
                 t.name(),
                 label,
-                score,
+                // Printed as the f64 of the f32, as the host's JSON does, so equal floats
+                // print equal digits.
+                score as f64,
                 t.label(label).unwrap_or("?")
             );
         }
