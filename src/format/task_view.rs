@@ -273,7 +273,8 @@ impl<'a> F32s<'a> {
         self.bytes.len() < 4
     }
     pub fn get(&self, i: usize) -> Option<f32> {
-        let b = self.bytes.get(4 * i..4 * i + 4)?;
+        let at = i.checked_mul(4)?;
+        let b = self.bytes.get(at..at.checked_add(4)?)?;
         Some(f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
     }
     pub fn iter(&self) -> impl Iterator<Item = f32> + 'a {
@@ -647,6 +648,9 @@ mod tests {
             }
             assert_eq!(v.labels.get(2), t.labels.get(2).map(|s| s.as_str()));
             assert_eq!(v.labels.get(99), None);
+            let r = v.reprogram.get(0).unwrap();
+            assert_eq!(r.get(17), Some(t.components.reprogram[0][17]));
+            assert_eq!((r.get(18), r.get(usize::MAX)), (None, None));
             let m = v.masks.get(0).unwrap();
             let mut words = [0u32; 3];
             assert!(m.words.copy_to(&mut words));
