@@ -15,9 +15,9 @@
 //!
 //! | module | owns | builds without std |
 //! |---|---|---|
-//! | [`format`] | bytes ⇄ typed, validated views; `.ecb` header, graph, checks, writer (alloc); `.ect` task files, `.ecbundle` signed bundles and key files (alloc) | yes |
+//! | [`format`] | bytes ⇄ typed, validated views; `.ecb` header, graph, checks, writer (alloc); `.ect` task files read in place (`task_view`), decoded and written (alloc); `.ecbundle` signed bundles and key files (alloc) | yes |
 //! | [`kernels`] | reference and fast kernels, per-ISA micro-kernels, the kernel table; strided matmul (alloc) | yes |
-//! | [`backbone`] | validated backbone, shape inference, execution plan, forward pass (plain, or as a task sees it through `task::TaskParts`), mmap (std) | yes |
+//! | [`backbone`] | validated backbone, shape inference, execution plan, forward pass (plain, or as a task sees it through `task::TaskParts`), tasks decoded into fixed buffers for firmware (`fixed`), mmap (std) | yes |
 //! | [`adapter`] | (alloc) a task's components in owned form: bit-vector masks, overlays, reprogramming, norms, heads | with alloc |
 //! | [`train`] | (std) training graph with kept values, hand-written backward passes, masks, optimisers, methods, KKT | no |
 //! | [`eval`] | (std) accuracy from task files, accuracy matrix, ACC/BWT/forgetting, reports | no |

@@ -12,31 +12,8 @@ use alloc::vec::Vec;
 use bitvec::prelude::{BitSlice, BitVec, Lsb0};
 use serde::{Deserialize, Serialize};
 
-/// How a task was learned; decides which components it has.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Method {
-    Supsup,
-    Exssnet,
-    Clr,
-    Linear,
-    Finetune,
-}
-
-impl Method {
-    pub const ALL: [Method; 5] = [Method::Supsup, Method::Exssnet, Method::Clr, Method::Linear, Method::Finetune];
-    pub fn name(self) -> &'static str {
-        match self {
-            Method::Supsup => "supsup",
-            Method::Exssnet => "exssnet",
-            Method::Clr => "clr",
-            Method::Linear => "linear",
-            Method::Finetune => "finetune",
-        }
-    }
-    pub fn from_name(s: &str) -> Option<Method> {
-        Method::ALL.into_iter().find(|m| m.name() == s)
-    }
-}
+/// How a task was learned (defined beside the no_std reader of task files).
+pub use crate::format::task_view::Method;
 
 /// A binary mask over one layer's weights, 1 bit per weight in the weight order, in 32-bit
 /// words (bit `i` is bit `i % 32` of word `i / 32`), which every target has natively.

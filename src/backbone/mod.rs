@@ -6,6 +6,7 @@
 //! After `open`, [`Backbone::forward`] cannot fail; it panics only if the caller passes
 //! buffers of the wrong size, which is a programming error.
 
+pub mod fixed;
 mod forward;
 #[cfg(feature = "std")]
 pub mod mmap;

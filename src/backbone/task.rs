@@ -222,7 +222,9 @@ impl Backbone<'_> {
         }
         if let Some(h) = task.head() {
             fit("head inputs", 0, self.head_inputs(), h.inputs)?;
-            fit("head weights", 0, h.inputs * h.outputs, h.weight.len())?;
+            // Saturating: on a 32-bit target a hostile head size could wrap to the weights' length.
+            let weights = h.inputs.saturating_mul(h.outputs);
+            fit("head weights", 0, weights, h.weight.len())?;
             fit("head bias", 0, h.outputs, h.bias.len())?;
             if h.outputs == 0 {
                 return Err(TaskFit { what: "head outputs", index: 0, expected: 1, found: 0 });

@@ -20,6 +20,7 @@ pub mod graph;
 pub mod keys;
 #[cfg(feature = "alloc")]
 pub mod task;
+pub mod task_view;
 
 use core::fmt;
 

@@ -13,14 +13,11 @@
 //! Decoding checks the sizes before touching the payload, both digests, then decodes; a
 //! decoded task is still checked against its backbone when its network is built.
 
-use super::{sha256, Digest, FormatError, Hex, Section};
+use super::{sha256, Digest, FormatError, Hex};
 use crate::adapter::Task;
 use alloc::vec::Vec;
 
-pub const MAGIC: [u8; 8] = *b"EDGECLT\0";
-pub const VERSION: u16 = 1;
-pub const HEADER_LEN: usize = 96;
-const TRAILER_LEN: usize = 32;
+pub use super::task_view::{HEADER_LEN, MAGIC, TRAILER_LEN, VERSION};
 
 /// Longest task name a store accepts (it becomes a file name, `NAME.ect`).
 pub const MAX_NAME_LEN: usize = 64;
@@ -138,60 +135,15 @@ pub fn digest_of(bytes: &[u8]) -> Option<Digest> {
     bytes.get(56..88).map(|d| d.try_into().expect("32 bytes"))
 }
 
-/// Validates and decodes a task file.
+/// Validates and decodes a task file: the checks of [`super::task_view::open`] (header,
+/// length, trailer, task digest), then the payload.
 pub fn decode(bytes: &[u8]) -> Result<TaskFile, TaskError> {
-    let trunc = |section, needed: usize| FormatError::Truncated {
-        section,
-        needed: needed as u64,
-        available: bytes.len() as u64,
-    };
-    if bytes.len() < HEADER_LEN + TRAILER_LEN {
-        if bytes.len() >= 8 && bytes[..8] != MAGIC {
-            return Err(FormatError::BadMagic.into());
-        }
-        return Err(trunc(Section::Header, HEADER_LEN + TRAILER_LEN).into());
-    }
-    if bytes[..8] != MAGIC {
-        return Err(FormatError::BadMagic.into());
-    }
-    let version = u16::from_le_bytes([bytes[8], bytes[9]]);
-    if version != VERSION {
-        return Err(FormatError::UnsupportedVersion { found: version, supported: VERSION }.into());
-    }
-    if bytes[10..16].iter().any(|&b| b != 0) {
-        return Err(FormatError::BadHeader { field: "flags/reserved" }.into());
-    }
-    if bytes[88..96].iter().any(|&b| b != 0) {
-        return Err(FormatError::BadHeader { field: "reserved" }.into());
-    }
-    let len = u64::from_le_bytes(bytes[16..24].try_into().expect("8 bytes"));
-    let total = usize::try_from(len)
-        .ok()
-        .and_then(|l| l.checked_add(HEADER_LEN + TRAILER_LEN))
-        .ok_or(FormatError::BadHeader { field: "payload length" })?;
-    if total > bytes.len() {
-        return Err(trunc(Section::Data, total).into());
-    }
-    if total < bytes.len() {
-        return Err(FormatError::TrailingBytes { extra: (bytes.len() - total) as u64 }.into());
-    }
-    let end = HEADER_LEN + len as usize;
-    let recorded: Digest = bytes[end..].try_into().expect("32 bytes");
-    let computed = sha256(&bytes[..end]);
-    if recorded != computed {
-        return Err(FormatError::DigestMismatch { recorded, computed }.into());
-    }
-    let payload = &bytes[HEADER_LEN..end];
-    let digest: Digest = bytes[56..88].try_into().expect("32 bytes");
-    let computed = sha256(payload);
-    if digest != computed {
-        return Err(FormatError::DigestMismatch { recorded: digest, computed }.into());
-    }
-    let (task, rest) = postcard::take_from_bytes::<Task>(payload).map_err(|_| TaskError::Payload)?;
+    let f = super::task_view::open(bytes)?;
+    let (task, rest) = postcard::take_from_bytes::<Task>(f.payload).map_err(|_| TaskError::Payload)?;
     if !rest.is_empty() {
         return Err(TaskError::Payload);
     }
-    Ok(TaskFile { backbone: bytes[24..56].try_into().expect("32 bytes"), digest, task })
+    Ok(TaskFile { backbone: f.backbone, digest: f.digest, task })
 }
 
 impl TaskFile {

@@ -1,0 +1,753 @@
+//! Task files (`.ect`, spec in `models/README.md`) read in place, without an allocator: the
+//! header and both digests are checked ([`open`]), then the postcard payload is walked once
+//! ([`TaskView::parse`]) and every field is validated; what remains are borrowed views of the
+//! file's bytes that a microcontroller can copy into its own fixed buffers.
+//!
+//! The walker accepts exactly what `postcard` accepts for `adapter::Task` (varints of at most
+//! 5 bytes for `u32` and 10 for `u64` and lengths, the top bits of the last byte clear,
+//! `Option` tags 0 or 1, UTF-8 strings, no bytes after the last field); the tests hold it to
+//! the alloc decoder on mutated payloads. It never panics and never trusts a length: every
+//! count is checked against the bytes that are left before anything is sliced.
+//!
+//! Floats inside a payload are at arbitrary byte offsets, so they are exposed as [`F32s`]
+//! (little-endian bytes, read one value at a time or copied out), never cast in place.
+//! Mask words are postcard varints and are decoded the same way ([`U32s`]).
+
+use super::{sha256, Digest, FormatError, Section};
+use core::fmt;
+use core::marker::PhantomData;
+use serde::{Deserialize, Serialize};
+
+pub const MAGIC: [u8; 8] = *b"EDGECLT\0";
+pub const VERSION: u16 = 1;
+pub const HEADER_LEN: usize = 96;
+pub const TRAILER_LEN: usize = 32;
+
+/// How a task was learned; decides which components it has. Its postcard encoding is the
+/// variant index, in this order.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Method {
+    Supsup,
+    Exssnet,
+    Clr,
+    Linear,
+    Finetune,
+}
+
+impl Method {
+    pub const ALL: [Method; 5] = [Method::Supsup, Method::Exssnet, Method::Clr, Method::Linear, Method::Finetune];
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Supsup => "supsup",
+            Method::Exssnet => "exssnet",
+            Method::Clr => "clr",
+            Method::Linear => "linear",
+            Method::Finetune => "finetune",
+        }
+    }
+    pub fn from_name(s: &str) -> Option<Method> {
+        Method::ALL.into_iter().find(|m| m.name() == s)
+    }
+}
+
+/// A task file whose header, length, trailer and task digest have been checked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TaskFileView<'a> {
+    /// The `.ecb` digest the task was learned on.
+    pub backbone: Digest,
+    /// SHA-256 of the payload: the task's identity.
+    pub digest: Digest,
+    /// The postcard payload (not yet decoded).
+    pub payload: &'a [u8],
+}
+
+/// Checks a task file's header, length, trailer and task digest (in that order) and returns
+/// its payload. Hashes the whole file once.
+pub fn open(bytes: &[u8]) -> Result<TaskFileView<'_>, FormatError> {
+    let trunc = |section, needed: usize| FormatError::Truncated {
+        section,
+        needed: needed as u64,
+        available: bytes.len() as u64,
+    };
+    let Some(header) = bytes.first_chunk::<HEADER_LEN>() else {
+        if bytes.len() >= 8 && bytes[..8] != MAGIC {
+            return Err(FormatError::BadMagic);
+        }
+        return Err(trunc(Section::Header, HEADER_LEN + TRAILER_LEN));
+    };
+    if header[..8] != MAGIC {
+        return Err(FormatError::BadMagic);
+    }
+    if bytes.len() < HEADER_LEN + TRAILER_LEN {
+        return Err(trunc(Section::Header, HEADER_LEN + TRAILER_LEN));
+    }
+    let version = u16::from_le_bytes([header[8], header[9]]);
+    if version != VERSION {
+        return Err(FormatError::UnsupportedVersion { found: version, supported: VERSION });
+    }
+    if header[10..16].iter().any(|&b| b != 0) {
+        return Err(FormatError::BadHeader { field: "flags/reserved" });
+    }
+    if header[88..96].iter().any(|&b| b != 0) {
+        return Err(FormatError::BadHeader { field: "reserved" });
+    }
+    let len = u64::from_le_bytes(digest_at::<8>(header, 16));
+    let total = usize::try_from(len)
+        .ok()
+        .and_then(|l| l.checked_add(HEADER_LEN + TRAILER_LEN))
+        .ok_or(FormatError::BadHeader { field: "payload length" })?;
+    if total > bytes.len() {
+        return Err(trunc(Section::Data, total));
+    }
+    if total < bytes.len() {
+        return Err(FormatError::TrailingBytes { extra: (bytes.len() - total) as u64 });
+    }
+    let end = total - TRAILER_LEN;
+    let (body, trailer) = bytes.split_at(end);
+    let recorded: Digest = digest_at(trailer, 0);
+    let computed = sha256(body);
+    if recorded != computed {
+        return Err(FormatError::DigestMismatch { recorded, computed });
+    }
+    let payload = &body[HEADER_LEN..];
+    let digest: Digest = digest_at(header, 56);
+    let computed = sha256(payload);
+    if digest != computed {
+        return Err(FormatError::DigestMismatch { recorded: digest, computed });
+    }
+    Ok(TaskFileView { backbone: digest_at(header, 24), digest, payload })
+}
+
+/// `N` bytes at `at` of a buffer known to hold them.
+fn digest_at<const N: usize>(b: &[u8], at: usize) -> [u8; N] {
+    let mut out = [0u8; N];
+    if let Some(s) = b.get(at..at + N) {
+        out.copy_from_slice(s);
+    }
+    out
+}
+
+/// What is wrong with a payload byte.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PayloadErrorKind {
+    /// The payload ends inside the field.
+    Truncated,
+    /// A varint longer than its type allows, or with bits beyond it.
+    BadVarint,
+    /// A string that is not UTF-8.
+    BadUtf8,
+    /// An `Option` tag other than 0 or 1.
+    BadTag,
+    /// A method index beyond the known methods.
+    BadMethod,
+    /// Bytes after the last field.
+    Trailing,
+}
+
+/// Why a task payload does not decode: the field, what is wrong, the payload offset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PayloadError {
+    pub field: &'static str,
+    pub kind: PayloadErrorKind,
+    pub offset: usize,
+}
+
+impl fmt::Display for PayloadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let what = match self.kind {
+            PayloadErrorKind::Truncated => "ends inside",
+            PayloadErrorKind::BadVarint => "has an invalid varint in",
+            PayloadErrorKind::BadUtf8 => "has text that is not UTF-8 in",
+            PayloadErrorKind::BadTag => "has an option tag other than 0 or 1 in",
+            PayloadErrorKind::BadMethod => "has an unknown method index in",
+            PayloadErrorKind::Trailing => "has bytes after",
+        };
+        write!(f, "corrupt task payload: it {what} field `{}` (payload byte {})", self.field, self.offset)
+    }
+}
+
+impl core::error::Error for PayloadError {}
+
+type PResult<T> = core::result::Result<T, PayloadError>;
+
+/// A bounded cursor over payload bytes.
+#[derive(Clone, Debug)]
+pub struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn new(buf: &'a [u8]) -> Self {
+        Reader { buf, pos: 0 }
+    }
+
+    fn err(&self, field: &'static str, kind: PayloadErrorKind) -> PayloadError {
+        PayloadError { field, kind, offset: self.pos }
+    }
+
+    fn left(&self) -> usize {
+        self.buf.len().saturating_sub(self.pos)
+    }
+
+    fn take(&mut self, n: usize, field: &'static str) -> PResult<&'a [u8]> {
+        let end = self.pos.checked_add(n).filter(|&e| e <= self.buf.len());
+        let s = end.and_then(|e| self.buf.get(self.pos..e)).ok_or(self.err(field, PayloadErrorKind::Truncated))?;
+        self.pos += n;
+        Ok(s)
+    }
+
+    fn byte(&mut self, field: &'static str) -> PResult<u8> {
+        Ok(self.take(1, field)?[0])
+    }
+
+    /// A varint of at most `max` bytes whose last byte is at most `last_max` when it is the
+    /// `max`-th (postcard's rule).
+    fn varint(&mut self, field: &'static str, max: usize, last_max: u8) -> PResult<u64> {
+        let start = self.pos;
+        let mut out = 0u64;
+        for i in 0..max {
+            let b = self.byte(field)?;
+            out |= u64::from(b & 0x7f) << (7 * i);
+            if b & 0x80 == 0 {
+                if i == max - 1 && b > last_max {
+                    return Err(PayloadError { field, kind: PayloadErrorKind::BadVarint, offset: start });
+                }
+                return Ok(out);
+            }
+        }
+        Err(PayloadError { field, kind: PayloadErrorKind::BadVarint, offset: start })
+    }
+
+    fn u32(&mut self, field: &'static str) -> PResult<u32> {
+        // 5 bytes carry 35 bits; the last may hold only the top 4.
+        self.varint(field, 5, 0x0f).map(|v| v as u32)
+    }
+
+    fn u64(&mut self, field: &'static str) -> PResult<u64> {
+        self.varint(field, 10, 0x01)
+    }
+
+    /// A length or count (postcard's `usize`, read as on 64-bit hosts). A value that cannot
+    /// be an index on this target cannot fit in the bytes left either.
+    fn len(&mut self, field: &'static str) -> PResult<usize> {
+        let at = self.pos;
+        let v = self.u64(field)?;
+        usize::try_from(v).map_err(|_| PayloadError { field, kind: PayloadErrorKind::Truncated, offset: at })
+    }
+
+    fn option(&mut self, field: &'static str) -> PResult<bool> {
+        let at = self.pos;
+        match self.byte(field)? {
+            0 => Ok(false),
+            1 => Ok(true),
+            _ => Err(PayloadError { field, kind: PayloadErrorKind::BadTag, offset: at }),
+        }
+    }
+
+    fn str(&mut self, field: &'static str) -> PResult<&'a str> {
+        let n = self.len(field)?;
+        let at = self.pos;
+        let b = self.take(n, field)?;
+        core::str::from_utf8(b).map_err(|_| PayloadError { field, kind: PayloadErrorKind::BadUtf8, offset: at })
+    }
+
+    fn f32s(&mut self, field: &'static str) -> PResult<F32s<'a>> {
+        let n = self.len(field)?;
+        let bytes = n.checked_mul(4).ok_or(self.err(field, PayloadErrorKind::Truncated))?;
+        Ok(F32s { bytes: self.take(bytes, field)? })
+    }
+}
+
+/// Little-endian f32 values inside the payload (not aligned).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct F32s<'a> {
+    bytes: &'a [u8],
+}
+
+impl<'a> F32s<'a> {
+    pub fn len(&self) -> usize {
+        self.bytes.len() / 4
+    }
+    pub fn is_empty(&self) -> bool {
+        self.bytes.len() < 4
+    }
+    pub fn get(&self, i: usize) -> Option<f32> {
+        let at = i.checked_mul(4)?;
+        let b = self.bytes.get(at..at.checked_add(4)?)?;
+        Some(f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    pub fn iter(&self) -> impl Iterator<Item = f32> + 'a {
+        self.bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    /// Copies the values into `out[..self.len()]`; returns false (copying nothing) if `out`
+    /// is shorter.
+    pub fn copy_to(&self, out: &mut [f32]) -> bool {
+        let Some(out) = out.get_mut(..self.len()) else { return false };
+        for (o, v) in out.iter_mut().zip(self.iter()) {
+            *o = v;
+        }
+        true
+    }
+}
+
+/// `u32` values stored as postcard varints (already validated).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct U32s<'a> {
+    count: usize,
+    bytes: &'a [u8],
+}
+
+impl<'a> U32s<'a> {
+    pub fn len(&self) -> usize {
+        self.count
+    }
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+    pub fn iter(&self) -> impl Iterator<Item = u32> + 'a {
+        let mut r = Reader::new(self.bytes);
+        (0..self.count).map_while(move |_| r.u32("").ok())
+    }
+    /// Decodes the values into `out[..self.len()]`; returns false (leaving `out` partly
+    /// written) if `out` is shorter.
+    pub fn copy_to(&self, out: &mut [u32]) -> bool {
+        let Some(out) = out.get_mut(..self.count) else { return false };
+        for (o, v) in out.iter_mut().zip(self.iter()) {
+            *o = v;
+        }
+        true
+    }
+}
+
+/// One mask: `len` bits in `words` (bit `i` is bit `i % 32` of word `i / 32`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MaskView<'a> {
+    pub len: u64,
+    pub words: U32s<'a>,
+}
+
+/// One batch-norm state of a task.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NormBytes<'a> {
+    pub mean: F32s<'a>,
+    pub var: F32s<'a>,
+    pub gamma: Option<F32s<'a>>,
+    pub beta: Option<F32s<'a>>,
+}
+
+/// One CLR affine `(γ, β)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AffineBytes<'a> {
+    pub gamma: F32s<'a>,
+    pub beta: F32s<'a>,
+}
+
+/// A task's head `y = W x + b`, `W` is `[outputs][inputs]`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeadBytes<'a> {
+    pub inputs: u32,
+    pub outputs: u32,
+    pub weight: F32s<'a>,
+    pub bias: F32s<'a>,
+}
+
+/// A record that can be read from a payload.
+pub trait Item<'a>: Sized {
+    fn read(r: &mut Reader<'a>, field: &'static str) -> PResult<Self>;
+}
+
+impl<'a> Item<'a> for &'a str {
+    fn read(r: &mut Reader<'a>, field: &'static str) -> PResult<Self> {
+        r.str(field)
+    }
+}
+
+impl<'a> Item<'a> for F32s<'a> {
+    fn read(r: &mut Reader<'a>, field: &'static str) -> PResult<Self> {
+        r.f32s(field)
+    }
+}
+
+impl<'a> Item<'a> for MaskView<'a> {
+    fn read(r: &mut Reader<'a>, field: &'static str) -> PResult<Self> {
+        let len = r.u64(field)?;
+        let count = r.len(field)?;
+        let start = r.pos;
+        for _ in 0..count {
+            r.u32(field)?;
+        }
+        Ok(MaskView { len, words: U32s { count, bytes: &r.buf[start..r.pos] } })
+    }
+}
+
+impl<'a> Item<'a> for NormBytes<'a> {
+    fn read(r: &mut Reader<'a>, field: &'static str) -> PResult<Self> {
+        let mean = r.f32s(field)?;
+        let var = r.f32s(field)?;
+        let gamma = if r.option(field)? { Some(r.f32s(field)?) } else { None };
+        let beta = if r.option(field)? { Some(r.f32s(field)?) } else { None };
+        Ok(NormBytes { mean, var, gamma, beta })
+    }
+}
+
+impl<'a> Item<'a> for AffineBytes<'a> {
+    fn read(r: &mut Reader<'a>, field: &'static str) -> PResult<Self> {
+        Ok(AffineBytes { gamma: r.f32s(field)?, beta: r.f32s(field)? })
+    }
+}
+
+impl<'a> Item<'a> for Digest {
+    fn read(r: &mut Reader<'a>, field: &'static str) -> PResult<Self> {
+        Ok(digest_at(r.take(32, field)?, 0))
+    }
+}
+
+impl<'a> Item<'a> for (&'a str, f64) {
+    fn read(r: &mut Reader<'a>, field: &'static str) -> PResult<Self> {
+        let name = r.str(field)?;
+        let v = r.take(8, field)?;
+        Ok((name, f64::from_le_bytes(digest_at(v, 0))))
+    }
+}
+
+/// A validated postcard sequence of `T`, decoded lazily.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct List<'a, T> {
+    count: usize,
+    bytes: &'a [u8],
+    field: &'static str,
+    _t: PhantomData<T>,
+}
+
+impl<'a, T: Item<'a>> List<'a, T> {
+    fn read(r: &mut Reader<'a>, field: &'static str) -> PResult<Self> {
+        let count = r.len(field)?;
+        let start = r.pos;
+        for _ in 0..count {
+            T::read(r, field)?;
+        }
+        Ok(List { count, bytes: &r.buf[start..r.pos], field, _t: PhantomData })
+    }
+    pub fn len(&self) -> usize {
+        self.count
+    }
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+    pub fn iter(&self) -> impl Iterator<Item = T> + 'a {
+        let mut r = Reader::new(self.bytes);
+        let field = self.field;
+        (0..self.count).map_while(move |_| T::read(&mut r, field).ok())
+    }
+    /// Item `i` (walks the items before it).
+    pub fn get(&self, i: usize) -> Option<T> {
+        self.iter().nth(i)
+    }
+}
+
+/// A validated task payload (`adapter::Task`), every field borrowed from the file bytes.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TaskView<'a> {
+    pub name: &'a str,
+    /// One name per class, in label order.
+    pub labels: List<'a, &'a str>,
+    pub method: Method,
+    pub masks: List<'a, MaskView<'a>>,
+    pub overlay: List<'a, F32s<'a>>,
+    pub reprogram: List<'a, F32s<'a>>,
+    pub norms: List<'a, NormBytes<'a>>,
+    pub affines: List<'a, AffineBytes<'a>>,
+    pub head: Option<HeadBytes<'a>>,
+    pub dense: List<'a, F32s<'a>>,
+    pub depends_on: List<'a, Digest>,
+    pub config: &'a str,
+    pub metrics: List<'a, (&'a str, f64)>,
+    pub created_at: u64,
+    pub version: u32,
+}
+
+impl<'a> TaskView<'a> {
+    /// Walks and validates the whole payload (field order of `adapter::Task`).
+    pub fn parse(payload: &'a [u8]) -> PResult<Self> {
+        let mut r = Reader::new(payload);
+        let name = r.str("name")?;
+        let labels = List::read(&mut r, "labels")?;
+        let at = r.pos;
+        let method = match r.u32("method")? {
+            i if (i as usize) < Method::ALL.len() => Method::ALL[i as usize],
+            _ => return Err(PayloadError { field: "method", kind: PayloadErrorKind::BadMethod, offset: at }),
+        };
+        let masks = List::read(&mut r, "components.masks")?;
+        let overlay = List::read(&mut r, "components.overlay")?;
+        let reprogram = List::read(&mut r, "components.reprogram")?;
+        let norms = List::read(&mut r, "components.norms")?;
+        let affines = List::read(&mut r, "components.affines")?;
+        let head = if r.option("components.head")? {
+            let f = "components.head";
+            Some(HeadBytes { inputs: r.u32(f)?, outputs: r.u32(f)?, weight: r.f32s(f)?, bias: r.f32s(f)? })
+        } else {
+            None
+        };
+        let dense = List::read(&mut r, "components.dense")?;
+        let depends_on = List::read(&mut r, "depends_on")?;
+        let config = r.str("config")?;
+        let metrics = List::read(&mut r, "metrics")?;
+        let created_at = r.u64("created_at")?;
+        let version = r.u32("version")?;
+        if r.left() != 0 {
+            return Err(r.err("version", PayloadErrorKind::Trailing));
+        }
+        Ok(TaskView {
+            name,
+            labels,
+            method,
+            masks,
+            overlay,
+            reprogram,
+            norms,
+            affines,
+            head,
+            dense,
+            depends_on,
+            config,
+            metrics,
+            created_at,
+            version,
+        })
+    }
+
+    /// Number of classes (labels).
+    pub fn classes(&self) -> usize {
+        self.labels.len()
+    }
+}
+
+#[cfg(all(test, feature = "alloc"))]
+mod tests {
+    use super::*;
+    use crate::adapter::{Affine, Components, Head, Mask, NormState, Task};
+    use crate::rng::SplitMix64;
+    use alloc::string::{String, ToString};
+    use alloc::vec::Vec;
+
+    /// The view as an owned task, to compare with postcard's decoding.
+    fn owned(v: &TaskView) -> Task {
+        let vec = |f: F32s| f.iter().collect::<Vec<f32>>();
+        Task {
+            name: v.name.to_string(),
+            labels: v.labels.iter().map(|s| s.to_string()).collect(),
+            method: v.method,
+            components: Components {
+                masks: v.masks.iter().map(|m| Mask { len: m.len, words: m.words.iter().collect() }).collect(),
+                overlay: v.overlay.iter().map(vec).collect(),
+                reprogram: v.reprogram.iter().map(vec).collect(),
+                norms: v
+                    .norms
+                    .iter()
+                    .map(|n| NormState {
+                        mean: vec(n.mean),
+                        var: vec(n.var),
+                        gamma: n.gamma.map(vec),
+                        beta: n.beta.map(vec),
+                    })
+                    .collect(),
+                affines: v.affines.iter().map(|a| Affine { gamma: vec(a.gamma), beta: vec(a.beta) }).collect(),
+                head: v.head.map(|h| Head {
+                    inputs: h.inputs,
+                    outputs: h.outputs,
+                    weight: vec(h.weight),
+                    bias: vec(h.bias),
+                }),
+                dense: v.dense.iter().map(vec).collect(),
+            },
+            depends_on: v.depends_on.iter().collect(),
+            config: v.config.to_string(),
+            metrics: v.metrics.iter().map(|(n, x)| (n.to_string(), x)).collect(),
+            created_at: v.created_at,
+            version: v.version,
+        }
+    }
+
+    fn floats(r: &mut SplitMix64, n: usize) -> Vec<f32> {
+        (0..n).map(|_| r.uniform(-2.0, 2.0)).collect()
+    }
+
+    /// A task with every component present, odd lengths, large varints and non-ASCII text.
+    fn full_task(seed: u64) -> Task {
+        let mut r = SplitMix64::new(seed);
+        let words = |r: &mut SplitMix64, n: usize| (0..n).map(|i| (r.next_u64() >> (i % 33)) as u32).collect();
+        Task {
+            name: "tâche-1".into(),
+            labels: ["a", "", "ß✓", "long label"].iter().map(|s| s.to_string()).collect(),
+            method: Method::ALL[(seed % 5) as usize],
+            components: Components {
+                masks: alloc::vec![
+                    Mask { len: 70, words: words(&mut r, 3) },
+                    Mask { len: 0, words: Vec::new() },
+                    Mask { len: u64::MAX, words: words(&mut r, 40) },
+                ],
+                overlay: alloc::vec![floats(&mut r, 5), Vec::new(), floats(&mut r, 1)],
+                reprogram: alloc::vec![floats(&mut r, 18)],
+                norms: alloc::vec![
+                    NormState { mean: floats(&mut r, 3), var: floats(&mut r, 3), gamma: None, beta: None },
+                    NormState {
+                        mean: floats(&mut r, 2),
+                        var: floats(&mut r, 2),
+                        gamma: Some(floats(&mut r, 2)),
+                        beta: Some(Vec::new()),
+                    },
+                ],
+                affines: alloc::vec![Affine { gamma: floats(&mut r, 4), beta: floats(&mut r, 4) }],
+                head: Some(Head { inputs: 3, outputs: 300, weight: floats(&mut r, 9), bias: floats(&mut r, 3) }),
+                dense: alloc::vec![floats(&mut r, 7)],
+            },
+            depends_on: alloc::vec![[7; 32], [0xff; 32]],
+            config: "{\"epochs\": 3}".into(),
+            metrics: alloc::vec![("train_accuracy".into(), 0.97), ("nan".into(), f64::NAN)],
+            created_at: u64::MAX - 5,
+            version: u32::MAX,
+        }
+    }
+
+    fn minimal_task() -> Task {
+        Task {
+            name: String::new(),
+            labels: Vec::new(),
+            method: Method::Linear,
+            components: Components::default(),
+            depends_on: Vec::new(),
+            config: String::new(),
+            metrics: Vec::new(),
+            created_at: 0,
+            version: 0,
+        }
+    }
+
+    /// postcard's verdict on a payload, as re-encoded bytes (bitwise equal even with NaNs).
+    fn postcard_decode(p: &[u8]) -> Option<Vec<u8>> {
+        match postcard::take_from_bytes::<Task>(p) {
+            Ok((t, [])) => Some(postcard::to_allocvec(&t).unwrap()),
+            _ => None,
+        }
+    }
+
+    fn view_decode(p: &[u8]) -> Option<Vec<u8>> {
+        TaskView::parse(p).ok().map(|v| postcard::to_allocvec(&owned(&v)).unwrap())
+    }
+
+    #[test]
+    fn views_equal_the_alloc_decoder() {
+        for t in (0..5).map(full_task).chain([minimal_task()]) {
+            let p = postcard::to_allocvec(&t).unwrap();
+            let v = TaskView::parse(&p).unwrap();
+            assert_eq!(postcard::to_allocvec(&owned(&v)).unwrap(), p, "{}", t.method.name());
+            assert_eq!(v.classes(), t.labels.len());
+            if t.components.masks.is_empty() {
+                continue; // the minimal task
+            }
+            assert_eq!(v.labels.get(2), t.labels.get(2).map(|s| s.as_str()));
+            assert_eq!(v.labels.get(99), None);
+            let r = v.reprogram.get(0).unwrap();
+            assert_eq!(r.get(17), Some(t.components.reprogram[0][17]));
+            assert_eq!((r.get(18), r.get(usize::MAX)), (None, None));
+            let m = v.masks.get(0).unwrap();
+            let mut words = [0u32; 3];
+            assert!(m.words.copy_to(&mut words));
+            assert_eq!(&words[..], &t.components.masks[0].words[..]);
+            assert!(!m.words.copy_to(&mut [0u32; 2]), "a short buffer is refused");
+            let h = v.head.unwrap();
+            let mut w = [0f32; 9];
+            assert!(h.weight.copy_to(&mut w) && !h.weight.copy_to(&mut [0.0; 8]));
+            assert_eq!(&w[..], &t.components.head.as_ref().unwrap().weight[..]);
+        }
+    }
+
+    #[test]
+    fn every_truncation_is_an_error_that_names_a_field() {
+        let p = postcard::to_allocvec(&full_task(2)).unwrap();
+        for n in 0..p.len() {
+            let e = TaskView::parse(&p[..n]).unwrap_err();
+            assert_eq!(e.kind, PayloadErrorKind::Truncated, "cut at {n}: {e}");
+            assert!(e.offset <= n, "cut at {n}: {e}");
+        }
+        let mut long = p.clone();
+        long.push(0);
+        let e = TaskView::parse(&long).unwrap_err();
+        assert_eq!((e.kind, e.offset), (PayloadErrorKind::Trailing, p.len()));
+    }
+
+    /// Bit flips, byte overwrites and huge varints: the view accepts exactly what postcard
+    /// accepts, with the same values, and never panics.
+    #[test]
+    fn mutated_payloads_agree_with_postcard() {
+        let mut r = SplitMix64::new(9);
+        let (mut accepted, mut rejected) = (0, 0);
+        for seed in 0..5 {
+            let p = postcard::to_allocvec(&full_task(seed)).unwrap();
+            for _ in 0..3000 {
+                let mut b = p.clone();
+                for _ in 0..1 + r.below(3) {
+                    let i = r.below(b.len());
+                    match r.below(4) {
+                        0 => b[i] ^= 1 << r.below(8),
+                        1 => b[i] = 0xff,
+                        2 => b[i] = 0x80,
+                        _ => b[i] = r.below(256) as u8,
+                    }
+                }
+                let want = postcard_decode(&b);
+                assert_eq!(view_decode(&b), want, "seed {seed}: {:?}", TaskView::parse(&b).err());
+                if want.is_some() {
+                    accepted += 1
+                } else {
+                    rejected += 1
+                }
+            }
+        }
+        assert!(accepted > 100 && rejected > 100, "both outcomes exercised: {accepted} {rejected}");
+    }
+
+    #[test]
+    fn varint_limits_are_postcard_s() {
+        let mut t = minimal_task();
+        t.version = 7;
+        let p = postcard::to_allocvec(&t).unwrap();
+        let last = p.len() - 1;
+        // version as 5-byte varints: top nibble allowed, the bit above it not.
+        for (tail, ok) in [
+            (&[0x87, 0x80, 0x80, 0x80, 0x0f][..], true),
+            (&[0x87, 0x80, 0x80, 0x80, 0x10][..], false),
+            (&[0x87, 0x80, 0x80, 0x80, 0x80, 0x00][..], false),
+        ] {
+            let mut b = p[..last].to_vec();
+            b.extend_from_slice(tail);
+            assert_eq!(postcard_decode(&b).is_some(), ok, "{tail:x?}");
+            assert_eq!(view_decode(&b), postcard_decode(&b), "{tail:x?}");
+        }
+        // A label count near u64::MAX is refused before anything is sliced.
+        let mut b = alloc::vec![0u8, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01];
+        b.extend_from_slice(&p[2..]);
+        assert!(postcard_decode(&b).is_none());
+        assert_eq!(TaskView::parse(&b).unwrap_err().kind, PayloadErrorKind::Truncated);
+    }
+
+    #[test]
+    fn open_checks_the_header_and_both_digests() {
+        let bytes = crate::format::task::encode(&full_task(1), &[9; 32]);
+        let f = open(&bytes).unwrap();
+        assert_eq!(f.backbone, [9; 32]);
+        assert_eq!(f.digest, sha256(f.payload));
+        assert_eq!(TaskView::parse(f.payload).unwrap().name, "tâche-1");
+        for n in 0..bytes.len() {
+            assert!(open(&bytes[..n]).is_err(), "truncated to {n}");
+        }
+        let mut r = SplitMix64::new(3);
+        for _ in 0..500 {
+            let mut b = bytes.clone();
+            let i = r.below(b.len());
+            b[i] ^= 1 << r.below(8);
+            assert!(open(&b).is_err(), "a flipped bit at {i} went unnoticed");
+        }
+    }
+}
