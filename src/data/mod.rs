@@ -128,6 +128,7 @@ enum Samples {
 }
 
 /// The embedded subset (see `src/data/embedded/README.md`).
+#[cfg(feature = "embedded-data")]
 const EMBEDDED: [(&str, &[u8]); 4] = [
     ("embedded train-images-idx3-ubyte.gz", include_bytes!("embedded/train-images-idx3-ubyte.gz")),
     ("embedded train-labels-idx1-ubyte.gz", include_bytes!("embedded/train-labels-idx1-ubyte.gz")),
@@ -141,12 +142,18 @@ impl Dataset {
     pub fn open(src: &Source, split: Split) -> Result<Dataset, DataError> {
         let name = format!("{src} ({split})");
         match src {
+            #[cfg(feature = "embedded-data")]
             Source::Embedded => {
                 let pick = if split == Split::Train { 0 } else { 2 };
                 let images = idx::parse_images(EMBEDDED[pick].1, EMBEDDED[pick].0)?;
                 let labels = idx::parse_labels(EMBEDDED[pick + 1].1, EMBEDDED[pick + 1].0)?;
                 Dataset::from_idx(name, images, labels, EMBEDDED[pick].0, EMBEDDED[pick + 1].0, fashion_names())
             }
+            #[cfg(not(feature = "embedded-data"))]
+            Source::Embedded => Err(DataError(format!(
+                "{name}: this edgecl was built without the embedded Fashion-MNIST subset (cargo feature \
+                 `embedded-data`); use --data fashion-mnist, idx:DIR or folder:DIR"
+            ))),
             Source::FashionMnist => {
                 let dir = FASHION_MNIST_DIRS.iter().map(Path::new).find(|d| d.is_dir()).ok_or_else(|| {
                     DataError(format!(
