@@ -8,7 +8,7 @@
 #   inputs.npy     the first test image of each class, as f32 network inputs [10, 1, 28, 28]
 #   inputs.txt     which test images those are
 # Files are byte-for-byte reproducible (SOURCE_DATE_EPOCH fixes the tasks' creation time).
-# Needs the host edgecl without tract: cargo build --release --no-default-features --features cli
+# Needs the host edgecl without tract: cargo build --release --no-default-features --features cli,embedded-data
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(dirname "$here")"
@@ -16,7 +16,7 @@ target="${CARGO_TARGET_DIR:-$root/target}"
 data="$here/data"
 export SOURCE_DATE_EPOCH=1700000000
 
-(cd "$root" && cargo build --release --no-default-features --features cli --quiet)
+(cd "$root" && cargo build --release --no-default-features --features cli,embedded-data --quiet)
 edgecl="$target/release/edgecl"
 # The helper runs on the host: name the host target, or firmware/.cargo/config.toml's would apply.
 host="$(rustc -vV | sed -n 's/^host: //p')"
