@@ -9,8 +9,11 @@ use edgecl::format::keys::{KeyId, SigningKey};
 use edgecl::format::task::{self, NameError, TaskError};
 use edgecl::format::{sha256, Digest};
 use edgecl::rng::SplitMix64;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::Output;
+
+mod common;
+use common::{edgecl, fails, ok, tempdir};
 
 const BB: Digest = [0xbb; 32];
 
@@ -454,30 +457,6 @@ fn manifest_and_task_files_must_agree() {
 
 // ---------------------------------------------------------------------------------------
 // CLI
-
-fn edgecl(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_edgecl")).args(args).current_dir(dir).output().expect("run edgecl")
-}
-
-fn tempdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("edgecl-bundle-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn ok(o: &Output) -> String {
-    assert!(o.status.success(), "failed: {}", String::from_utf8_lossy(&o.stderr));
-    String::from_utf8(o.stdout.clone()).unwrap()
-}
-
-fn fails(o: &Output, needle: &str) -> String {
-    assert!(!o.status.success(), "unexpectedly succeeded: {}", String::from_utf8_lossy(&o.stdout));
-    let err = String::from_utf8_lossy(&o.stderr).into_owned();
-    assert!(err.contains(needle), "error does not mention {needle:?}: {err}");
-    assert!(!err.contains("panicked"), "{err}");
-    err
-}
 
 fn json(o: &Output) -> serde_json::Value {
     serde_json::from_str(&ok(o)).expect("valid JSON")

@@ -1,23 +1,9 @@
 //! The real binary, end to end: init, inspect (golden output), verify, forward, and errors.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
 
-fn edgecl(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_edgecl")).args(args).current_dir(dir).output().expect("run edgecl")
-}
-
-fn tempdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("edgecl-cli-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn ok(o: &Output) -> String {
-    assert!(o.status.success(), "failed: {}", String::from_utf8_lossy(&o.stderr));
-    String::from_utf8(o.stdout.clone()).unwrap()
-}
+mod common;
+use common::{edgecl, ok, tempdir};
 
 /// `inspect` of a seeded backbone is a golden file: any change to the format, the init
 /// stream or the report shows up here. Regenerate deliberately with

@@ -2,36 +2,8 @@
 //! size: learn → eval, bench-cl's reports (JSON keys, no forgetting, accuracy well above
 //! chance), determinism of task files, and the errors a user meets.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn edgecl(dir: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_edgecl"))
-        .args(args)
-        .current_dir(dir)
-        .env("SOURCE_DATE_EPOCH", "1700000000")
-        .output()
-        .expect("run edgecl")
-}
-
-fn tempdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("edgecl-cl-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn ok(o: &Output) -> String {
-    assert!(o.status.success(), "failed: {}", String::from_utf8_lossy(&o.stderr));
-    String::from_utf8(o.stdout.clone()).unwrap()
-}
-
-fn fails(o: &Output, needle: &str) {
-    assert!(!o.status.success(), "unexpectedly succeeded: {}", String::from_utf8_lossy(&o.stdout));
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains(needle), "error does not mention {needle:?}: {err}");
-    assert!(!err.contains("panicked"), "{err}");
-}
+mod common;
+use common::{edgecl, fails, ok, tempdir};
 
 const LEARN: [&str; 14] = [
     "learn",

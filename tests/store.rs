@@ -9,37 +9,9 @@ use edgecl::format::Digest;
 use edgecl::store::{NewTask, Store, StoreError};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
-fn bin(dir: &Path, args: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_edgecl"));
-    c.args(args).current_dir(dir).env("SOURCE_DATE_EPOCH", "1700000000").env_remove("EDGECL_FAULT_AFTER");
-    c
-}
-
-fn edgecl(dir: &Path, args: &[&str]) -> Output {
-    bin(dir, args).output().expect("run edgecl")
-}
-
-fn tempdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("edgecl-store-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn ok(o: &Output) -> String {
-    assert!(o.status.success(), "failed: {}", String::from_utf8_lossy(&o.stderr));
-    String::from_utf8(o.stdout.clone()).unwrap()
-}
-
-fn fails(o: &Output, needle: &str) -> String {
-    assert!(!o.status.success(), "unexpectedly succeeded: {}", String::from_utf8_lossy(&o.stdout));
-    let err = String::from_utf8_lossy(&o.stderr).into_owned();
-    assert!(err.contains(needle), "error does not mention {needle:?}: {err}");
-    assert!(!err.contains("panicked"), "{err}");
-    err
-}
+mod common;
+use common::{bin, edgecl, fails, ok, tempdir};
 
 /// `learn` arguments for a small, fast task on the embedded data.
 fn learn_args<'a>(task: &'a str, method: &'a str, classes: &'a str) -> Vec<&'a str> {
