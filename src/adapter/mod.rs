@@ -4,7 +4,7 @@
 //!
 //! Per-layer lists follow the backbone's layer order: `masks` and `overlay` have one entry per
 //! maskable layer (conv and linear), `norms` one per batch-norm layer, `reprogram` one per conv
-//! with a kernel larger than 1×1, `affines` one per reprogrammed conv that no batch norm
+//! with a kernel larger than 1×1, `shifts` one per reprogrammed conv that no batch norm
 //! follows (the backbone had it folded).
 
 use alloc::string::String;
@@ -12,6 +12,8 @@ use alloc::vec::Vec;
 use bitvec::prelude::{BitSlice, BitVec, Lsb0};
 use serde::{Deserialize, Serialize};
 
+/// What quantised values are steps from (defined beside the no_std reader).
+pub use crate::format::task_view::Base;
 /// How a task was learned (defined beside the no_std reader of task files).
 pub use crate::format::task_view::Method;
 
@@ -57,11 +59,48 @@ pub struct Head {
     pub bias: Vec<f32>,
 }
 
-/// Per-channel `y = x·γ + β`.
+/// One layer's values as int8 steps of one scale from a [`Base`]:
+/// `value[i] = base(i) + scale · steps[i]` (`task_view::dequantize`).
+///
+/// CLR stores its kernels and shifts this way: in f32 they cost as much as a depthwise
+/// backbone's own depthwise weights (EfficientNet-Lite0: 324 KB of kernels per task, 10 % of
+/// the backbone). Steps are taken from where training started, so the error (at most
+/// `scale / 2` per value, `scale = max |value − base| / 127`) is relative to how far the
+/// task moved, not to the value.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
-pub struct Affine {
-    pub gamma: Vec<f32>,
-    pub beta: Vec<f32>,
+pub struct Quantized {
+    pub scale: f32,
+    pub steps: Vec<i8>,
+}
+
+impl Quantized {
+    /// Rounds `values` to the nearest steps from `base`, with the smallest scale that
+    /// reaches the farthest value. Non-finite values are a caller's bug (training stops on a
+    /// non-finite loss before it saves anything).
+    pub fn quantize(values: &[f32], base: Base) -> Self {
+        let far = values.iter().enumerate().map(|(i, &v)| (v - base.at(i)).abs()).fold(0.0f32, f32::max);
+        if far == 0.0 || !far.is_finite() {
+            return Quantized { scale: 0.0, steps: alloc::vec![0; values.len()] };
+        }
+        let scale = far / 127.0;
+        let steps = values
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| libm::roundf((v - base.at(i)) / scale).clamp(-127.0, 127.0) as i8)
+            .collect();
+        Quantized { scale, steps }
+    }
+    /// The values the steps stand for.
+    pub fn values(&self, base: Base) -> Vec<f32> {
+        let d = crate::format::task_view::dequantize;
+        self.steps.iter().enumerate().map(|(i, &s)| d(base, self.scale, i, s)).collect()
+    }
+    pub fn len(&self) -> usize {
+        self.steps.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.steps.is_empty()
+    }
 }
 
 /// The task state proper. Empty lists mean "component absent".
@@ -71,10 +110,13 @@ pub struct Components {
     /// ExSSNeT: per maskable layer, the trained values of the task's exclusive weights in the
     /// order of the set bits of `mask AND NOT union(masks of the tasks it depends on)`.
     pub overlay: Vec<Vec<f32>>,
-    /// CLR: per conv with kernel > 1, `[channels][3][3]`.
-    pub reprogram: Vec<Vec<f32>>,
+    /// CLR: per conv with kernel > 1, the `[channels][3][3]` kernels, steps from
+    /// [`Base::Identity3x3`]. Where a shift follows, its per-channel scale γ is folded in.
+    pub reprogram: Vec<Quantized>,
     pub norms: Vec<NormState>,
-    pub affines: Vec<Affine>,
+    /// CLR: per reprogrammed conv that no batch norm follows, the per-channel shift β added
+    /// after the reprogramming, steps from [`Base::Zero`].
+    pub shifts: Vec<Quantized>,
     pub head: Option<Head>,
     /// Finetune (evaluation only): the dense weights of every maskable layer.
     pub dense: Vec<Vec<f32>>,
@@ -104,5 +146,36 @@ pub struct Task {
 impl Task {
     pub fn classes(&self) -> usize {
         self.labels.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::SplitMix64;
+
+    #[test]
+    fn quantized_values_are_within_half_a_step_and_the_base_is_exact() {
+        let mut r = SplitMix64::new(4);
+        for (base, spread) in [(Base::Identity3x3, 0.3), (Base::Zero, 2.0), (Base::Identity3x3, 1e-6)] {
+            let v: Vec<f32> = (0..9 * 7).map(|i| base.at(i) + r.uniform(-spread, spread)).collect();
+            let q = Quantized::quantize(&v, base);
+            let far = v.iter().enumerate().map(|(i, x)| (x - base.at(i)).abs()).fold(0.0, f32::max);
+            assert!(q.steps.iter().any(|s| s.abs() == 127), "the farthest value uses the whole range");
+            for (i, (a, b)) in v.iter().zip(q.values(base)).enumerate() {
+                // Half a step, plus the f32 rounding of the subtraction and the product.
+                assert!((a - b).abs() <= q.scale * 0.5 + 2.0 * f32::EPSILON * (1.0 + far), "{i}: {a} vs {b}");
+            }
+        }
+        // Where training left a layer as it started, it decodes to exactly that.
+        let id: Vec<f32> = (0..27).map(|i| Base::Identity3x3.at(i)).collect();
+        let q = Quantized::quantize(&id, Base::Identity3x3);
+        assert_eq!((q.scale, q.steps.iter().all(|&s| s == 0)), (0.0, true));
+        assert_eq!(q.values(Base::Identity3x3), id);
+        assert_eq!(Quantized::quantize(&[], Base::Zero), Quantized::default());
+        // Decoding what was decoded gives the same steps back: a re-saved task keeps its bytes.
+        let v: Vec<f32> = (0..50).map(|_| r.uniform(-1.0, 1.0)).collect();
+        let q = Quantized::quantize(&v, Base::Zero);
+        assert_eq!(Quantized::quantize(&q.values(Base::Zero), Base::Zero).steps, q.steps);
     }
 }

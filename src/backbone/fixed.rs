@@ -3,8 +3,9 @@
 //!
 //! [`FixedTask::load`] checks a task file (header, digests, payload, backbone digest, every
 //! component against the backbone) and copies what the forward pass reads out of the file:
-//! mask words (postcard varints in the file) into a pool of `u32`, norms, CLR kernels and
-//! affines and the head (unaligned little-endian floats in the file) into a pool of `f32`,
+//! mask words (postcard varints in the file) into a pool of `u32`, norms and the head
+//! (unaligned little-endian floats in the file) and CLR kernels and shifts (int8 steps in the
+//! file, decoded) into a pool of `f32`,
 //! then folds the task's post-ops once into the same pool, exactly as
 //! [`crate::session::Session`] does. Names and labels stay borrowed from the file. After
 //! that, running a task is [`Backbone::forward_task`] with it, and switching between loaded
@@ -22,7 +23,7 @@
 use super::task::{HeadView, LayerWeights, NormView, TaskFit, TaskParts};
 use super::Backbone;
 use crate::format::graph::Op;
-use crate::format::task_view::{self, F32s, Method, PayloadError, TaskView};
+use crate::format::task_view::{self, Base, F32s, Method, PayloadError, QuantizedBytes, TaskView};
 use crate::format::{Digest, FormatError, Hex};
 
 /// Why a task file cannot be loaded.
@@ -103,7 +104,7 @@ pub struct FixedTask<'a, const L: usize> {
     masks: heapless::Vec<&'a [u32], L>,
     norms: heapless::Vec<NormView<'a>, L>,
     reprogram: heapless::Vec<&'a [f32], L>,
-    affines: heapless::Vec<(&'a [f32], &'a [f32]), L>,
+    shifts: heapless::Vec<&'a [f32], L>,
     head: Option<HeadView<'a>>,
     posts: &'a [f32],
     folded: bool,
@@ -122,6 +123,12 @@ fn take<'a, T>(pool: &mut &'a mut [T], n: usize, name: &'static str) -> Result<&
 fn floats<'a>(pool: &mut &'a mut [f32], v: F32s) -> Result<&'a [f32], LoadError> {
     let out = take(pool, v.len(), "float")?;
     v.copy_to(out);
+    Ok(out)
+}
+
+fn dequantized<'a>(pool: &mut &'a mut [f32], q: QuantizedBytes, base: Base) -> Result<&'a [f32], LoadError> {
+    let out = take(pool, q.len(), "float")?;
+    q.decode_to(base, out);
     Ok(out)
 }
 
@@ -165,9 +172,9 @@ fn open_checked<'a>(bb: &Backbone, file: &'a [u8]) -> Result<(Digest, TaskView<'
         }
         Method::Clr => {
             let reprogrammed = (0..layers.len()).filter(|&i| bb.is_reprogrammed(i)).count();
-            let affines = (0..layers.len()).filter(|&i| bb.is_reprogrammed(i) && !bb.norm_follows(i)).count();
+            let shifts = (0..layers.len()).filter(|&i| bb.is_reprogrammed(i) && !bb.norm_follows(i)).count();
             count("reprogramming kernels", reprogrammed, v.reprogram.len())?;
-            count("affines", affines, v.affines.len())?;
+            count("reprogramming shifts", shifts, v.shifts.len())?;
             count("heads", 1, usize::from(v.head.is_some()))?;
         }
         Method::Linear => count("heads", 1, usize::from(v.head.is_some()))?,
@@ -196,8 +203,7 @@ pub fn needs(bb: &Backbone, file: &[u8]) -> Result<Needs, LoadError> {
         n.floats += s.mean.len() + s.var.len() + s.gamma.map_or(0, f32s) + s.beta.map_or(0, f32s);
     }
     if v.method == Method::Clr {
-        n.floats += v.reprogram.iter().map(f32s).sum::<usize>();
-        n.floats += v.affines.iter().map(|a| a.gamma.len() + a.beta.len()).sum::<usize>();
+        n.floats += v.reprogram.iter().chain(v.shifts.iter()).map(|q| q.len()).sum::<usize>();
     }
     if let (Method::Clr | Method::Linear, Some(h)) = (v.method, v.head) {
         n.floats += h.weight.len() + h.bias.len();
@@ -228,7 +234,7 @@ impl<'a, const L: usize> FixedTask<'a, L> {
             masks: heapless::Vec::new(),
             norms: heapless::Vec::new(),
             reprogram: heapless::Vec::new(),
-            affines: heapless::Vec::new(),
+            shifts: heapless::Vec::new(),
             head: None,
             posts: &[],
             folded: false,
@@ -254,12 +260,12 @@ impl<'a, const L: usize> FixedTask<'a, L> {
         }
         if view.method == Method::Clr {
             for r in view.reprogram.iter() {
-                let k = floats(floats_pool, r)?;
+                let k = dequantized(floats_pool, r, Base::Identity3x3)?;
                 push(&mut t.reprogram, k, "reprogramming kernels")?;
             }
-            for a in view.affines.iter() {
-                let (g, b) = (floats(floats_pool, a.gamma)?, floats(floats_pool, a.beta)?);
-                push(&mut t.affines, (g, b), "affines")?;
+            for q in view.shifts.iter() {
+                let b = dequantized(floats_pool, q, Base::Zero)?;
+                push(&mut t.shifts, b, "reprogramming shifts")?;
             }
         }
         if let (Method::Clr | Method::Linear, Some(h)) = (view.method, view.head) {
@@ -314,8 +320,8 @@ impl<const L: usize> TaskParts for FixedTask<'_, L> {
     fn reprogram(&self, r: usize) -> &[f32] {
         self.reprogram.get(r).copied().unwrap_or(&[])
     }
-    fn affine(&self, a: usize) -> (&[f32], &[f32]) {
-        self.affines.get(a).copied().unwrap_or((&[], &[]))
+    fn shift(&self, a: usize) -> &[f32] {
+        self.shifts.get(a).copied().unwrap_or(&[])
     }
     fn head(&self) -> Option<HeadView<'_>> {
         self.head
@@ -337,8 +343,8 @@ mod tests {
     use crate::session::Session;
     use std::vec::Vec;
 
-    /// conv 3×3 with bias (CLR puts an affine after it) → relu6 → conv 3×3 → BN (affine) →
-    /// relu → conv 1×1 → GAP → flatten: norms, reprogramming, affines and an appended head.
+    /// conv 3×3 with bias (CLR puts a shift after it) → relu6 → conv 3×3 → BN (affine) →
+    /// relu → conv 1×1 → GAP → flatten: norms, reprogramming, shifts and an appended head.
     fn conv_net() -> Vec<u8> {
         let mut r = SplitMix64::new(4);
         let mut w = |n: usize| IrWeights::F32((0..n).map(|_| r.uniform(-0.5, 0.5)).collect());
@@ -432,7 +438,7 @@ mod tests {
     }
 
     #[test]
-    fn fixed_tasks_equal_the_session_with_norms_reprogramming_and_affines() {
+    fn fixed_tasks_equal_the_session_with_norms_reprogramming_and_shifts() {
         use Method::*;
         check(&conv_net(), &[Supsup, Clr, Linear, Clr, Supsup]);
     }

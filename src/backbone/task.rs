@@ -4,7 +4,8 @@
 //!
 //! Indices are ordinals in the backbone's layer order: the `i`-th maskable layer (conv or
 //! linear), the `i`-th batch-norm layer, the `i`-th conv with a kernel larger than 1×1
-//! (CLR's reprogrammed convs), the `i`-th reprogrammed conv that no batch norm follows.
+//! (CLR's reprogrammed convs), the `i`-th reprogrammed conv that no batch norm follows (which
+//! has a shift).
 //!
 //! A task is checked against the backbone once ([`Backbone::check_task`]); after that the
 //! forward pass with it cannot fail.
@@ -61,9 +62,10 @@ pub trait TaskParts {
     fn reprogram(&self, _r: usize) -> &[f32] {
         &[]
     }
-    /// (γ, β) of the `a`-th reprogrammed conv that no batch norm follows.
-    fn affine(&self, _a: usize) -> (&[f32], &[f32]) {
-        (&[], &[])
+    /// The per-channel shift β added after the `a`-th reprogrammed conv that no batch norm
+    /// follows (its scale γ is folded into the kernel).
+    fn shift(&self, _a: usize) -> &[f32] {
+        &[]
     }
     /// A head replacing the backbone's final linear layer (or appended after its features).
     fn head(&self) -> Option<HeadView<'_>> {
@@ -123,7 +125,7 @@ impl Backbone<'_> {
     }
 
     /// Whether the layer after conv `i` is a batch norm that reads it (CLR folds that norm
-    /// after the reprogramming; otherwise the task has an affine there).
+    /// after the reprogramming; otherwise the task adds a shift there).
     pub fn norm_follows(&self, i: usize) -> bool {
         self.layers.get(i + 1).is_some_and(|l| l.input as usize == i + 1 && matches!(l.op, Op::BatchNorm(_)))
     }
@@ -200,9 +202,7 @@ impl Backbone<'_> {
                         fit("reprogramming kernel", ri, 9 * c, task.reprogram(ri).len())?;
                         ri += 1;
                         if !self.norm_follows(i) {
-                            let (g, b) = task.affine(ai);
-                            fit("affine scale", ai, c, g.len())?;
-                            fit("affine shift", ai, c, b.len())?;
+                            fit("reprogramming shift", ai, c, task.shift(ai).len())?;
                             ai += 1;
                         }
                     }
@@ -237,7 +237,7 @@ impl Backbone<'_> {
     }
 
     /// Folds every step's bias, batch norm (the task's statistics where it has them), CLR
-    /// affine and reprogramming into per-channel `(mul, add)` pairs, laid out as
+    /// shift and reprogramming into per-channel `(mul, add)` pairs, laid out as
     /// [`Self::folded_len`] says. A session does this once per task at decode.
     pub fn fold_posts(&self, task: &dyn TaskParts, out: &mut [f32]) {
         let mut cur = Cursor::default();
@@ -258,7 +258,7 @@ impl Backbone<'_> {
                 cur.bn += usize::from(bn.is_some());
                 if task.reprograms() && self.is_reprogrammed(layer) {
                     cur.reprogram += 1;
-                    cur.affine += usize::from(!self.norm_follows(layer));
+                    cur.shift += usize::from(!self.norm_follows(layer));
                 }
             }
             StepKind::Norm => cur.bn += 1,
@@ -289,9 +289,8 @@ impl Backbone<'_> {
                         // fused it, else it runs as its own step (and `bn` is `None`).
                         self.fold_norm(None, bn, task, m, a);
                     } else {
-                        let (g, b) = task.affine(at.affine);
-                        m.copy_from_slice(g);
-                        a.copy_from_slice(b);
+                        m.fill(1.0);
+                        a.copy_from_slice(task.shift(at.shift));
                     }
                 } else {
                     let (m, a) = out.split_at_mut(c);
@@ -348,5 +347,5 @@ pub(super) struct Cursor {
     pub maskable: usize,
     pub bn: usize,
     pub reprogram: usize,
-    pub affine: usize,
+    pub shift: usize,
 }

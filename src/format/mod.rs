@@ -115,6 +115,11 @@ impl fmt::Display for FormatError {
                  there (copy the file again)"
             ),
             BadMagic => f.write_str("not an edgecl file of this kind (wrong magic bytes)"),
+            UnsupportedVersion { found, supported } if found < supported => write!(
+                f,
+                "format version {found} is older than the version {supported} this build reads; \
+                 re-create the file with this edgecl (a task: learn it again) or use the edgecl that wrote it"
+            ),
             UnsupportedVersion { found, supported } => write!(
                 f,
                 "format version {found} is not supported (this build reads version {supported}); \

@@ -1,8 +1,8 @@
-//! (alloc) Task files, `.ect` version 1 (normative spec in `models/README.md`):
+//! (alloc) Task files, `.ect` version 2 (normative spec in `models/README.md`):
 //!
 //! ```text
 //! 0   magic "EDGECLT\0"
-//! 8   version u16 = 1, flags u16 = 0, reserved u32 = 0
+//! 8   version u16 = 2, flags u16 = 0, reserved u32 = 0
 //! 16  payload length u64
 //! 24  backbone digest [32]   (the .ecb digest the task was learned on)
 //! 56  task digest [32]       (SHA-256 of the payload: the task's identity, used by dependents)

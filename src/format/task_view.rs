@@ -11,7 +11,8 @@
 //!
 //! Floats inside a payload are at arbitrary byte offsets, so they are exposed as [`F32s`]
 //! (little-endian bytes, read one value at a time or copied out), never cast in place.
-//! Mask words are postcard varints and are decoded the same way ([`U32s`]).
+//! Mask words are postcard varints and are decoded the same way ([`U32s`]). CLR's kernels and
+//! shifts are int8 steps of one scale per layer ([`QuantizedBytes`], [`Base`]).
 
 use super::{sha256, Digest, FormatError, Section};
 use core::fmt;
@@ -19,7 +20,8 @@ use core::marker::PhantomData;
 use serde::{Deserialize, Serialize};
 
 pub const MAGIC: [u8; 8] = *b"EDGECLT\0";
-pub const VERSION: u16 = 1;
+/// 2: CLR kernels and shifts as int8 steps ([`Quantized`]); version 1 stored them as f32.
+pub const VERSION: u16 = 2;
 pub const HEADER_LEN: usize = 96;
 pub const TRAILER_LEN: usize = 32;
 
@@ -336,11 +338,55 @@ pub struct NormBytes<'a> {
     pub beta: Option<F32s<'a>>,
 }
 
-/// One CLR affine `(γ, β)`.
+/// What CLR's stored values are steps from: a reprogramming kernel from the identity kernel
+/// (1 at the centre tap of each channel's 3×3, which the task starts from), a shift from 0.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct AffineBytes<'a> {
-    pub gamma: F32s<'a>,
-    pub beta: F32s<'a>,
+pub enum Base {
+    Identity3x3,
+    Zero,
+}
+
+impl Base {
+    /// The base value of element `i`.
+    pub fn at(self, i: usize) -> f32 {
+        match self {
+            Base::Identity3x3 if i % 9 == 4 => 1.0,
+            _ => 0.0,
+        }
+    }
+}
+
+/// `value[i] = base(i) + scale · step[i]`: the one decoding rule of quantised task values.
+pub fn dequantize(base: Base, scale: f32, i: usize, step: i8) -> f32 {
+    base.at(i) + scale * f32::from(step)
+}
+
+/// One layer's quantised values (`adapter::Quantized`): a scale and one int8 step per value.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct QuantizedBytes<'a> {
+    pub scale: f32,
+    steps: &'a [u8],
+}
+
+impl QuantizedBytes<'_> {
+    pub fn len(&self) -> usize {
+        self.steps.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.steps.is_empty()
+    }
+    pub fn step(&self, i: usize) -> Option<i8> {
+        self.steps.get(i).map(|&b| b as i8)
+    }
+    /// Decodes the values into `out[..self.len()]`; returns false (writing nothing) if `out`
+    /// is shorter.
+    pub fn decode_to(&self, base: Base, out: &mut [f32]) -> bool {
+        let Some(out) = out.get_mut(..self.steps.len()) else { return false };
+        for (i, (o, &s)) in out.iter_mut().zip(self.steps).enumerate() {
+            *o = dequantize(base, self.scale, i, s as i8);
+        }
+        true
+    }
 }
 
 /// A task's head `y = W x + b`, `W` is `[outputs][inputs]`.
@@ -391,9 +437,12 @@ impl<'a> Item<'a> for NormBytes<'a> {
     }
 }
 
-impl<'a> Item<'a> for AffineBytes<'a> {
+impl<'a> Item<'a> for QuantizedBytes<'a> {
     fn read(r: &mut Reader<'a>, field: &'static str) -> PResult<Self> {
-        Ok(AffineBytes { gamma: r.f32s(field)?, beta: r.f32s(field)? })
+        let scale = f32::from_le_bytes(digest_at(r.take(4, field)?, 0));
+        // postcard writes an i8 as one byte.
+        let n = r.len(field)?;
+        Ok(QuantizedBytes { scale, steps: r.take(n, field)? })
     }
 }
 
@@ -455,9 +504,11 @@ pub struct TaskView<'a> {
     pub method: Method,
     pub masks: List<'a, MaskView<'a>>,
     pub overlay: List<'a, F32s<'a>>,
-    pub reprogram: List<'a, F32s<'a>>,
+    /// CLR kernels, steps from [`Base::Identity3x3`].
+    pub reprogram: List<'a, QuantizedBytes<'a>>,
     pub norms: List<'a, NormBytes<'a>>,
-    pub affines: List<'a, AffineBytes<'a>>,
+    /// CLR shifts, steps from [`Base::Zero`].
+    pub shifts: List<'a, QuantizedBytes<'a>>,
     pub head: Option<HeadBytes<'a>>,
     pub dense: List<'a, F32s<'a>>,
     pub depends_on: List<'a, Digest>,
@@ -482,7 +533,7 @@ impl<'a> TaskView<'a> {
         let overlay = List::read(&mut r, "components.overlay")?;
         let reprogram = List::read(&mut r, "components.reprogram")?;
         let norms = List::read(&mut r, "components.norms")?;
-        let affines = List::read(&mut r, "components.affines")?;
+        let shifts = List::read(&mut r, "components.shifts")?;
         let head = if r.option("components.head")? {
             let f = "components.head";
             Some(HeadBytes { inputs: r.u32(f)?, outputs: r.u32(f)?, weight: r.f32s(f)?, bias: r.f32s(f)? })
@@ -506,7 +557,7 @@ impl<'a> TaskView<'a> {
             overlay,
             reprogram,
             norms,
-            affines,
+            shifts,
             head,
             dense,
             depends_on,
@@ -526,7 +577,7 @@ impl<'a> TaskView<'a> {
 #[cfg(all(test, feature = "alloc"))]
 mod tests {
     use super::*;
-    use crate::adapter::{Affine, Components, Head, Mask, NormState, Task};
+    use crate::adapter::{Components, Head, Mask, NormState, Quantized, Task};
     use crate::rng::SplitMix64;
     use alloc::string::{String, ToString};
     use alloc::vec::Vec;
@@ -534,6 +585,8 @@ mod tests {
     /// The view as an owned task, to compare with postcard's decoding.
     fn owned(v: &TaskView) -> Task {
         let vec = |f: F32s| f.iter().collect::<Vec<f32>>();
+        let quantized =
+            |q: QuantizedBytes| Quantized { scale: q.scale, steps: (0..q.len()).filter_map(|i| q.step(i)).collect() };
         Task {
             name: v.name.to_string(),
             labels: v.labels.iter().map(|s| s.to_string()).collect(),
@@ -541,7 +594,7 @@ mod tests {
             components: Components {
                 masks: v.masks.iter().map(|m| Mask { len: m.len, words: m.words.iter().collect() }).collect(),
                 overlay: v.overlay.iter().map(vec).collect(),
-                reprogram: v.reprogram.iter().map(vec).collect(),
+                reprogram: v.reprogram.iter().map(quantized).collect(),
                 norms: v
                     .norms
                     .iter()
@@ -552,7 +605,7 @@ mod tests {
                         beta: n.beta.map(vec),
                     })
                     .collect(),
-                affines: v.affines.iter().map(|a| Affine { gamma: vec(a.gamma), beta: vec(a.beta) }).collect(),
+                shifts: v.shifts.iter().map(quantized).collect(),
                 head: v.head.map(|h| Head {
                     inputs: h.inputs,
                     outputs: h.outputs,
@@ -573,6 +626,10 @@ mod tests {
         (0..n).map(|_| r.uniform(-2.0, 2.0)).collect()
     }
 
+    fn steps(r: &mut SplitMix64, n: usize) -> Quantized {
+        Quantized { scale: r.uniform(0.0, 0.1), steps: (0..n).map(|_| r.below(256) as u8 as i8).collect() }
+    }
+
     /// A task with every component present, odd lengths, large varints and non-ASCII text.
     fn full_task(seed: u64) -> Task {
         let mut r = SplitMix64::new(seed);
@@ -588,7 +645,7 @@ mod tests {
                     Mask { len: u64::MAX, words: words(&mut r, 40) },
                 ],
                 overlay: alloc::vec![floats(&mut r, 5), Vec::new(), floats(&mut r, 1)],
-                reprogram: alloc::vec![floats(&mut r, 18)],
+                reprogram: alloc::vec![steps(&mut r, 18)],
                 norms: alloc::vec![
                     NormState { mean: floats(&mut r, 3), var: floats(&mut r, 3), gamma: None, beta: None },
                     NormState {
@@ -598,7 +655,7 @@ mod tests {
                         beta: Some(Vec::new()),
                     },
                 ],
-                affines: alloc::vec![Affine { gamma: floats(&mut r, 4), beta: floats(&mut r, 4) }],
+                shifts: alloc::vec![steps(&mut r, 4), steps(&mut r, 0)],
                 head: Some(Head { inputs: 3, outputs: 300, weight: floats(&mut r, 9), bias: floats(&mut r, 3) }),
                 dense: alloc::vec![floats(&mut r, 7)],
             },
@@ -649,8 +706,12 @@ mod tests {
             assert_eq!(v.labels.get(2), t.labels.get(2).map(|s| s.as_str()));
             assert_eq!(v.labels.get(99), None);
             let r = v.reprogram.get(0).unwrap();
-            assert_eq!(r.get(17), Some(t.components.reprogram[0][17]));
-            assert_eq!((r.get(18), r.get(usize::MAX)), (None, None));
+            let want = &t.components.reprogram[0];
+            assert_eq!((r.scale, r.step(17)), (want.scale, Some(want.steps[17])));
+            assert_eq!((r.step(18), r.step(usize::MAX)), (None, None));
+            let mut k = [0f32; 18];
+            assert!(r.decode_to(Base::Identity3x3, &mut k) && !r.decode_to(Base::Zero, &mut [0.0; 17]));
+            assert_eq!(&k[..], &want.values(Base::Identity3x3)[..]);
             let m = v.masks.get(0).unwrap();
             let mut words = [0u32; 3];
             assert!(m.words.copy_to(&mut words));

@@ -4,7 +4,7 @@
 //! SplitMix64 stream of the recorded seed, so the seed regenerates the file bit for bit.
 
 use super::{Ir, IrOp, IrWeights};
-use crate::adapter::{Affine, Components, Head, Mask, Method, NormState, Task};
+use crate::adapter::{Base, Components, Head, Mask, Method, NormState, Quantized, Task};
 use crate::backbone::Backbone;
 use crate::format::graph::{InputSpec, Op, Pool, ValueId};
 use crate::format::task::{decode, encode, TaskFile};
@@ -203,11 +203,14 @@ pub fn random_task(bb: &Backbone, method: Method, name: &str, deps: &[&TaskFile]
                 for j in 0..ch {
                     k[9 * j + 4] += 1.0;
                 }
-                c.reprogram.push(k);
                 if !bb.norm_follows(i) {
-                    c.affines
-                        .push(Affine { gamma: randoms(&mut r, ch, 0.5, 1.5), beta: randoms(&mut r, ch, -0.2, 0.2) });
+                    // A per-channel scale folded into the kernel, as training stores it.
+                    for (taps, g) in k.chunks_exact_mut(9).zip(randoms(&mut r, ch, 0.5, 1.5)) {
+                        taps.iter_mut().for_each(|t| *t *= g);
+                    }
+                    c.shifts.push(Quantized::quantize(&randoms(&mut r, ch, -0.2, 0.2), Base::Zero));
                 }
+                c.reprogram.push(Quantized::quantize(&k, Base::Identity3x3));
             }
         }
         Method::Linear => {}

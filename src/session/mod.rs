@@ -12,7 +12,7 @@
 //! ([`crate::kernels::Masked`]), so memory for N tasks is the backbone pages touched plus N
 //! decoded tasks, and running task A after task B costs exactly what running A after A does.
 
-use crate::adapter::{Method, Task};
+use crate::adapter::{Base, Method, Task};
 use crate::backbone::task::{HeadView, LayerWeights, NormView, TaskFit, TaskParts};
 use crate::backbone::Backbone;
 use crate::format::task::TaskFile;
@@ -70,6 +70,9 @@ pub struct Prepared {
     pub task: Task,
     /// Per maskable layer (ExSSNeT only), shared along a chain.
     overlay: Option<Merged>,
+    /// CLR: the kernels and shifts decoded from their int8 steps.
+    kernels: Vec<Vec<f32>>,
+    shifts: Vec<Vec<f32>>,
     posts: Vec<f32>,
     folded: bool,
 }
@@ -86,8 +89,9 @@ impl Prepared {
             .iter()
             .map(|n| v(&n.mean) + v(&n.var) + n.gamma.as_deref().map_or(0, v) + n.beta.as_deref().map_or(0, v))
             .sum();
-        let other: usize = c.overlay.iter().chain(&c.reprogram).chain(&c.dense).map(|x| v(x)).sum::<usize>()
-            + c.affines.iter().map(|a| v(&a.gamma) + v(&a.beta)).sum::<usize>()
+        let other: usize = c.overlay.iter().chain(&c.dense).map(|x| v(x)).sum::<usize>()
+            + c.reprogram.iter().chain(&c.shifts).map(|q| q.len() + 4).sum::<usize>()
+            + self.kernels.iter().chain(&self.shifts).map(|x| v(x)).sum::<usize>()
             + c.head.as_ref().map_or(0, |h| v(&h.weight) + v(&h.bias));
         let overlay: usize = self.overlay.as_ref().map_or(0, |o| {
             o.iter().flatten().map(|l| l.present.len() * 4 + l.row_rank.len() * 4 + l.values.len() * 4).sum()
@@ -124,11 +128,10 @@ impl TaskParts for Prepared {
         self.task.method == Method::Clr
     }
     fn reprogram(&self, r: usize) -> &[f32] {
-        &self.task.components.reprogram[r]
+        &self.kernels[r]
     }
-    fn affine(&self, a: usize) -> (&[f32], &[f32]) {
-        let a = &self.task.components.affines[a];
-        (&a.gamma, &a.beta)
+    fn shift(&self, a: usize) -> &[f32] {
+        &self.shifts[a]
     }
     fn head(&self) -> Option<HeadView<'_>> {
         match self.task.method {
@@ -224,8 +227,12 @@ impl<'a> Session<'a> {
         }
         let mut tasks = Vec::with_capacity(files.len());
         for (f, overlay) in files.into_iter().zip(overlays) {
-            let mut p = Prepared { digest: f.digest, task: f.task, overlay, posts: Vec::new(), folded: false };
-            check_components(bb, &p.task)?;
+            check_components(bb, &f.task)?;
+            let c = &f.task.components;
+            let kernels = c.reprogram.iter().map(|q| q.values(Base::Identity3x3)).collect();
+            let shifts = c.shifts.iter().map(|q| q.values(Base::Zero)).collect();
+            let mut p =
+                Prepared { digest: f.digest, task: f.task, overlay, kernels, shifts, posts: Vec::new(), folded: false };
             bb.check_task(&p).map_err(|fit| SessionError::Fit { task: p.task.name.clone(), fit })?;
             let mut posts = vec![0.0; bb.folded_len(&p)];
             bb.fold_posts(&p, &mut posts);
@@ -299,9 +306,9 @@ fn check_components(bb: &Backbone, t: &Task) -> Result<(), SessionError> {
         Method::Finetune if c.dense.len() != maskable => bad("dense weights missing for some layers"),
         Method::Clr => {
             let reprogrammed = (0..bb.layers().len()).filter(|&i| bb.is_reprogrammed(i)).count();
-            let affines = (0..bb.layers().len()).filter(|&i| bb.is_reprogrammed(i) && !bb.norm_follows(i)).count();
-            if c.reprogram.len() != reprogrammed || c.affines.len() != affines {
-                return bad("reprogramming kernels or affines do not match the backbone's convs");
+            let shifts = (0..bb.layers().len()).filter(|&i| bb.is_reprogrammed(i) && !bb.norm_follows(i)).count();
+            if c.reprogram.len() != reprogrammed || c.shifts.len() != shifts {
+                return bad("reprogramming kernels or shifts do not match the backbone's convs");
             }
             if c.head.is_none() {
                 return bad("no head");

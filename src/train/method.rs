@@ -250,9 +250,8 @@ pub fn learn(
             let c = &mut task.components;
             c.head = net.head_state();
             if cfg.method == Method::Clr {
-                c.reprogram = net.reprogram.iter().map(|&p| net.params[p].value.clone()).collect();
+                (c.reprogram, c.shifts) = net.clr_state();
                 c.norms = net.norm_states();
-                c.affines = net.affine_states();
             }
         }
         Method::Finetune => {

@@ -124,20 +124,8 @@ pub fn build<'a>(bb: &'a Backbone<'a>, deps: &[&Task], task: &Task) -> Result<Ne
         }
         Method::Clr | Method::Linear => {}
     }
-    if task.method == Method::Clr {
-        if c.reprogram.len() != net.reprogram.len() || c.affines.len() != net.affines.len() {
-            return Err(ComponentError(format!(
-                "task '{}': reprogramming layers do not match the backbone",
-                task.name
-            )));
-        }
-        for (&p, k) in net.reprogram.clone().iter().zip(&c.reprogram) {
-            set(&mut net, p, k, "reprogramming kernel")?;
-        }
-        for (&(g, b), a) in net.affines.clone().iter().zip(&c.affines) {
-            set(&mut net, g, &a.gamma, "affine")?;
-            set(&mut net, b, &a.beta, "affine")?;
-        }
+    if task.method == Method::Clr && net.set_clr_state(&c.reprogram, &c.shifts).is_none() {
+        return Err(ComponentError(format!("task '{}': reprogramming layers do not match the backbone", task.name)));
     }
     if !c.norms.is_empty() {
         if c.norms.len() != net.norms.len() {

@@ -8,7 +8,7 @@
 //! neither weight nor input gradients.
 
 use super::ops::{act, conv, linear, norm, pool};
-use crate::adapter::{Affine, Head, NormState};
+use crate::adapter::{Base, Head, NormState, Quantized};
 use crate::backbone::{Backbone, Shape};
 use crate::format::graph::Op;
 use crate::kernels::reference::PoolShape;
@@ -125,7 +125,10 @@ pub struct Net<'a> {
     pub maskable: Vec<(usize, Option<usize>)>,
     /// Per backbone batch-norm layer.
     pub norms: Vec<NormParams>,
+    /// Per reprogrammed conv: its kernel param.
     pub reprogram: Vec<usize>,
+    /// Per reprogrammed conv: the index in `affines` of the affine after it, if any.
+    pub affine_after: Vec<Option<usize>>,
     /// Per reprogrammed conv without a following norm: (γ, β) params.
     pub affines: Vec<(usize, usize)>,
     /// The head's (weight, bias) params.
@@ -150,6 +153,7 @@ impl<'a> Net<'a> {
             maskable: Vec::new(),
             norms: Vec::new(),
             reprogram: Vec::new(),
+            affine_after: Vec::new(),
             affines: Vec::new(),
             head: None,
             train_mode: false,
@@ -265,6 +269,7 @@ impl<'a> Net<'a> {
         // The backbone's own norm follows when the next layer reads this conv and is one.
         let followed_by_norm =
             layers.get(i + 1).is_some_and(|l| l.input as usize == i + 1 && matches!(l.op, Op::BatchNorm(_)));
+        self.affine_after.push((!followed_by_norm).then_some(self.affines.len()));
         if !followed_by_norm {
             let g = self.param(vec![1.0; c]);
             let b = self.param(vec![0.0; c]);
@@ -628,11 +633,52 @@ impl<'a> Net<'a> {
         })
     }
 
-    pub fn affine_states(&self) -> Vec<Affine> {
-        self.affines
+    /// CLR's task state as stored: every kernel with the scale γ of the affine after it
+    /// folded in (`γ·(k ∗ x) + β = (γ·k) ∗ x + β`), and the affines' shifts β, quantised
+    /// (`adapter::Quantized`).
+    pub fn clr_state(&self) -> (Vec<Quantized>, Vec<Quantized>) {
+        let kernels = self
+            .reprogram
             .iter()
-            .map(|&(g, b)| Affine { gamma: self.params[g].value.clone(), beta: self.params[b].value.clone() })
-            .collect()
+            .zip(&self.affine_after)
+            .map(|(&k, a)| {
+                let mut k = self.params[k].value.clone();
+                if let Some(a) = *a {
+                    let gamma = &self.params[self.affines[a].0].value;
+                    for (ch, taps) in k.chunks_exact_mut(9).enumerate() {
+                        taps.iter_mut().for_each(|t| *t *= gamma[ch]);
+                    }
+                }
+                Quantized::quantize(&k, Base::Identity3x3)
+            })
+            .collect();
+        let shifts =
+            self.affines.iter().map(|&(_, b)| Quantized::quantize(&self.params[b].value, Base::Zero)).collect();
+        (kernels, shifts)
+    }
+
+    /// Sets the CLR params from a stored task state ([`Self::clr_state`]): kernels as stored,
+    /// the affines' scales 1. `None` when the counts or sizes do not match this net.
+    pub fn set_clr_state(&mut self, kernels: &[Quantized], shifts: &[Quantized]) -> Option<()> {
+        if kernels.len() != self.reprogram.len() || shifts.len() != self.affines.len() {
+            return None;
+        }
+        let fit = |v: &[f32], q: &Quantized| (v.len() == q.len()).then_some(());
+        for (&p, q) in self.reprogram.iter().zip(kernels) {
+            fit(&self.params[p].value, q)?;
+        }
+        for (&(g, b), q) in self.affines.iter().zip(shifts) {
+            fit(&self.params[b].value, q)?;
+            fit(&self.params[g].value, q)?;
+        }
+        for (&p, q) in self.reprogram.iter().zip(kernels) {
+            self.params[p].value = q.values(Base::Identity3x3);
+        }
+        for (&(g, b), q) in self.affines.iter().zip(shifts) {
+            self.params[g].value.fill(1.0);
+            self.params[b].value = q.values(Base::Zero);
+        }
+        Some(())
     }
 }
 
@@ -760,5 +806,41 @@ mod tests {
                 assert!((fd - an).abs() <= 2e-3 * (1.0 + an.abs()), "param {p}[{i}]: fd {fd} vs analytic {an}");
             }
         }
+    }
+
+    /// What a CLR task stores (γ folded into the kernel, int8 steps) computes what the
+    /// trained net computes, within the quantisation error, and reloads to the same bytes.
+    #[test]
+    fn clr_state_folds_the_affine_scale_and_reloads() {
+        let bytes = tiny();
+        let bb = Backbone::open(&bytes).unwrap();
+        let k = Kernels::detect();
+        let recipe = Recipe { reprogram: true, head: Some(3), ..Recipe::default() };
+        let mut net = Net::new(&bb, recipe);
+        assert_eq!(net.affine_after, vec![Some(0), None]);
+        let mut r = SplitMix64::new(3);
+        let mut moved = net.reprogram.clone();
+        moved.extend(net.affines.iter().flat_map(|&(g, b)| [g, b]));
+        moved.extend(net.head.map(|(w, b)| [w, b]).unwrap());
+        for &p in &moved {
+            net.params[p].value.iter_mut().for_each(|v| *v += r.uniform(-0.3, 0.3));
+        }
+        let x: Vec<f32> = (0..2 * 50).map(|_| r.uniform(-1.0, 1.0)).collect();
+        let want = net.forward(&k, &x, 2).to_vec();
+        let (kernels, shifts) = net.clr_state();
+        let mut back = Net::new(&bb, recipe);
+        let ((w, b), (bw, bb_)) = (net.head.unwrap(), back.head.unwrap());
+        back.params[bw].value = net.params[w].value.clone();
+        back.params[bb_].value = net.params[b].value.clone();
+        back.set_clr_state(&kernels, &shifts).unwrap();
+        let got = back.forward(&k, &x, 2).to_vec();
+        for (a, b) in want.iter().zip(&got) {
+            assert!((a - b).abs() <= 5e-3 * (1.0 + a.abs()), "{a} vs {b}");
+        }
+        assert_ne!(want, got, "quantisation changes the values a little");
+        assert_eq!(back.clr_state().1, shifts);
+        let again = back.clr_state().0;
+        assert!(again.iter().zip(&kernels).all(|(a, b)| a.steps == b.steps));
+        assert!(back.set_clr_state(&kernels[..1], &shifts).is_none(), "a missing kernel is refused");
     }
 }

@@ -410,7 +410,7 @@ fn show(dir: &Path, name: &str, json: bool) -> Result<()> {
     let dependents: Vec<&str> =
         tasks.iter().filter(|x| x.file.task.depends_on.contains(&t.file.digest)).map(|x| x.name.as_str()).collect();
     let comps = json!({"masks": c.masks.len(), "overlay_values": c.overlay.iter().map(Vec::len).sum::<usize>(),
-        "reprogram": c.reprogram.len(), "norms": c.norms.len(), "head": c.head.is_some(), "dense": c.dense.len()});
+        "reprogram": c.reprogram.len(), "shifts": c.shifts.len(), "norms": c.norms.len(), "head": c.head.is_some(), "dense": c.dense.len()});
     if json {
         let config: serde_json::Value = serde_json::from_str(&k.config).unwrap_or(json!(k.config));
         out!(
