@@ -11,7 +11,8 @@
 //!
 //! Cases: `supsup-fc1024` (batch 128), `supsup-gemresnet18` (32×32, batch 64),
 //! `clr-lite0-96` (the imported EfficientNet-Lite0 at 96×96 without its head, batch 16).
-//! Each runs 2 warm-up steps, then times `STEPS` steps of one epoch over synthetic data
+//! Each runs 2 warm-up steps, then times `STEPS` steps (`--steps N` to change it, e.g. for a
+//! profile dominated by the steps rather than the setup) of one epoch over synthetic data
 //! (the data pipeline is not measured: samples are copied from memory).
 
 use edgecl::adapter::Method;
@@ -64,7 +65,7 @@ fn lite0_96() -> Vec<u8> {
     import(std::path::Path::new(path), &opts).expect("import Lite0").emit(WeightFormat::I8)
 }
 
-fn run_case(case: &str, threads: usize) {
+fn run_case(case: &str, threads: usize, steps: usize) {
     let (bytes, method, batch, classes) = match case {
         "supsup-fc1024" => (random_backbone(Arch::Fc1024, 10, 1).emit(WeightFormat::I8), Method::Supsup, 128, 10),
         "supsup-gemresnet18" => {
@@ -84,7 +85,7 @@ fn run_case(case: &str, threads: usize) {
     // Warm-up (allocations, page faults, thread pool), then the timed run.
     let warm = Synthetic { sample: len, n: 2 * batch, classes: classes as u32 };
     learn(&k, &bb, &cfg, "warm", labels.clone(), &warm, &[], &mut |_| {}).unwrap();
-    let data = Synthetic { sample: len, n: STEPS * batch, classes: classes as u32 };
+    let data = Synthetic { sample: len, n: steps * batch, classes: classes as u32 };
     let mut first = None;
     let start = (Instant::now(), cpu_seconds());
     learn(&k, &bb, &cfg, "bench", labels, &data, &[], &mut |p| {
@@ -93,11 +94,11 @@ fn run_case(case: &str, threads: usize) {
         }
     })
     .unwrap();
-    // Time from the end of the first step to the end: STEPS - 1 steps, setup excluded.
+    // Time from the end of the first step to the end: steps - 1 steps, setup excluded.
     let (t0, c0) = first.unwrap_or(start);
     let t = t0.elapsed().as_secs_f64();
-    let step = t / (STEPS - 1) as f64;
-    let cpu = (cpu_seconds() - c0) / (STEPS - 1) as f64;
+    let step = t / (steps - 1) as f64;
+    let cpu = (cpu_seconds() - c0) / (steps - 1) as f64;
     println!(
         "{{\"case\": \"{case}\", \"threads\": {threads}, \"batch\": {batch}, \"images_per_second\": {:.1}, \"step_seconds\": {:.5}, \"cpu_seconds_per_step\": {:.5}, \"peak_rss_bytes\": {}}}",
         batch as f64 / step,
@@ -137,11 +138,18 @@ fn main() {
         .and_then(|i| args.get(i + 1))
         .and_then(|t| t.parse().ok())
         .unwrap_or(2);
+    let steps = args
+        .iter()
+        .position(|a| a == "--steps")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|t| t.parse().ok())
+        .filter(|&s: &usize| s >= 2)
+        .unwrap_or(STEPS);
     let case = args.iter().find(|a| CASES.contains(&a.as_str()));
     match case {
         Some(c) => {
             rayon::ThreadPoolBuilder::new().num_threads(threads).build_global().unwrap();
-            run_case(c, threads)
+            run_case(c, threads, steps)
         }
         None => {
             let exe = std::env::current_exe().unwrap();

@@ -41,52 +41,76 @@ pub fn top_k(scores: &[f32], density: f64, mask: &mut BitVec<u32, Lsb0>) {
     // binary floating point, and the intended count is 112.
     let drop = (((1.0 - density) * n as f64 + 1e-9).floor() as usize).min(n);
     mask.clear();
-    mask.resize(n, true);
-    if drop == 0 {
+    if drop == 0 || drop == n {
+        mask.resize(n, drop == 0);
         return;
     }
-    if drop == n {
-        mask.fill(false);
-        return;
-    }
-    // The threshold as the bits of |s|: for non-negative floats the bit patterns order as
-    // `total_cmp` does, and integer comparisons are cheaper than `total_cmp` in the selection.
-    let t = MAGNITUDES.with(|cell| {
-        let mut mag = cell.borrow_mut();
-        mag.clear();
-        mag.extend(scores.iter().map(|s| s.abs().to_bits()));
-        *mag.select_nth_unstable(drop - 1).1
-    });
+    let (t, below, equal) = threshold_bits(scores, drop);
     // Entries strictly below the threshold all go; ties at it go in order until `drop` are gone.
-    let below = scores.iter().filter(|s| s.abs().to_bits() < t).count();
     let mut ties = drop - below;
-    // The mask built 32 bits at a time (setting bits one by one was a tenth of an fc1024 step).
-    let words: Vec<u32> = scores
-        .chunks(32)
-        .map(|chunk| {
-            let mut word = 0u32;
-            for (j, v) in chunk.iter().enumerate() {
-                let a = v.abs().to_bits();
-                let keep = if a > t {
-                    true
-                } else if a == t && ties > 0 {
-                    ties -= 1;
-                    false
-                } else {
-                    a == t
-                };
-                word |= (keep as u32) << j;
-            }
-            word
-        })
-        .collect();
-    *mask = BitVec::from_vec(words);
-    mask.truncate(n);
+    // The mask built 32 bits at a time into its own words (setting bits one by one was a
+    // tenth of an fc1024 step). Bits past `n` in the last word stay 0.
+    mask.resize(n, false);
+    let words = mask.as_raw_mut_slice();
+    if ties == equal {
+        // Usually one entry holds the threshold and it goes: keep exactly those above it,
+        // without a branch per entry.
+        for (word, chunk) in words.iter_mut().zip(scores.chunks(32)) {
+            *word = chunk.iter().enumerate().fold(0, |w, (j, v)| w | u32::from(v.abs().to_bits() > t) << j);
+        }
+        return;
+    }
+    for (word, chunk) in words.iter_mut().zip(scores.chunks(32)) {
+        let mut w = 0u32;
+        for (j, v) in chunk.iter().enumerate() {
+            let a = v.abs().to_bits();
+            let keep = if a > t {
+                true
+            } else if a == t && ties > 0 {
+                ties -= 1;
+                false
+            } else {
+                a == t
+            };
+            w |= u32::from(keep) << j;
+        }
+        *word = w;
+    }
+}
+
+/// The bits `t` of the `drop`-th smallest `|s|` (1-based), how many `|s|` are below `t` and
+/// how many equal it. For non-negative floats the bit patterns order as the values do, so this is a
+/// radix select: a histogram of the top 16 bits finds the bucket that holds the answer, and
+/// only that bucket's entries are selected among (a quickselect over all of a layer's `|s|`
+/// was a sixth of an fc1024 step).
+fn threshold_bits(scores: &[f32], drop: usize) -> (u32, usize, usize) {
+    debug_assert!(drop >= 1 && drop <= scores.len());
+    let bits = |s: &f32| s.abs().to_bits();
+    BUCKETS.with(|cell| {
+        let (hist, bucket) = &mut *cell.borrow_mut();
+        hist.clear();
+        hist.resize(1 << 15, 0); // |s| has the sign bit clear: 15 high bits remain
+        for s in scores {
+            hist[(bits(s) >> 16) as usize] += 1;
+        }
+        let mut below = 0usize;
+        let mut b = 0;
+        while below + (hist[b] as usize) < drop {
+            below += hist[b] as usize;
+            b += 1;
+        }
+        bucket.clear();
+        bucket.extend(scores.iter().map(bits).filter(|&x| (x >> 16) as usize == b));
+        let t = *bucket.select_nth_unstable(drop - below - 1).1;
+        let (lt, eq) = bucket.iter().fold((0, 0), |(lt, eq), &x| (lt + usize::from(x < t), eq + usize::from(x == t)));
+        (t, below + lt, eq)
+    })
 }
 
 std::thread_local! {
-    /// `|S|` of the layer being thresholded, kept between calls (layers reach millions of scores).
-    static MAGNITUDES: std::cell::RefCell<Vec<u32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// A histogram of the top bits of `|S|` and the entries of one of its buckets, kept
+    /// between calls.
+    static BUCKETS: std::cell::RefCell<(Vec<u32>, Vec<u32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
 
 /// `M = 1[S ≥ 0]`.
@@ -107,22 +131,37 @@ pub fn apply(w: &[f32], mask: &BitSlice<u32, Lsb0>, out: &mut [f32]) {
     }
 }
 
-/// Straight-through score gradient, added into `ds`.
+/// Straight-through score gradient into `ds` (overwritten). Element-wise; a large layer is
+/// split over the kernel threads (any split gives the same bits).
 pub fn score_grad(rule: MaskRule, scores: &[f32], w: &[f32], dw_eff: &[f32], ds: &mut [f32]) {
-    for (((d, &s), &wv), &g) in ds.iter_mut().zip(scores).zip(w).zip(dw_eff) {
-        let sign = match rule {
-            MaskRule::TopK => {
-                if s > 0.0 {
-                    1.0
-                } else if s < 0.0 {
-                    -1.0
-                } else {
-                    0.0
+    let run = |ds: &mut [f32], scores: &[f32], w: &[f32], dw: &[f32]| {
+        for (((d, &s), &wv), &g) in ds.iter_mut().zip(scores).zip(w).zip(dw) {
+            let sign = match rule {
+                MaskRule::TopK => {
+                    if s > 0.0 {
+                        1.0
+                    } else if s < 0.0 {
+                        -1.0
+                    } else {
+                        0.0
+                    }
                 }
-            }
-            MaskRule::Threshold => 1.0,
-        };
-        *d += sign * wv * g;
+                MaskRule::Threshold => 1.0,
+            };
+            // `0.0 +` turns a −0 into +0, as accumulating into zeroed gradients did.
+            *d = 0.0 + sign * wv * g;
+        }
+    };
+    const CHUNK: usize = 1 << 14;
+    if ds.len() >= 4 * CHUNK && rayon::current_num_threads() > 1 {
+        use rayon::prelude::*;
+        ds.par_chunks_mut(CHUNK)
+            .zip(scores.par_chunks(CHUNK))
+            .zip(w.par_chunks(CHUNK))
+            .zip(dw_eff.par_chunks(CHUNK))
+            .for_each(|(((d, s), w), g)| run(d, s, w, g));
+    } else {
+        run(ds, scores, w, dw_eff);
     }
 }
 
@@ -147,6 +186,54 @@ mod tests {
         assert_eq!(m.count_ones(), 48);
     }
 
+    /// The radix select against sorting, on scores with many ties, both signs, zeros,
+    /// subnormals and values spread over many exponents.
+    #[test]
+    fn threshold_bits_equals_sorting() {
+        let mut r = crate::rng::SplitMix64::new(5);
+        for n in [1usize, 2, 7, 100, 5000] {
+            let s: Vec<f32> = (0..n)
+                .map(|i| match i % 5 {
+                    0 => 0.25,
+                    1 => -0.0,
+                    2 => f32::from_bits(r.below(1 << 20) as u32),
+                    _ => r.uniform(-1.0, 1.0) * 10f32.powi(r.below(8) as i32 - 4),
+                })
+                .collect();
+            let mut sorted: Vec<u32> = s.iter().map(|v| v.abs().to_bits()).collect();
+            sorted.sort_unstable();
+            for drop in (1..=n).step_by(n.div_ceil(37)).chain([n]) {
+                let t = sorted[drop - 1];
+                let below = sorted.iter().filter(|&&x| x < t).count();
+                let equal = sorted.iter().filter(|&&x| x == t).count();
+                assert_eq!(threshold_bits(&s, drop), (t, below, equal), "n {n} drop {drop}");
+            }
+        }
+    }
+
+    /// Against the definition: order entries by (|s|, position) and drop the first ones.
+    #[test]
+    fn top_k_equals_sorting_by_magnitude_then_position() {
+        let mut r = crate::rng::SplitMix64::new(11);
+        for n in [1usize, 31, 32, 33, 1000] {
+            for levels in [3usize, 1 << 20] {
+                let s: Vec<f32> = (0..n).map(|_| (r.below(levels) as f32 - levels as f32 / 2.0) * 0.01).collect();
+                for density in [0.05, 0.3, 0.5, 0.97] {
+                    let mut m = BitVec::new();
+                    top_k(&s, density, &mut m);
+                    let drop = (((1.0 - density) * n as f64 + 1e-9).floor() as usize).min(n);
+                    let mut order: Vec<usize> = (0..n).collect();
+                    order.sort_by_key(|&i| (s[i].abs().to_bits(), i));
+                    let mut want: BitVec<u32, Lsb0> = BitVec::repeat(true, n);
+                    for &i in &order[..drop] {
+                        want.set(i, false);
+                    }
+                    assert_eq!(m, want, "n {n} levels {levels} density {density}");
+                }
+            }
+        }
+    }
+
     #[test]
     fn top_k_breaks_ties_by_position() {
         let s = [0.5f32; 6];
@@ -165,11 +252,23 @@ mod tests {
     #[test]
     fn straight_through_gradients() {
         let (s, w, g) = ([0.5, -0.5, 0.0], [2.0, 3.0, 4.0], [1.0, 1.0, 1.0]);
-        let mut d = [0.0; 3];
+        let mut d = [9.0; 3]; // overwritten
         score_grad(MaskRule::TopK, &s, &w, &g, &mut d);
         assert_eq!(d, [2.0, -3.0, 0.0]);
-        let mut d = [0.0; 3];
+        assert!(d[2].is_sign_positive());
         score_grad(MaskRule::Threshold, &s, &w, &g, &mut d);
         assert_eq!(d, [2.0, 3.0, 4.0]);
+        // A layer large enough to be split over threads: the same bits as on one thread.
+        let mut r = crate::rng::SplitMix64::new(2);
+        let n = 300_000;
+        let v = |r: &mut crate::rng::SplitMix64| (0..n).map(|_| r.uniform(-1.0, 1.0)).collect::<Vec<f32>>();
+        let (s, w, g) = (v(&mut r), v(&mut r), v(&mut r));
+        let run = |threads| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            let mut d = vec![0.0; n];
+            pool.install(|| score_grad(MaskRule::TopK, &s, &w, &g, &mut d));
+            d.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+        };
+        assert_eq!(run(1), run(2));
     }
 }

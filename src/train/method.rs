@@ -524,14 +524,17 @@ impl Trainer<'_> {
         let (k, cfg, classes) = (*self.k, self.cfg.clone(), self.classes);
         let mut opt = Optimizer::new(cfg.optimizer, cfg.weight_decay);
         let mut grads: Vec<Vec<f32>> = scores.iter().map(|s| vec![0.0; s.len()]).collect();
+        // Layers are independent: each is thresholded and masked on its own thread.
         let refresh = |net: &mut Net, scores: &[Vec<f32>], masks: &mut [BitVec<u32, Lsb0>]| {
-            for (l, &p) in wp.iter().enumerate() {
+            use rayon::prelude::*;
+            let mut values = net.params_mut(wp);
+            values.par_iter_mut().zip(masks.par_iter_mut()).enumerate().for_each(|(l, (p, m))| {
                 match cfg.rule {
-                    MaskRule::TopK => mask::top_k(&scores[l], densities[l], &mut masks[l]),
-                    MaskRule::Threshold => mask::threshold(&scores[l], &mut masks[l]),
+                    MaskRule::TopK => mask::top_k(&scores[l], densities[l], m),
+                    MaskRule::Threshold => mask::threshold(&scores[l], m),
                 }
-                mask::apply(&base[l], &masks[l], &mut net.params[p].value);
-            }
+                mask::apply(&base[l], m, &mut p.value);
+            });
         };
         let epochs = cfg.epochs;
         self.epochs(net, "mask", epochs, cfg.lr, |net, x, labels, lr| {
@@ -539,7 +542,6 @@ impl Trainer<'_> {
             let (l, ok) = forward_backward(&k, net, x, labels, classes, 0.0, &[]);
             opt.begin();
             for (li, &p) in wp.iter().enumerate() {
-                grads[li].fill(0.0);
                 mask::score_grad(cfg.rule, &scores[li], &base[li], &net.params[p].grad, &mut grads[li]);
                 opt.update(li, &mut scores[li], &grads[li], lr);
             }

@@ -73,31 +73,52 @@ impl Optimizer {
             *m = vec![0.0; value.len()];
             *v = vec![0.0; value.len()];
         }
-        let wd = self.weight_decay;
-        match self.kind {
-            Kind::Sgd { momentum } => {
-                for ((p, &g), b) in value.iter_mut().zip(grad).zip(m.iter_mut()) {
-                    let g = g + wd * *p;
-                    *b = momentum * *b + g;
-                    *p -= lr * *b;
-                }
+        let (kind, wd, t) = (self.kind, self.weight_decay, self.t);
+        // Element-wise, so any split gives the same bits; large tensors (SupSup's scores are
+        // millions of values) are split over the kernel threads.
+        let run = |p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]| step(kind, wd, t, lr, p, g, m, v);
+        const CHUNK: usize = 1 << 14;
+        if value.len() >= 4 * CHUNK && rayon::current_num_threads() > 1 {
+            use rayon::prelude::*;
+            value
+                .par_chunks_mut(CHUNK)
+                .zip(grad.par_chunks(CHUNK))
+                .zip(m.par_chunks_mut(CHUNK))
+                .zip(v.par_chunks_mut(CHUNK))
+                .for_each(|(((p, g), m), v)| run(p, g, m, v));
+        } else {
+            run(value, grad, m, v);
+        }
+    }
+}
+
+/// One update of `value` from `grad` with the slot's state `m` (momentum or first moment,
+/// or RMSprop's mean square) and `v` (Adam's second moment), at step `t`.
+#[allow(clippy::too_many_arguments)]
+fn step(kind: Kind, wd: f32, t: i32, lr: f32, value: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32]) {
+    match kind {
+        Kind::Sgd { momentum } => {
+            for ((p, &g), b) in value.iter_mut().zip(grad).zip(m.iter_mut()) {
+                let g = g + wd * *p;
+                *b = momentum * *b + g;
+                *p -= lr * *b;
             }
-            Kind::Adam { beta1, beta2, eps } => {
-                let c1 = 1.0 - beta1.powi(self.t);
-                let c2 = 1.0 - beta2.powi(self.t);
-                for (((p, &g), a), b) in value.iter_mut().zip(grad).zip(m.iter_mut()).zip(v.iter_mut()) {
-                    let g = g + wd * *p;
-                    *a = beta1 * *a + (1.0 - beta1) * g;
-                    *b = beta2 * *b + (1.0 - beta2) * g * g;
-                    *p -= lr * (*a / c1) / ((*b / c2).sqrt() + eps);
-                }
+        }
+        Kind::Adam { beta1, beta2, eps } => {
+            let c1 = 1.0 - beta1.powi(t);
+            let c2 = 1.0 - beta2.powi(t);
+            for (((p, &g), a), b) in value.iter_mut().zip(grad).zip(m.iter_mut()).zip(v.iter_mut()) {
+                let g = g + wd * *p;
+                *a = beta1 * *a + (1.0 - beta1) * g;
+                *b = beta2 * *b + (1.0 - beta2) * g * g;
+                *p -= lr * (*a / c1) / ((*b / c2).sqrt() + eps);
             }
-            Kind::RmsProp { alpha, eps } => {
-                for ((p, &g), b) in value.iter_mut().zip(grad).zip(m.iter_mut()) {
-                    let g = g + wd * *p;
-                    *b = alpha * *b + (1.0 - alpha) * g * g;
-                    *p -= lr * g / (b.sqrt() + eps);
-                }
+        }
+        Kind::RmsProp { alpha, eps } => {
+            for ((p, &g), b) in value.iter_mut().zip(grad).zip(m.iter_mut()) {
+                let g = g + wd * *p;
+                *b = alpha * *b + (1.0 - alpha) * g * g;
+                *p -= lr * g / (b.sqrt() + eps);
             }
         }
     }
@@ -132,6 +153,29 @@ mod tests {
         o.update(0, &mut p, &[2.0], 0.1);
         // sq = 0.01·4 = 0.04, step = 0.1·2/0.2 = 1
         assert!((p[0] + 1.0).abs() < 1e-5, "{p:?}");
+    }
+
+    /// Large tensors are split over threads: every rule gives the same bits as on one thread.
+    #[test]
+    fn split_updates_equal_one_thread() {
+        let mut r = crate::rng::SplitMix64::new(8);
+        let n = 200_000;
+        let grads: Vec<Vec<f32>> = (0..3).map(|_| (0..n).map(|_| r.uniform(-1.0, 1.0)).collect()).collect();
+        for name in ["sgd", "adam", "rmsprop"] {
+            let run = |threads| {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                let mut o = Optimizer::new(Kind::from_name(name).unwrap(), 1e-4);
+                let mut p = vec![0.5f32; n];
+                pool.install(|| {
+                    for g in &grads {
+                        o.begin();
+                        o.update(0, &mut p, g, 0.01);
+                    }
+                });
+                p.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+            };
+            assert_eq!(run(1), run(2), "{name}");
+        }
     }
 
     #[test]
