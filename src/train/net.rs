@@ -412,13 +412,13 @@ impl<'a> Net<'a> {
         &self.values[v]
     }
 
-    /// Clears every gradient.
     /// The params at `idx` (distinct indices), mutably, in that order.
     pub fn params_mut(&mut self, idx: &[usize]) -> Vec<&mut Param> {
         let mut slots: Vec<Option<&mut Param>> = self.params.iter_mut().map(Some).collect();
         idx.iter().map(|&i| slots[i].take().expect("distinct params")).collect()
     }
 
+    /// Clears every gradient.
     pub fn zero_grad(&mut self) {
         for p in &mut self.params {
             if p.trained {
