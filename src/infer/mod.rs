@@ -55,7 +55,13 @@
 //! [`Mode::Entropy`] evaluates `H` at the vertices instead (`n` forward passes): 32 of 32
 //! batches at CI size, but on the full benchmark (10 tasks, 3 epochs of 12,000 images each)
 //! 626 of 790 batches (0.79) and 0.53 of single images, short of the 0.95 target; the
-//! gradient modes there: one-shot 1 of 790, binary 4 of 790 (benches/results/2026-11-23-infer). On split tasks (new classes, same inputs) the gradient is the better rule
+//! gradient modes there: one-shot 1 of 790, binary 4 of 790 (benches/results/2026-11-23-infer).
+//! Leaving the first layer's term out of the gradient (the first layer still superposed) was
+//! tried and not kept: 31 of 32 batches at CI size, but on the full benchmark one-shot 157 of
+//! 790 and binary 625 of 790, and on split tasks it chose the wrong task (tests/cli_predict.rs
+//! failed); removing from each candidate's term its share of the layer's output scale
+//! (projecting its features on the superposed ones) made it worse (0 of 32).
+//! On split tasks (new classes, same inputs) the gradient is the better rule
 //! (tests/cli_predict.rs), and the lowest entropy can prefer a confident wrong task, so the
 //! gradient stays the default. The computation itself is checked against finite differences
 //! and against the tasks' own networks.
