@@ -21,7 +21,7 @@
 //! | [`adapter`] | (alloc) a task's components in owned form: bit-vector masks, overlays, reprogramming, norms, heads | with alloc |
 //! | [`train`] | (std) training graph with kept values, hand-written backward passes, masks, optimisers, methods, KKT | no |
 //! | [`eval`] | (std) accuracy from task files, accuracy matrix, ACC/BWT/forgetting, reports | no |
-//! | [`infer`] | (std) task inference: entropy gradient over superposed masks (one-shot, binary), lowest-entropy heuristic for tasks with heads | no |
+//! | [`infer`] | (std) task inference: entropy gradient over superposed masks (one-shot, binary); each task's own network by lowest entropy or most information (batches that mix classes) | no |
 //! | [`data`] | (std) `.npy` inputs; IDX, image-folder and embedded datasets; transforms; scenarios | no |
 //! | [`import`] | (std) random SupSup backbones, quantisation, ONNX import (feature `import`) | no |
 //! | [`session`] | (std) tasks decoded once over a mapped backbone; runs any task with switching that allocates and copies nothing | no |

@@ -329,6 +329,7 @@ fn images_batches_and_bad_requests() {
         (Mode::OneShot, "task=auto&logits"),
         (Mode::Entropy, "task=auto&infer=entropy&logits"),
         (Mode::Binary, "task=auto&infer=binary&logits"),
+        (Mode::Information, "task=auto&infer=info&logits"),
     ] {
         let r = infer_task(&k, &bb, &cands, &flat, 3, mode).unwrap();
         let t = r.index;

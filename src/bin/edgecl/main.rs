@@ -82,9 +82,14 @@ pub enum InferArg {
     OneShot,
     /// SupSup's halving search by the same gradient.
     Binary,
+    /// Run every task on the batch (with --batch-auto); the one that classifies each input
+    /// confidently and spreads the batch over its classes wins (the most information, one
+    /// pass per task). The reliable rule when tasks differ by input domain (permuted,
+    /// rotated inputs) and a batch mixes classes; a batch of one class misleads it. Single
+    /// inputs: as entropy.
+    Info,
     /// Run every task on the inputs; the one whose predictions have the lowest entropy wins
-    /// (one pass per task). Use it when tasks differ by input domain (e.g. permuted or
-    /// rotated inputs), where the gradient is unreliable; see the README.
+    /// (one pass per task). A heuristic; see the README.
     Entropy,
 }
 

@@ -3,7 +3,7 @@
 use crate::InferArg;
 use anyhow::{bail, Result};
 use edgecl::adapter::{Method, Task};
-use edgecl::infer::{infer_task, normalised_entropy, Candidate, Mode};
+use edgecl::infer::{infer_task, normalised_entropy, normalised_information, Candidate, Mode};
 use edgecl::kernels::Kernels;
 use edgecl::session::Session;
 
@@ -41,7 +41,8 @@ pub fn choose(
     let bb = session.backbone();
     let per = bb.input_shape().len();
     let mode = match infer {
-        InferArg::Entropy => return Ok(lowest_entropy(k, session, &index, x, n, per, together)),
+        InferArg::Entropy => return Ok(own_networks(k, session, &index, x, n, per, together, false)),
+        InferArg::Info => return Ok(own_networks(k, session, &index, x, n, per, together, true)),
         InferArg::OneShot => Mode::OneShot,
         InferArg::Binary => Mode::Binary,
     };
@@ -58,9 +59,12 @@ pub fn choose(
         .collect()
 }
 
-/// `--infer entropy`: every candidate task runs through the session (masks applied while
-/// packing, no network built per task), the lowest normalised entropy wins.
-fn lowest_entropy(
+/// `--infer entropy|info`: every candidate task runs through the session (masks applied while
+/// packing, no network built per task); the lowest normalised entropy wins, or with
+/// `information` (and more than one input at a time) the most information between input and
+/// prediction (`edgecl::infer::Mode::Information`; the score reported is its negative).
+#[allow(clippy::too_many_arguments)]
+fn own_networks(
     k: &Kernels,
     session: &Session,
     index: &[usize],
@@ -68,6 +72,7 @@ fn lowest_entropy(
     n: usize,
     per: usize,
     together: bool,
+    information: bool,
 ) -> Vec<(usize, Option<f32>)> {
     let group = if together { n.min(MAX_AUTO_BATCH) } else { 1 };
     let mut ws = session.workspace(k, group);
@@ -75,7 +80,12 @@ fn lowest_entropy(
         let mut best = (index[0], f32::INFINITY);
         for &t in index {
             let out = session.run(k, t, x, m, &mut ws);
-            let h = normalised_entropy(out, session.output_len(t), session.tasks()[t].task.classes(), m);
+            let (width, classes) = (session.output_len(t), session.tasks()[t].task.classes());
+            let h = if information && m > 1 {
+                -normalised_information(out, width, classes, m)
+            } else {
+                normalised_entropy(out, width, classes, m)
+            };
             // NaN never wins; the first of equal scores does.
             if h < best.1 {
                 best = (t, h);

@@ -482,10 +482,11 @@ fn predict(s: &Shared, req: &mut tiny_http::Request, w: &mut Worker) -> Reply {
         None | Some("one-shot") => InferArg::OneShot,
         Some("entropy") => InferArg::Entropy,
         Some("binary") => InferArg::Binary,
+        Some("info") => InferArg::Info,
         Some(other) => {
             return Reply::error(
                 400,
-                format!("infer={other}: use infer=one-shot (the default), infer=binary or infer=entropy"),
+                format!("infer={other}: use infer=one-shot (the default), infer=binary, infer=info or infer=entropy"),
             )
         }
     };
