@@ -153,16 +153,11 @@ pub fn score_grad(rule: MaskRule, scores: &[f32], w: &[f32], dw_eff: &[f32], ds:
         }
     };
     const CHUNK: usize = 1 << 14;
-    if ds.len() >= 4 * CHUNK && rayon::current_num_threads() > 1 {
-        use rayon::prelude::*;
-        ds.par_chunks_mut(CHUNK)
-            .zip(scores.par_chunks(CHUNK))
-            .zip(w.par_chunks(CHUNK))
-            .zip(dw_eff.par_chunks(CHUNK))
-            .for_each(|(((d, s), w), g)| run(d, s, w, g));
-    } else {
-        run(ds, scores, w, dw_eff);
-    }
+    let n = ds.len();
+    crate::kernels::for_each_chunk(ds, CHUNK, n, |i, d| {
+        let at = i * CHUNK..i * CHUNK + d.len();
+        run(d, &scores[at.clone()], &w[at.clone()], &dw_eff[at])
+    });
 }
 
 #[cfg(test)]
