@@ -9,6 +9,9 @@
 //! tolerance of 1e-5 · (1 + |v|) (the server's kernels run on one thread, the reference's on
 //! the rayon pool); labels must be equal.
 
+mod common;
+
+use common::TempDir;
 use edgecl::adapter::Method;
 use edgecl::backbone::Backbone;
 use edgecl::data::Transform;
@@ -29,11 +32,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-fn temp_dir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("edgecl-serve-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+fn temp_dir(name: &str) -> TempDir {
+    TempDir::new(&format!("edgecl-serve-{name}"))
 }
 
 /// A random SupSup task with three classes named zero, one, two.
@@ -55,6 +55,8 @@ struct Fixture {
     dir: PathBuf,
     bb_bytes: Vec<u8>,
     tasks: Vec<TaskFile>,
+    /// Holds the files; removed with the fixture.
+    _tmp: TempDir,
 }
 
 fn fixture(name: &str) -> Fixture {
@@ -68,7 +70,7 @@ fn fixture(name: &str) -> Fixture {
     let tasks: Vec<TaskFile> = ["a", "b", "c"].iter().zip(1..).map(|(n, s)| supsup_task(&bb, n, s)).collect();
     install(&store_dir, &bb, &tasks[0]);
     install(&store_dir, &bb, &tasks[1]);
-    Fixture { dir: store_dir, bb_bytes, tasks }
+    Fixture { dir: store_dir, bb_bytes, tasks, _tmp: dir }
 }
 
 /// The running server; killed when dropped.

@@ -8,10 +8,10 @@ use edgecl::format::task::encode;
 use edgecl::format::Digest;
 use edgecl::store::{NewTask, Store, StoreError};
 use std::os::unix::process::ExitStatusExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 mod common;
-use common::{bin, edgecl, fails, ok, tempdir};
+use common::{bin, edgecl, fails, ok, tempdir, TempDir};
 
 /// `learn` arguments for a small, fast task on the embedded data.
 fn learn_args<'a>(task: &'a str, method: &'a str, classes: &'a str) -> Vec<&'a str> {
@@ -88,7 +88,7 @@ fn leftovers(dir: &Path) -> Vec<String> {
 
 /// A store with three learned tasks: a (supsup, with KKT scores), b (exssnet), c (exssnet,
 /// depends on b); plus x.ect, a task learned outside the store on its backbone.
-fn fixture(name: &str) -> PathBuf {
+fn fixture(name: &str) -> TempDir {
     let d = tempdir(name);
     ok(&edgecl(&d, &["init", "--arch", "lenet", "--seed", "1", "-o", "lenet.ecb"]));
     ok(&edgecl(&d, &["store", "init", "s", "--backbone", "lenet.ecb"]));
@@ -197,7 +197,7 @@ fn sigkill_at_random_times_leaves_the_old_or_the_new_generation() {
 
 // --- the library API on synthetic tasks (the store does not look inside components) ---
 
-fn lib_store(name: &str) -> (PathBuf, Store) {
+fn lib_store(name: &str) -> (TempDir, Store) {
     let d = tempdir(name);
     let bytes = edgecl::import::init::random_backbone(edgecl::import::init::Arch::Lenet, 10, 3)
         .emit(edgecl::format::graph::WeightFormat::I8);

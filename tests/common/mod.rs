@@ -18,11 +18,45 @@ pub fn edgecl(dir: &Path, args: &[&str]) -> Output {
 }
 
 /// A fresh directory for one test, named after the test binary, `name` and the process.
-pub fn tempdir(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("edgecl-{}-{name}-{}", env!("CARGO_CRATE_NAME"), std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+pub fn tempdir(name: &str) -> TempDir {
+    TempDir::new(&format!("edgecl-{}-{name}", env!("CARGO_CRATE_NAME")))
+}
+
+/// A directory under the system temp folder that is removed when dropped, unless the thread is
+/// panicking: a failed test leaves its files for inspection.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// `prefix-PID`, emptied if a previous run left it.
+    pub fn new(prefix: &str) -> TempDir {
+        let d = std::env::temp_dir().join(format!("{prefix}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        TempDir(d)
+    }
+}
+
+impl std::ops::Deref for TempDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for TempDir {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("test files kept in {}", self.0.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
 }
 
 /// The standard output of a run that must succeed.
