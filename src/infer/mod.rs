@@ -243,12 +243,12 @@ pub fn infer_task(
         return Ok(Inferred { index, scores, entropies, method });
     }
     for &i in &others {
-        let (h, info) = own_scores(k, bb, &candidates[i], x, batch)?;
-        scores[i] = if information { -info } else { h };
+        let (h, score) = own_scores(k, bb, &candidates[i], x, batch, mode)?;
+        scores[i] = score;
         entropies[i] = Some(h);
     }
     if let Some(i) = best_masked {
-        entropies[i] = Some(own_scores(k, bb, &candidates[i], x, batch)?.0);
+        entropies[i] = Some(own_scores(k, bb, &candidates[i], x, batch, mode)?.0);
     }
     let contenders: Vec<(usize, f32)> = entropies.iter().enumerate().filter_map(|(i, h)| h.map(|h| (i, h))).collect();
     let index = if information {
@@ -375,39 +375,65 @@ fn gradient_search(
     Ok((pick, scores))
 }
 
-/// Normalised mean entropy and normalised information of candidate `c`'s own network on the
-/// batch.
-fn own_scores(k: &Kernels, bb: &Backbone, c: &Candidate, x: &[f32], batch: usize) -> Result<(f32, f32), InferError> {
+/// [`own_network_scores`] of candidate `c`'s own network on the batch.
+fn own_scores(
+    k: &Kernels,
+    bb: &Backbone,
+    c: &Candidate,
+    x: &[f32],
+    batch: usize,
+    mode: Mode,
+) -> Result<(f32, f32), InferError> {
     let mut net = model::build(bb, &c.deps, c.task)?;
     net.train_mode = false;
     let width = net.out_shape().len();
-    let classes = c.task.classes();
     let out = net.forward(k, x, batch);
-    Ok((normalised_entropy(out, width, classes, batch), normalised_information(out, width, classes, batch)))
+    Ok(own_network_scores(out, width, c.task.classes(), batch, mode))
+}
+
+/// How [`Mode::Entropy`] and [`Mode::Information`] rank a candidate from its own network's
+/// logits (the first `classes` of every `width`, `batch` rows): returns the normalised
+/// entropy and the score, lower winning. The score is the entropy, or for
+/// [`Mode::Information`] on more than one row the negative [`normalised_information`] (one
+/// row carries no class mix). For callers that run the tasks themselves (e.g. through a
+/// `Session`, which needs no network per task).
+pub fn own_network_scores(logits: &[f32], width: usize, classes: usize, batch: usize, mode: Mode) -> (f32, f32) {
+    let h = normalised_entropy(logits, width, classes, batch);
+    let score = if mode == Mode::Information && batch > 1 {
+        h - normalised_mean_prediction_entropy(logits, width, classes, batch)
+    } else {
+        h
+    };
+    (h, score)
 }
 
 /// The information between input and prediction over a batch, `H(p̄) − mean_b H(p_b)` with
 /// `p̄` the mean of the rows' softmax over their first `classes` of every `width` logits,
 /// divided by `ln(classes)`: in `[0, 1]`, high when each row is confident and the rows use
-/// many classes; 0 for a single row. The score of [`Mode::Information`], for callers that run
-/// the tasks themselves (e.g. through a `Session`).
+/// many classes; 0 for a single row. The score of [`Mode::Information`].
 pub fn normalised_information(logits: &[f32], width: usize, classes: usize, batch: usize) -> f32 {
+    if batch == 0 || classes < 2 {
+        return 0.0;
+    }
+    normalised_mean_prediction_entropy(logits, width, classes, batch)
+        - normalised_entropy(logits, width, classes, batch)
+}
+
+/// `H(p̄) / ln(classes)`, `p̄` the mean softmax of the rows (see [`normalised_information`]).
+fn normalised_mean_prediction_entropy(logits: &[f32], width: usize, classes: usize, batch: usize) -> f32 {
     if batch == 0 || classes < 2 {
         return 0.0;
     }
     let mut mean = vec![0.0f64; classes];
     for b in 0..batch {
         let row = &logits[b * width..b * width + classes];
-        let top = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let e: Vec<f64> = row.iter().map(|&v| ((v - top) as f64).exp()).collect();
-        let z: f64 = e.iter().sum();
-        for (m, e) in mean.iter_mut().zip(&e) {
-            *m += e / z / batch as f64;
+        let log_z = loss::log_sum_exp(row);
+        for (m, &v) in mean.iter_mut().zip(row) {
+            *m += (v as f64 - log_z).exp() / batch as f64;
         }
     }
     let h_mean: f64 = -mean.iter().filter(|&&p| p > 0.0).map(|p| p * p.ln()).sum::<f64>();
-    let h_rows = normalised_entropy(logits, width, classes, batch) as f64;
-    (h_mean / (classes as f64).ln() - h_rows) as f32
+    (h_mean / (classes as f64).ln()) as f32
 }
 
 /// Mean softmax entropy of the first `classes` of every `width` logits of `batch` rows,

@@ -3,7 +3,7 @@
 use crate::InferArg;
 use anyhow::{bail, Result};
 use edgecl::adapter::{Method, Task};
-use edgecl::infer::{infer_task, normalised_entropy, normalised_information, Candidate, Mode};
+use edgecl::infer::{infer_task, own_network_scores, Candidate, Mode};
 use edgecl::kernels::Kernels;
 use edgecl::session::Session;
 
@@ -41,8 +41,8 @@ pub fn choose(
     let bb = session.backbone();
     let per = bb.input_shape().len();
     let mode = match infer {
-        InferArg::Entropy => return Ok(own_networks(k, session, &index, x, n, per, together, false)),
-        InferArg::Info => return Ok(own_networks(k, session, &index, x, n, per, together, true)),
+        InferArg::Entropy => return Ok(own_networks(k, session, &index, x, n, per, together, Mode::Entropy)),
+        InferArg::Info => return Ok(own_networks(k, session, &index, x, n, per, together, Mode::Information)),
         InferArg::OneShot => Mode::OneShot,
         InferArg::Binary => Mode::Binary,
     };
@@ -60,9 +60,8 @@ pub fn choose(
 }
 
 /// `--infer entropy|info`: every candidate task runs through the session (masks applied while
-/// packing, no network built per task); the lowest normalised entropy wins, or with
-/// `information` (and more than one input at a time) the most information between input and
-/// prediction (`edgecl::infer::Mode::Information`; the score reported is its negative).
+/// packing, no network built per task) and is ranked as `infer_task` ranks own networks in
+/// `mode` (`Mode::Entropy` or `Mode::Information`; see `edgecl::infer::own_network_scores`).
 #[allow(clippy::too_many_arguments)]
 fn own_networks(
     k: &Kernels,
@@ -72,7 +71,7 @@ fn own_networks(
     n: usize,
     per: usize,
     together: bool,
-    information: bool,
+    mode: Mode,
 ) -> Vec<(usize, Option<f32>)> {
     let group = if together { n.min(MAX_AUTO_BATCH) } else { 1 };
     let mut ws = session.workspace(k, group);
@@ -81,11 +80,7 @@ fn own_networks(
         for &t in index {
             let out = session.run(k, t, x, m, &mut ws);
             let (width, classes) = (session.output_len(t), session.tasks()[t].task.classes());
-            let h = if information && m > 1 {
-                -normalised_information(out, width, classes, m)
-            } else {
-                normalised_entropy(out, width, classes, m)
-            };
+            let h = own_network_scores(out, width, classes, m, mode).1;
             // NaN never wins; the first of equal scores does.
             if h < best.1 {
                 best = (t, h);

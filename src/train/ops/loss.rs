@@ -33,7 +33,7 @@ pub fn argmax(row: &[f32], classes: usize) -> usize {
 }
 
 /// `log Σ exp(row)`, computed in f64 around the row's maximum.
-fn log_sum_exp(row: &[f32]) -> f64 {
+pub(crate) fn log_sum_exp(row: &[f32]) -> f64 {
     let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
     let sum: f64 = row.iter().map(|&v| ((v - max) as f64).exp()).sum();
     max as f64 + sum.ln()
