@@ -3,7 +3,7 @@
 //! hostile input is refused with the named error and never panics, and the CLI's `keys` and
 //! `bundle` commands work on a small store laid out by hand.
 
-use edgecl::adapter::{Components, Mask, Method, Task};
+use edgecl::adapter::{Components, Mask, Method, Softmax, Task};
 use edgecl::format::bundle::{self, BundleError, MissingDependency, SignatureStatus};
 use edgecl::format::keys::{KeyId, SigningKey};
 use edgecl::format::task::{self, NameError, TaskError};
@@ -32,6 +32,7 @@ fn sample(name: &str, deps: &[Digest], version: u32) -> Task {
         metrics: vec![("train_accuracy".into(), 0.75)],
         created_at: 1_700_000_000,
         version,
+        softmax: Softmax::Classes,
     }
 }
 

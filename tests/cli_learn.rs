@@ -47,6 +47,21 @@ fn learn_then_eval_and_files_are_deterministic() {
     )))
     .unwrap();
     assert!(e["accuracy"].as_f64().unwrap() > 0.8, "{e}");
+    // `--softmax all` is kept in the task file; over a head of the task's own width it changes
+    // nothing, and learn says so.
+    let mut a3 = a.clone();
+    a3.extend(["--softmax", "all", "-o", "c.ect", "--json"]);
+    let out: serde_json::Value = serde_json::from_str(&ok(&edgecl(&d, &a3))).unwrap();
+    assert_eq!(out["softmax"], "all", "{out}");
+    let tc = edgecl::format::task::decode(&std::fs::read(d.join("c.ect")).unwrap()).unwrap().task;
+    assert_eq!(tc.softmax, edgecl::adapter::Softmax::All);
+    assert_eq!(ta.softmax, edgecl::adapter::Softmax::Classes);
+    let mut a4: Vec<&str> = a.iter().map(|&s| if s == "supsup" { "linear" } else { s }).collect();
+    a4.extend(["--softmax", "all", "-o", "h.ect", "--json"]);
+    let out: serde_json::Value = serde_json::from_str(&ok(&edgecl(&d, &a4))).unwrap();
+    assert_eq!(out["softmax"], "classes", "{out}");
+    assert!(out["notes"][0].as_str().unwrap().contains("--softmax all changes nothing"), "{out}");
+    fails(&edgecl(&d, &[&a[..], &["--softmax", "every", "-o", "x.ect"]].concat()), "every");
     // A task checked against another backbone names both digests.
     ok(&edgecl(&d, &["init", "--arch", "lenet", "--seed", "2", "-o", "other.ecb"]));
     fails(

@@ -154,3 +154,31 @@ fn misaligned_buffers_are_rejected_not_misread() {
         assert_eq!(Backbone::open(&shifted[1..]).unwrap_err(), FormatError::BufferMisaligned);
     }
 }
+
+/// The task files committed for the firmware were written in format version 2 (before
+/// `softmax`): they still decode, read as trained over their classes, keep the digest their
+/// file records, and load through the allocation-free view the firmware uses.
+#[test]
+fn version_2_task_files_still_load() {
+    use edgecl::adapter::Softmax;
+    use edgecl::format::{sha256, task, task_view};
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("firmware/data");
+    let bb_bytes = std::fs::read(dir.join("backbone.ecb")).unwrap();
+    let bb = Backbone::open(&bb_bytes).unwrap();
+    for name in ["clothes.ect", "shoes-bags.ect", "all10.ect"] {
+        let bytes = std::fs::read(dir.join(name)).unwrap();
+        assert_eq!(u16::from_le_bytes([bytes[8], bytes[9]]), 2, "{name} is no longer a version 2 file");
+        let f = task::decode(&bytes).unwrap();
+        f.check_backbone(&bb.digest()).unwrap();
+        assert_eq!(f.task.softmax, Softmax::Classes, "{name}");
+        assert_eq!(f.digest, sha256(&bytes[task::HEADER_LEN..bytes.len() - task::TRAILER_LEN]), "{name}");
+        let v = task_view::open(&bytes).unwrap();
+        let view = v.task().unwrap();
+        assert_eq!((v.version, view.softmax, view.name), (2, Softmax::Classes, f.task.name.as_str()));
+        let need = edgecl::backbone::fixed::needs(&bb, &bytes).unwrap();
+        let (mut words, mut floats) = (vec![0u32; need.words], vec![0f32; need.floats]);
+        let fixed =
+            edgecl::backbone::fixed::FixedTask::<16>::load(&bb, &bytes, &mut &mut words[..], &mut &mut floats[..]);
+        assert_eq!(fixed.unwrap().digest, f.digest, "{name}");
+    }
+}

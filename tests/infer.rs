@@ -2,14 +2,19 @@
 //! backbone: tasks are learned with `learn`, round-tripped through the task file format, and
 //! `infer_task` is asked which one produced each test batch (and each single test image).
 //!
+//! The backbone has 500 outputs for 10 classes, as the reference's permuted-MNIST runs: the
+//! 490 beyond the classes are SupSup's superfluous neurons (paper §3.6), never targets, which
+//! training pushes down on each task's own inputs. Without them the one-shot gradient picks
+//! the wrong task (see `edgecl::infer`).
+//!
 //! CI sizes (debug build, the embedded subset of 500 training and 100 test images per class):
-//! 4 supsup tasks, each trained for 2 epochs (80 steps of 128) at RMSprop 1e-3 on its 5,000
+//! 4 supsup tasks, each trained for 2 epochs (80 steps of 128) at RMSprop 1e-4 on its 5,000
 //! training images; every test batch
 //! of 128 of every task (8 batches per task, the last one of 104) for batch-level accuracy,
 //! the first 20 test images of each task for single-image accuracy. The benchmark
 //! (10 tasks, full Fashion-MNIST) is the ignored test at the end.
 
-use edgecl::adapter::{Method, Task};
+use edgecl::adapter::{Method, Softmax, Task};
 use edgecl::backbone::Backbone;
 use edgecl::data::scenario::{self, Scenario, TaskData, TaskView};
 use edgecl::data::{Dataset, Source, Split, Transform};
@@ -53,11 +58,15 @@ fn scenario_tasks(bb: &Backbone, train: &Dataset, test: &Dataset, tasks: usize) 
 
 /// SupSup on permuted MNIST as the reference trains it (threshold masks, RMSprop, constant
 /// rate, batch 128; ALGORITHMS §1.3), for `epochs` epochs at rate `lr`. The reference runs
-/// 1000 steps at 1e-4; the CI runs 80 steps at 1e-3, which moves the scores about as far. (At
-/// 1e-4, 80 steps leave the masks near their random start: one-shot inference then picks the
-/// right task for only about half of the batches.)
+/// 1000 steps at 1e-4; the CI runs 80 steps at 1e-4. The rate matters more than the steps for
+/// the one-shot gradient: on 4 tasks over the superfluous backbone, 80 steps at 1e-4 gave
+/// 32 of 32 batches, 320 steps at 3e-4 28 of 32 and at 1e-3 0 of 32 (the task accuracies
+/// differ by less than a point). The softmax spans every output (`learn --softmax all`); on a
+/// backbone with exactly 10 outputs that is the same as the classes, and the task records
+/// `classes`.
 fn supsup_config(epochs: usize, lr: f32) -> Config {
     let mut cfg = Config::new(Method::Supsup);
+    cfg.softmax = Softmax::All;
     cfg.rule = MaskRule::Threshold;
     cfg.optimizer = Kind::RmsProp { alpha: 0.99, eps: 1e-8 };
     cfg.lr = lr;
@@ -154,24 +163,26 @@ fn embedded() -> (Dataset, Dataset) {
     (Dataset::open(&Source::Embedded, Split::Train).unwrap(), Dataset::open(&Source::Embedded, Split::Test).unwrap())
 }
 
-fn fc1024() -> Vec<u8> {
-    let outputs = std::env::var("EDGECL_INFER_OUTPUTS").ok().and_then(|v| v.parse().ok()).unwrap_or(10);
+/// Outputs of the permuted benchmarks' backbone: 10 classes and 490 superfluous neurons (the
+/// reference's `output_size = 500` for FC1024).
+const SUPERFLUOUS: usize = 500;
+
+fn fc1024(outputs: usize) -> Vec<u8> {
     random_backbone(Arch::Fc1024, outputs, 1).emit(WeightFormat::I8)
 }
 
-/// The criterion at CI size (4 tasks, 2 epochs on the embedded subset), for the rules
-/// that meet it: every task's own network on the batch, the most information between input
-/// and prediction (`Mode::Information`) and the lowest entropy (`Mode::Entropy`), each right
-/// for at least 95 % of the test batches. The one-shot entropy gradient of the paper is
-/// measured and printed beside them: it fails on permuted inputs (see `edgecl::infer`,
-/// "Tasks that differ by input domain").
+/// The criterion at CI size (4 tasks, 2 epochs on the embedded subset): the one-shot
+/// entropy gradient right for at least 95 % of the test batches; also the rules that run
+/// every task's own network, the most information between input and prediction
+/// (`Mode::Information`) and the lowest entropy (`Mode::Entropy`).
 #[test]
 fn supsup_permuted_fashion_mnist() {
-    let bytes = fc1024();
+    let bytes = fc1024(SUPERFLUOUS);
     let bb = Backbone::open(&bytes).unwrap();
     let (train, test) = embedded();
     let datas = scenario_tasks(&bb, &train, &test, 4);
-    let tasks = learn_all(&bb, &train, &datas, &supsup_config(2, 1e-3), usize::MAX);
+    let tasks = learn_all(&bb, &train, &datas, &supsup_config(2, 1e-4), usize::MAX);
+    assert!(tasks.iter().all(|t| t.softmax == Softmax::All), "the files keep the softmax they were trained with");
     // Same seed, different tasks: the masks start from independent scores (as the reference
     // allocates them), so about half of the bits differ.
     let (a, b) = (tasks[0].components.masks[1].bits().unwrap(), tasks[1].components.masks[1].bits().unwrap());
@@ -179,6 +190,20 @@ fn supsup_permuted_fashion_mnist() {
     assert!(differ > 0.3, "the masks of two tasks differ on only {differ:.3} of the bits");
     let cands: Vec<Candidate> = tasks.iter().map(|t| Candidate::new(t, vec![])).collect();
     let truth: Vec<usize> = (0..tasks.len()).collect();
+    let one = measure(&bb, &test, &datas, &cands, &truth, Mode::OneShot, 128, usize::MAX, 20);
+    eprintln!(
+        "one-shot gradient: {}/{} test batches of 128 ({:.3}), {}/{} single images ({:.3})",
+        one.batches_right,
+        one.batches,
+        one.batch(),
+        one.images_right,
+        one.images,
+        one.single()
+    );
+    assert_eq!(one.methods, [ONE_SHOT]);
+    assert_eq!(one.batches, 4 * 8);
+    assert!(one.batch() >= 0.95, "batch-level accuracy {:.3} below 0.95", one.batch());
+    assert!(one.single() >= 0.5, "single-image accuracy {:.3}", one.single());
     let ent = measure(&bb, &test, &datas, &cands, &truth, Mode::Entropy, 128, usize::MAX, 20);
     eprintln!(
         "lowest entropy: {}/{} test batches of 128 ({:.3}), {}/{} single images ({:.3})",
@@ -203,19 +228,11 @@ fn supsup_permuted_fashion_mnist() {
     );
     assert_eq!(info.methods, [INFORMATION]);
     assert!(info.batch() >= 0.95, "batch-level accuracy {:.3} below 0.95", info.batch());
-    let g = measure(&bb, &test, &datas, &cands, &truth, Mode::OneShot, 128, usize::MAX, 0);
-    eprintln!(
-        "one-shot gradient (known gap): {}/{} test batches of 128 ({:.3})",
-        g.batches_right,
-        g.batches,
-        g.batch()
-    );
-    assert_eq!(g.methods, [ONE_SHOT]);
 }
 
 #[test]
 fn linear_heads_by_lowest_entropy_and_mixed_sets() {
-    let bytes = fc1024();
+    let bytes = fc1024(10);
     let bb = Backbone::open(&bytes).unwrap();
     let (train, test) = embedded();
     let datas = scenario_tasks(&bb, &train, &test, 4);
@@ -245,18 +262,19 @@ fn linear_heads_by_lowest_entropy_and_mixed_sets() {
 /// `cargo test --release --test infer -- --ignored --nocapture`
 ///
 /// Environment: `EDGECL_INFER_DATA` (a `--data` source, default `fashion-mnist`),
-/// `EDGECL_INFER_LIMIT` (training images per task, default 12000), `EDGECL_INFER_EPOCHS`
-/// (default 3), `EDGECL_INFER_LR` (default 1e-3), `EDGECL_INFER_SINGLES` (single test images
-/// per task, default 200).
+/// `EDGECL_INFER_LIMIT` (training images per task, default 42667), `EDGECL_INFER_EPOCHS`
+/// (default 3: with the default limit, the reference's 1000 steps of 128), `EDGECL_INFER_LR`
+/// (default 1e-4), `EDGECL_INFER_OUTPUTS` (the backbone's outputs, default 500),
+/// `EDGECL_INFER_SINGLES` (single test images per task, default 200).
 #[test]
 #[ignore]
 fn bench_permuted10_fc1024_supsup() {
     let env = |name: &str, default: usize| std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default);
     let src = Source::parse(&std::env::var("EDGECL_INFER_DATA").unwrap_or_else(|_| "fashion-mnist".into())).unwrap();
     let (limit, epochs, singles) =
-        (env("EDGECL_INFER_LIMIT", 12000), env("EDGECL_INFER_EPOCHS", 3), env("EDGECL_INFER_SINGLES", 200));
-    let lr: f32 = std::env::var("EDGECL_INFER_LR").ok().and_then(|v| v.parse().ok()).unwrap_or(1e-3);
-    let bytes = fc1024();
+        (env("EDGECL_INFER_LIMIT", 42667), env("EDGECL_INFER_EPOCHS", 3), env("EDGECL_INFER_SINGLES", 200));
+    let lr: f32 = std::env::var("EDGECL_INFER_LR").ok().and_then(|v| v.parse().ok()).unwrap_or(1e-4);
+    let bytes = fc1024(env("EDGECL_INFER_OUTPUTS", SUPERFLUOUS));
     let bb = Backbone::open(&bytes).unwrap();
     let (train, test) = (Dataset::open(&src, Split::Train).unwrap(), Dataset::open(&src, Split::Test).unwrap());
     let datas = scenario_tasks(&bb, &train, &test, 10);
@@ -285,7 +303,10 @@ fn bench_permuted10_fc1024_supsup() {
     let start = std::time::Instant::now();
     let ent = measure(&bb, &test, &datas, &cands, &truth, Mode::Entropy, 128, usize::MAX, singles);
     let ent_s = start.elapsed().as_secs_f64();
-    println!("data {src}, {limit} training images per task (at most), {epochs} epochs, threshold masks, RMSprop {lr}");
+    println!(
+        "data {src}, {} outputs, {limit} training images per task (at most), {epochs} epochs, threshold masks, RMSprop {lr}",
+        bb.output_shape().len()
+    );
     println!("task accuracy with the task given: mean {:.4} ({accs:.3?})", accs.iter().sum::<f64>() / 10.0);
     println!("one-shot, batches of 128: {}/{} = {:.4}", one.batches_right, one.batches, one.batch());
     println!("one-shot, single images: {}/{} = {:.4}", one.images_right, one.images, one.single());
@@ -299,5 +320,6 @@ fn bench_permuted10_fc1024_supsup() {
     println!("lowest entropy, batches of 128: {}/{} = {:.4}", ent.batches_right, ent.batches, ent.batch());
     println!("lowest entropy, single images: {}/{} = {:.4}", ent.images_right, ent.images, ent.single());
     println!("learning {learn_s:.0} s; inference over all batches and singles: one-shot {infer_s:.0} s, lowest entropy {ent_s:.0} s");
+    assert!(one.batch() >= 0.95, "one-shot batch-level accuracy {:.4}", one.batch());
     assert!(info.batch() >= 0.95);
 }

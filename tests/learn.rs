@@ -216,3 +216,49 @@ fn clr_on_a_conv_backbone_never_forgets() {
     });
     assert_learns_without_forgetting(&r, 0.8);
 }
+
+/// `Softmax::All` puts the outputs beyond a task's classes in the training softmax as
+/// never-targets (SupSup's superfluous neurons): on the task's own inputs they end up with
+/// little probability, where training over the classes alone leaves them as the random
+/// backbone made them. The task file records what training did; a head of the task's own
+/// width has no outputs beyond its classes, so a linear task records `Classes` and says so.
+#[test]
+fn softmax_all_pushes_the_superfluous_outputs_down() {
+    use edgecl::adapter::Softmax;
+    let k = Kernels::detect();
+    let bytes = random_backbone(Arch::Lenet, 10, 3).emit(WeightFormat::I8);
+    let bb = Backbone::open(&bytes).unwrap();
+    let (train, test) = (task_data(0, 200, 1, 28, 1, false), task_data(0, 60, 2, 28, 1, false));
+    let mass_beyond = |softmax: Softmax| {
+        let mut cfg = Config::new(Method::Supsup);
+        (cfg.batch, cfg.epochs, cfg.lr, cfg.softmax) = (32, 2, 0.01, softmax);
+        let l = learn(&k, &bb, &cfg, "t", vec!["a".into(), "b".into()], &train, &[], &mut |_| {}).unwrap();
+        let task = decode(&encode(&l.task, &bb.digest())).unwrap().task;
+        assert_eq!(task.softmax, softmax);
+        assert!(l.notes.is_empty(), "{:?}", l.notes);
+        let mut net = edgecl::train::model::build(&bb, &[], &task).unwrap();
+        let out = net.forward(&k, &test.x, test.y.len()).to_vec();
+        let (acc, _) = evaluate(&k, &bb, &[], &task, &test, 64).unwrap();
+        let mass: f64 = out
+            .chunks(10)
+            .map(|row| {
+                let m = row.iter().cloned().fold(f32::MIN, f32::max);
+                let e: Vec<f64> = row.iter().map(|&v| ((v - m) as f64).exp()).collect();
+                e[2..].iter().sum::<f64>() / e.iter().sum::<f64>()
+            })
+            .sum::<f64>()
+            / test.y.len() as f64;
+        (acc, mass)
+    };
+    let (acc_all, all) = mass_beyond(Softmax::All);
+    let (acc_classes, classes) = mass_beyond(Softmax::Classes);
+    eprintln!("probability beyond the 2 classes: {all:.3} with Softmax::All, {classes:.3} without");
+    assert!(acc_all >= 0.9 && acc_classes >= 0.9, "{acc_all} {acc_classes}");
+    assert!(all < 0.1, "Softmax::All left {all:.3} of the probability on the 8 superfluous outputs");
+    assert!(classes > 2.0 * all, "without it, {classes:.3}");
+    let mut cfg = Config::new(Method::Linear);
+    (cfg.batch, cfg.epochs, cfg.softmax) = (32, 1, Softmax::All);
+    let l = learn(&k, &bb, &cfg, "h", vec!["a".into(), "b".into()], &train, &[], &mut |_| {}).unwrap();
+    assert_eq!(l.task.softmax, Softmax::Classes);
+    assert!(l.notes.iter().any(|n| n.contains("--softmax all changes nothing")), "{:?}", l.notes);
+}

@@ -3,7 +3,7 @@
 //! times), install checks (downgrades, idempotence, dependencies, hostile bytes), removal
 //! with dependents, rollback and gc.
 
-use edgecl::adapter::{Components, Method, Task};
+use edgecl::adapter::{Components, Method, Softmax, Task};
 use edgecl::format::task::encode;
 use edgecl::format::Digest;
 use edgecl::store::{NewTask, Store, StoreError};
@@ -217,6 +217,7 @@ fn task(name: &str, version: u32, deps: &[Digest], tag: u64) -> Task {
         metrics: vec![],
         created_at: tag,
         version,
+        softmax: Softmax::Classes,
     }
 }
 

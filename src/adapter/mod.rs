@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 /// What quantised values are steps from (defined beside the no_std reader).
 pub use crate::format::task_view::Base;
 /// How a task was learned (defined beside the no_std reader of task files).
-pub use crate::format::task_view::Method;
+pub use crate::format::task_view::{Method, Softmax};
 
 /// A binary mask over one layer's weights, 1 bit per weight in the weight order, in 32-bit
 /// words (bit `i` is bit `i % 32` of word `i / 32`), which every target has natively.
@@ -141,6 +141,9 @@ pub struct Task {
     /// Starts at 1; a task re-learned or shipped under the same name must have a higher one
     /// to replace it (stores refuse downgrades).
     pub version: u32,
+    /// Which outputs training's softmax spanned (format version 3; the last field, so a
+    /// version 2 payload is this one without it).
+    pub softmax: Softmax,
 }
 
 impl Task {

@@ -151,7 +151,7 @@ fn open_checked<'a>(bb: &Backbone, file: &'a [u8]) -> Result<(Digest, TaskView<'
     if f.backbone != bb.digest() {
         return Err(LoadError::WrongBackbone { task: f.backbone, backbone: bb.digest() });
     }
-    let v = TaskView::parse(f.payload)?;
+    let v = f.task()?;
     let layers = bb.layers();
     let maskable = layers.iter().filter(|l| l.op.is_matmul()).count();
     let norms = layers.iter().filter(|l| matches!(l.op, Op::BatchNorm(_))).count();

@@ -644,7 +644,7 @@ pub fn create(backbone: &Digest, tasks: &[&[u8]], signer: Option<&SigningKey>) -
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::adapter::{Components, Mask, Method, Task};
+    use crate::adapter::{Components, Mask, Method, Softmax, Task};
 
     fn task(name: &str, deps: &[Digest]) -> Task {
         Task {
@@ -660,6 +660,7 @@ mod tests {
             metrics: Vec::new(),
             created_at: 1,
             version: 3,
+            softmax: Softmax::Classes,
         }
     }
 

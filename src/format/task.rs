@@ -1,8 +1,9 @@
-//! (alloc) Task files, `.ect` version 2 (normative spec in `models/README.md`):
+//! (alloc) Task files, `.ect` version 3 (normative spec in `models/README.md`; version 2 is
+//! read too):
 //!
 //! ```text
 //! 0   magic "EDGECLT\0"
-//! 8   version u16 = 2, flags u16 = 0, reserved u32 = 0
+//! 8   version u16 = 3, flags u16 = 0, reserved u32 = 0
 //! 16  payload length u64
 //! 24  backbone digest [32]   (the .ecb digest the task was learned on)
 //! 56  task digest [32]       (SHA-256 of the payload: the task's identity, used by dependents)
@@ -17,7 +18,7 @@ use super::{sha256, Digest, FormatError, Hex};
 use crate::adapter::Task;
 use alloc::vec::Vec;
 
-pub use super::task_view::{HEADER_LEN, MAGIC, TRAILER_LEN, VERSION};
+pub use super::task_view::{HEADER_LEN, MAGIC, OLDEST_READ, TRAILER_LEN, VERSION};
 
 /// Longest task name a store accepts (it becomes a file name, `NAME.ect`).
 pub const MAX_NAME_LEN: usize = 64;
@@ -139,7 +140,16 @@ pub fn digest_of(bytes: &[u8]) -> Option<Digest> {
 /// length, trailer, task digest), then the payload.
 pub fn decode(bytes: &[u8]) -> Result<TaskFile, TaskError> {
     let f = super::task_view::open(bytes)?;
-    let (task, rest) = postcard::take_from_bytes::<Task>(f.payload).map_err(|_| TaskError::Payload)?;
+    let v2;
+    let payload = if f.version == 2 {
+        // Version 2 ends before `softmax`; its tasks were all trained over their classes,
+        // which is variant 0. (The digest stays the one the file records.)
+        v2 = [f.payload, &[0]].concat();
+        &v2[..]
+    } else {
+        f.payload
+    };
+    let (task, rest) = postcard::take_from_bytes::<Task>(payload).map_err(|_| TaskError::Payload)?;
     if !rest.is_empty() {
         return Err(TaskError::Payload);
     }
@@ -175,6 +185,7 @@ mod tests {
             metrics: alloc::vec![("train_accuracy".into(), 0.5)],
             created_at: 1,
             version: 1,
+            softmax: crate::adapter::Softmax::All,
         }
     }
 
@@ -202,6 +213,62 @@ mod tests {
             let i = r.below(b.len());
             b[i] ^= 1 << r.below(8);
             assert!(decode(&b).is_err(), "a flipped bit at {i} went unnoticed");
+        }
+    }
+
+    /// `task` as a version 2 file: the payload without `softmax`, header and digests to match.
+    fn encode_v2(task: &Task, backbone: &Digest) -> Vec<u8> {
+        let v3 = encode(task, backbone);
+        let payload = &v3[HEADER_LEN..v3.len() - TRAILER_LEN - 1];
+        assert_eq!(v3[v3.len() - TRAILER_LEN - 1], 0, "softmax `classes` is one zero byte");
+        let mut out = v3[..HEADER_LEN].to_vec();
+        out[8..10].copy_from_slice(&2u16.to_le_bytes());
+        out[16..24].copy_from_slice(&(payload.len() as u64).to_le_bytes());
+        out[56..88].copy_from_slice(&sha256(payload));
+        out.extend_from_slice(payload);
+        let trailer = sha256(&out);
+        out.extend_from_slice(&trailer);
+        out
+    }
+
+    #[test]
+    fn version_2_files_read_as_trained_over_their_classes() {
+        let mut t = sample();
+        t.softmax = crate::adapter::Softmax::Classes;
+        let v2 = encode_v2(&t, &[9; 32]);
+        let f = decode(&v2).unwrap();
+        assert_eq!(f.task, t);
+        // Its identity is its own payload's digest, not that of the version 3 re-encoding.
+        assert_eq!(f.digest, sha256(&v2[HEADER_LEN..v2.len() - TRAILER_LEN]));
+        assert_ne!(Some(f.digest), digest_of(&encode(&t, &[9; 32])));
+        let view = super::super::task_view::open(&v2).unwrap();
+        assert_eq!((view.version, view.task().unwrap().softmax), (2, crate::adapter::Softmax::Classes));
+        // A version 3 payload under a version 2 header has a byte too many, and the reverse
+        // lacks one: both are refused.
+        let mut mislabelled = encode(&t, &[9; 32]);
+        mislabelled[8] = 2;
+        let body = mislabelled.len() - TRAILER_LEN;
+        let trailer = sha256(&mislabelled[..body]);
+        mislabelled[body..].copy_from_slice(&trailer);
+        assert_eq!(decode(&mislabelled), Err(TaskError::Payload));
+        let v = super::super::task_view::open(&mislabelled).unwrap();
+        assert_eq!(v.task().unwrap_err().kind, super::super::task_view::PayloadErrorKind::Trailing);
+        let mut short = v2.clone();
+        short[8] = 3;
+        let body = short.len() - TRAILER_LEN;
+        let trailer = sha256(&short[..body]);
+        short[body..].copy_from_slice(&trailer);
+        assert_eq!(decode(&short), Err(TaskError::Payload));
+        for n in 0..v2.len() {
+            assert!(decode(&v2[..n]).is_err(), "truncated to {n}");
+        }
+        // Versions 1 and 4 are refused by number.
+        for (version, older) in [(1u16, true), (4, false)] {
+            let mut b = v2.clone();
+            b[8..10].copy_from_slice(&version.to_le_bytes());
+            let e = decode(&b).unwrap_err();
+            assert_eq!(e, TaskError::Format(FormatError::UnsupportedVersion { found: version, supported: VERSION }));
+            assert_eq!(e.to_string().contains("older"), older, "{e}");
         }
     }
 

@@ -20,8 +20,12 @@ use core::marker::PhantomData;
 use serde::{Deserialize, Serialize};
 
 pub const MAGIC: [u8; 8] = *b"EDGECLT\0";
-/// 2: CLR kernels and shifts as int8 steps ([`Quantized`]); version 1 stored them as f32.
-pub const VERSION: u16 = 2;
+/// 3: the payload ends with [`Softmax`]. 2: CLR kernels and shifts as int8 steps
+/// ([`Quantized`]); version 1 stored them as f32.
+pub const VERSION: u16 = 3;
+/// The oldest version still read: a version 2 payload is a version 3 payload without its last
+/// field, and reads as [`Softmax::Classes`] (which is how every version 2 task was trained).
+pub const OLDEST_READ: u16 = 2;
 pub const HEADER_LEN: usize = 96;
 pub const TRAILER_LEN: usize = 32;
 
@@ -34,6 +38,35 @@ pub enum Method {
     Clr,
     Linear,
     Finetune,
+}
+
+/// Which outputs the softmax of a task's training spanned.
+///
+/// A task's logits are the backbone's first `classes` outputs. With [`Softmax::All`] training
+/// also put the outputs beyond them in the softmax, never as targets: SupSup's superfluous
+/// neurons (paper §3.6), which training pushes down on the task's own inputs, so that task
+/// inference over a superposition can tell the task whose inputs these are (`infer`). The
+/// postcard encoding is the variant index, in this order.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Softmax {
+    /// Only the task's classes (its own outputs).
+    #[default]
+    Classes,
+    /// Every output of the network.
+    All,
+}
+
+impl Softmax {
+    pub const ALL: [Softmax; 2] = [Softmax::Classes, Softmax::All];
+    pub fn name(self) -> &'static str {
+        match self {
+            Softmax::Classes => "classes",
+            Softmax::All => "all",
+        }
+    }
+    pub fn from_name(s: &str) -> Option<Softmax> {
+        Softmax::ALL.into_iter().find(|m| m.name() == s)
+    }
 }
 
 impl Method {
@@ -61,6 +94,15 @@ pub struct TaskFileView<'a> {
     pub digest: Digest,
     /// The postcard payload (not yet decoded).
     pub payload: &'a [u8],
+    /// The format version of the file ([`OLDEST_READ`] to [`VERSION`]).
+    pub version: u16,
+}
+
+impl<'a> TaskFileView<'a> {
+    /// Walks and validates the payload as its version lays it out.
+    pub fn task(&self) -> PResult<TaskView<'a>> {
+        TaskView::parse_version(self.payload, self.version)
+    }
 }
 
 /// Checks a task file's header, length, trailer and task digest (in that order) and returns
@@ -84,7 +126,7 @@ pub fn open(bytes: &[u8]) -> Result<TaskFileView<'_>, FormatError> {
         return Err(trunc(Section::Header, HEADER_LEN + TRAILER_LEN));
     }
     let version = u16::from_le_bytes([header[8], header[9]]);
-    if version != VERSION {
+    if !(OLDEST_READ..=VERSION).contains(&version) {
         return Err(FormatError::UnsupportedVersion { found: version, supported: VERSION });
     }
     if header[10..16].iter().any(|&b| b != 0) {
@@ -117,7 +159,7 @@ pub fn open(bytes: &[u8]) -> Result<TaskFileView<'_>, FormatError> {
     if digest != computed {
         return Err(FormatError::DigestMismatch { recorded: digest, computed });
     }
-    Ok(TaskFileView { backbone: digest_at(header, 24), digest, payload })
+    Ok(TaskFileView { backbone: digest_at(header, 24), digest, payload, version })
 }
 
 /// `N` bytes at `at` of a buffer known to hold them.
@@ -140,8 +182,8 @@ pub enum PayloadErrorKind {
     BadUtf8,
     /// An `Option` tag other than 0 or 1.
     BadTag,
-    /// A method index beyond the known methods.
-    BadMethod,
+    /// An enum index beyond the known variants (`method`, `softmax`).
+    BadVariant,
     /// Bytes after the last field.
     Trailing,
 }
@@ -161,7 +203,7 @@ impl fmt::Display for PayloadError {
             PayloadErrorKind::BadVarint => "has an invalid varint in",
             PayloadErrorKind::BadUtf8 => "has text that is not UTF-8 in",
             PayloadErrorKind::BadTag => "has an option tag other than 0 or 1 in",
-            PayloadErrorKind::BadMethod => "has an unknown method index in",
+            PayloadErrorKind::BadVariant => "has an unknown variant index in",
             PayloadErrorKind::Trailing => "has bytes after",
         };
         write!(f, "corrupt task payload: it {what} field `{}` (payload byte {})", self.field, self.offset)
@@ -228,6 +270,13 @@ impl<'a> Reader<'a> {
 
     fn u64(&mut self, field: &'static str) -> PResult<u64> {
         self.varint(field, 10, 0x01)
+    }
+
+    /// A unit enum: postcard's variant index, one of `all`.
+    fn variant<T: Copy>(&mut self, field: &'static str, all: &[T]) -> PResult<T> {
+        let at = self.pos;
+        let i = self.u32(field)?;
+        all.get(i as usize).copied().ok_or(PayloadError { field, kind: PayloadErrorKind::BadVariant, offset: at })
     }
 
     /// A length or count (postcard's `usize`, read as on 64-bit hosts). A value that cannot
@@ -516,19 +565,23 @@ pub struct TaskView<'a> {
     pub metrics: List<'a, (&'a str, f64)>,
     pub created_at: u64,
     pub version: u32,
+    pub softmax: Softmax,
 }
 
 impl<'a> TaskView<'a> {
-    /// Walks and validates the whole payload (field order of `adapter::Task`).
+    /// Walks and validates a payload of the current format version (field order of
+    /// `adapter::Task`).
     pub fn parse(payload: &'a [u8]) -> PResult<Self> {
+        Self::parse_version(payload, VERSION)
+    }
+
+    /// Walks and validates a payload of format `version` (a version 2 payload has no
+    /// `softmax`; it reads as [`Softmax::Classes`]).
+    pub fn parse_version(payload: &'a [u8], version: u16) -> PResult<Self> {
         let mut r = Reader::new(payload);
         let name = r.str("name")?;
         let labels = List::read(&mut r, "labels")?;
-        let at = r.pos;
-        let method = match r.u32("method")? {
-            i if (i as usize) < Method::ALL.len() => Method::ALL[i as usize],
-            _ => return Err(PayloadError { field: "method", kind: PayloadErrorKind::BadMethod, offset: at }),
-        };
+        let method = r.variant("method", &Method::ALL)?;
         let masks = List::read(&mut r, "components.masks")?;
         let overlay = List::read(&mut r, "components.overlay")?;
         let reprogram = List::read(&mut r, "components.reprogram")?;
@@ -545,9 +598,10 @@ impl<'a> TaskView<'a> {
         let config = r.str("config")?;
         let metrics = List::read(&mut r, "metrics")?;
         let created_at = r.u64("created_at")?;
-        let version = r.u32("version")?;
+        let task_version = r.u32("version")?;
+        let softmax = if version >= 3 { r.variant("softmax", &Softmax::ALL)? } else { Softmax::Classes };
         if r.left() != 0 {
-            return Err(r.err("version", PayloadErrorKind::Trailing));
+            return Err(r.err(if version >= 3 { "softmax" } else { "version" }, PayloadErrorKind::Trailing));
         }
         Ok(TaskView {
             name,
@@ -564,7 +618,8 @@ impl<'a> TaskView<'a> {
             config,
             metrics,
             created_at,
-            version,
+            version: task_version,
+            softmax,
         })
     }
 
@@ -619,6 +674,7 @@ mod tests {
             metrics: v.metrics.iter().map(|(n, x)| (n.to_string(), x)).collect(),
             created_at: v.created_at,
             version: v.version,
+            softmax: v.softmax,
         }
     }
 
@@ -664,6 +720,7 @@ mod tests {
             metrics: alloc::vec![("train_accuracy".into(), 0.97), ("nan".into(), f64::NAN)],
             created_at: u64::MAX - 5,
             version: u32::MAX,
+            softmax: Softmax::All,
         }
     }
 
@@ -678,6 +735,7 @@ mod tests {
             metrics: Vec::new(),
             created_at: 0,
             version: 0,
+            softmax: Softmax::Classes,
         }
     }
 
@@ -774,7 +832,9 @@ mod tests {
         let mut t = minimal_task();
         t.version = 7;
         let p = postcard::to_allocvec(&t).unwrap();
-        let last = p.len() - 1;
+        // The last two bytes: `version` (7) and `softmax` (0).
+        let last = p.len() - 2;
+        assert_eq!(&p[last..], &[7, 0]);
         // version as 5-byte varints: top nibble allowed, the bit above it not.
         for (tail, ok) in [
             (&[0x87, 0x80, 0x80, 0x80, 0x0f][..], true),
@@ -783,9 +843,25 @@ mod tests {
         ] {
             let mut b = p[..last].to_vec();
             b.extend_from_slice(tail);
+            b.push(0);
             assert_eq!(postcard_decode(&b).is_some(), ok, "{tail:x?}");
             assert_eq!(view_decode(&b), postcard_decode(&b), "{tail:x?}");
         }
+        // Enum indices beyond the variants, and a variant index as a long varint.
+        for (at, byte, field) in [(p.len() - 1, 2u8, "softmax"), (p.len() - 1, 0xff, "softmax"), (2, 5, "method")] {
+            let mut b = p.clone();
+            b[at] = byte;
+            if byte == 0xff {
+                b.extend_from_slice(&[0xff, 0xff, 0xff, 0x0f]);
+            }
+            assert!(postcard_decode(&b).is_none());
+            let e = TaskView::parse(&b).unwrap_err();
+            assert_eq!((e.kind, e.field, e.offset), (PayloadErrorKind::BadVariant, field, at), "{e}");
+        }
+        let mut b = p.clone();
+        b[p.len() - 1] = 1;
+        assert_eq!(TaskView::parse(&b).unwrap().softmax, Softmax::All);
+        assert_eq!(view_decode(&b), postcard_decode(&b));
         // A label count near u64::MAX is refused before anything is sliced.
         let mut b = alloc::vec![0u8, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01];
         b.extend_from_slice(&p[2..]);

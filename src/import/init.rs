@@ -4,7 +4,7 @@
 //! SplitMix64 stream of the recorded seed, so the seed regenerates the file bit for bit.
 
 use super::{Ir, IrOp, IrWeights};
-use crate::adapter::{Base, Components, Head, Mask, Method, NormState, Quantized, Task};
+use crate::adapter::{Base, Components, Head, Mask, Method, NormState, Quantized, Softmax, Task};
 use crate::backbone::Backbone;
 use crate::format::graph::{InputSpec, Op, Pool, ValueId};
 use crate::format::task::{decode, encode, TaskFile};
@@ -244,6 +244,7 @@ pub fn random_task(bb: &Backbone, method: Method, name: &str, deps: &[&TaskFile]
         metrics: Vec::new(),
         created_at: 0,
         version: 1,
+        softmax: Softmax::Classes,
     };
     decode(&encode(&task, &bb.digest())).expect("an encoded task decodes")
 }

@@ -20,15 +20,16 @@
 //!   over them, repeat until one is left (at most `⌈log2 n⌉ + 1` rounds; if ties keep several
 //!   after that, the lowest gradient of the last round wins).
 //! - [`Mode::Entropy`] and [`Mode::Information`] run every candidate's own network instead
-//!   (`n` passes); see "Tasks that differ by input domain" below.
+//!   (`n` passes); see "Superfluous outputs" below.
 //!
 //! Decisions:
-//! - *Which logits.* `H` is taken over the first `C` logits of each row, `C` the largest class
-//!   count among the candidates. The reference uses every output because its tasks share one
-//!   label space of the full output width; here a task's logits are its first `classes`
-//!   outputs, and outputs no candidate was trained on carry only the random rows of the
-//!   backbone's last layer, which would add noise and no information. For the permuted
-//!   benchmarks (10 classes on a 10-output backbone) both choices are the same.
+//! - *Which logits.* `H` spans every output of the network when every candidate was trained
+//!   with [`Softmax::All`] (the reference's way: the outputs beyond a task's classes are
+//!   SupSup's superfluous neurons, paper §3.6, which its training pushes down on its own
+//!   inputs; that is the signal the gradient reads, see "Superfluous outputs" below).
+//!   Otherwise `H` spans the first `C` logits of each row, `C` the largest class count among
+//!   the candidates: a task's logits are its first `classes` outputs, and outputs no
+//!   candidate was trained on carry only the random rows of the backbone's last layer.
 //! - *Batch norm.* Per-task running statistics do not superpose: the superposed network
 //!   normalises with the statistics of the batch itself (as the reference, which puts the model
 //!   in train mode during inference), and the gradient flows through them. A norm over a 1×1
@@ -40,50 +41,40 @@
 //!   layer's effective weights exist at a time.
 //! - Only the given candidates can win: a caller passes its learned tasks (ALGORITHMS §8).
 //!
-//! **Tasks that differ by input domain.** On permuted Fashion-MNIST over a random fc1024
-//! backbone the entropy gradient is not just noisy but points away from the right task: 3 of
-//! 32 test batches right at CI size (4 tasks), 1 of 790 on the full 10-task benchmark, below
-//! the 1/n of a guess. Split by layer (4 tasks, a batch of task 0): the hidden and output
-//! layers' terms favour the right task (−0.27 against −0.20…−0.26 for the others in layer 2),
-//! the first layer's is +0.07 for the right task and −0.34…−0.36 for the others, and outweighs
-//! them. The superposed network is nearly uniform (`H` = 2.16 of ln 10 = 2.30), so `∂H/∂α`
-//! mostly measures how much a candidate would sharpen the logits, and on inputs permuted for
-//! another task a wrong task's first layer passes much of the input's energy. The tasks' own
-//! networks show the same bias at the vertices: on 10 tasks, task 8's network has a mean
-//! normalised entropy of 0.19 on images under a random permutation it never saw, against 0.17
-//! on its own, so the lowest-entropy rule gives it 156 of the 164 batches it gets wrong
-//! (626 of 790 right). What such a network does with foreign inputs is put them all in a few
-//! classes, confidently. A batch of test images mixes classes, and only the right task both
-//! classifies each input confidently and spreads the batch over its classes: that is the
-//! information between input and prediction, `H(p̄) − mean_b H(p_b)`, which
-//! [`Mode::Information`] maximises over the tasks' own networks (`n` passes): 32 of 32
-//! batches at CI size and 790 of 790 on the full benchmark (the same tasks as above). Its
-//! assumption is the class mix: on split tasks (fc1024, 5 tasks of 2 classes), batches of 16
-//! images of one class went to the right task 1 of 10 times (the entropy gradient: 4 of 10,
-//! the lowest entropy: 3 of 10), batches mixing a task's classes 4 of 5 times (both others: 2
-//! of 5). So it is a rule to
-//! choose, not the default: `--infer info` with `--batch-auto`. A single input is decided by
-//! the lowest entropy.
-//! Taking SupSup's one-shot step on the negative information instead of `H` (one pass) was
-//! 32 of 32 at CI size but 275 of 790 on the full benchmark (binary halving 645 of 790), so
-//! the one-shot target (95 % of batches) is still not met.
-//! Also tried and not kept: leaving the first layer's term out of `∂H/∂α` (31 of 32 at CI
-//! size, but 157 of 790 one-shot and 625 of 790 binary on the full benchmark, and the wrong
-//! task on split tasks in tests/cli_predict.rs); removing each candidate's share of the
-//! layer's output scale (0 of 32); the lowest entropy relative to each task's own (0.81) or
-//! to its entropy on randomly permuted own images (0.84).
-//! *Why, and the way out (measured, not yet landed).* A PyTorch replication of the reference
-//! (`benches/compare/supsup_oneshot.py`) fails the same way with 10 outputs (51 of 780
-//! batches) and is right on 780 of 780 with the reference's 500 outputs, because its training
-//! softmax spans every output: the 490 beyond the classes (superfluous neurons, paper §3.6)
-//! are pushed down on each task's own inputs, and the right mask is the one that quiets them.
-//! Here a task's softmax covers only its classes, so those outputs carry nothing (an earlier
-//! try with 500 outputs: 0 of 32). Training and the entropy over every output, at the
-//! reference's rate (RMSprop 1e-4), gave 790 of 790 batches and 1908 of 2000 single images
-//! one-shot; but the same change sent a batch of one split task to another in
-//! tests/cli_predict.rs (labels remapped to each task's first outputs). Whether a task was
-//! trained with superfluous outputs must become part of the task file; results in
-//! `benches/results/2026-11-23-infer/`.
+//! **Superfluous outputs.** Tasks that differ by input domain (permuted Fashion-MNIST, 10
+//! tasks, fc1024) are found by the entropy gradient only on a backbone with more outputs than
+//! classes, trained with [`Softmax::All`] at the reference's rate:
+//! - With 10 outputs for 10 classes it picks the wrong task: 1 of 790 test batches of 128
+//!   (RMSprop 1e-3, 282 steps per task). A PyTorch replication of the reference
+//!   (`benches/compare/supsup_oneshot.py`, 1000 steps at 1e-4) fails the same way: 51 of 780.
+//!   Split by layer, the first layer's term favours wrong tasks and outweighs the others'; the
+//!   superposed network is nearly uniform (`H` = 2.16 of ln 10), so `∂H/∂α` mostly measures
+//!   how much a candidate would sharpen any logits.
+//! - With 500 outputs (the reference's `output_size` for FC1024), the softmax over all of
+//!   them, 1000 steps at 1e-4: 790 of 790 batches and 1908 of 2000 single images here, 780 of
+//!   780 in the PyTorch replication. The same 500 outputs with the softmax over the classes
+//!   only: 0 of 32 at CI size (the extra outputs carry nothing).
+//! - The rate matters on its own: on 4 tasks over the 500-output backbone, 80 steps at 1e-4
+//!   gave 32 of 32 batches, 320 steps at 3e-4 28 of 32, and at 1e-3 0 of 32, with task
+//!   accuracies within a point of each other.
+//!
+//! [`Softmax::All`] is a choice made when a task is learned (`learn --softmax all`) and kept in
+//! its file, not a default: on split tasks whose labels are remapped to each task's first
+//! outputs (tops 0..4, shoes 0..3 on a 10-output lenet, tests/cli_predict.rs) it sent a batch
+//! of one task to the other, because every task then pushes down the same outputs.
+//!
+//! Without superfluous outputs, [`Mode::Information`] runs each task's own network (`n`
+//! passes) and picks the task that both classifies each input confidently and spreads the
+//! batch over its classes: `H(p̄) − mean_b H(p_b)`. It was right on 790 of 790 batches at 10
+//! outputs, where the lowest entropy got 626 (one task's network put foreign inputs
+//! confidently into a few classes). Its assumption is a batch that mixes classes: on split
+//! tasks (fc1024, 5 tasks of 2 classes), batches of 16 images of one class went to the right
+//! task 1 of 10 times. So it is a rule to choose (`--infer info` with `--batch-auto`), not the
+//! default. A single input is decided by the lowest entropy.
+//! Tried at 10 outputs and not kept: the one-shot step on the negative information (275 of
+//! 790), leaving the first layer's term out of `∂H/∂α` (157 of 790), removing each
+//! candidate's share of the layer's output scale (0 of 32), the lowest entropy relative to
+//! each task's own (0.81). Results in `benches/results/2026-11-23-infer/`.
 //! On split tasks (new classes, same inputs) the entropy gradient is the better default
 //! (tests/cli_predict.rs), and the lowest entropy can prefer a confident wrong task. Every
 //! gradient is checked against finite differences and against the tasks' own networks.
@@ -97,7 +88,7 @@
 //! (one dense copy, as above), then that task's own network is run and its normalised entropy
 //! competes with the other tasks' by the same heuristic.
 
-use crate::adapter::{Method, Task};
+use crate::adapter::{Method, Softmax, Task};
 use crate::backbone::Backbone;
 use crate::format::graph::Op;
 use crate::kernels::Kernels;
@@ -452,7 +443,8 @@ struct Superposed<'a> {
     layers: Vec<(usize, usize)>,
     /// The backbone's running statistics per norm (for candidates that carry none).
     norm_base: Vec<(Vec<f32>, Vec<f32>)>,
-    classes: usize,
+    /// How many leading outputs of each row `H` spans (see "Which logits").
+    logits: usize,
 }
 
 impl<'a> Superposed<'a> {
@@ -461,6 +453,7 @@ impl<'a> Superposed<'a> {
         let layers: Vec<(usize, usize)> = net.maskable.iter().filter_map(|&(l, p)| p.map(|p| (l, p))).collect();
         let width = net.out_shape().len();
         let mut classes = 0;
+        let mut all = !cands.is_empty();
         for c in cands {
             let t = c.task;
             if t.classes() == 0 || t.classes() > width {
@@ -496,7 +489,9 @@ impl<'a> Superposed<'a> {
                 .into());
             }
             classes = classes.max(t.classes());
+            all &= t.softmax == Softmax::All;
         }
+        let logits = if all { width } else { classes };
         for &(_, p) in &layers {
             net.params[p].trained = true;
         }
@@ -505,7 +500,7 @@ impl<'a> Superposed<'a> {
         // Batch statistics, unless a single input meets a norm over a 1×1 plane.
         let flat_norm = net.nodes.iter().any(|n| matches!(n.op, crate::train::net::NodeOp::Norm { plane: 1, .. }));
         net.train_mode = !(batch == 1 && flat_norm);
-        Ok(Superposed { net, layers, norm_base, classes })
+        Ok(Superposed { net, layers, norm_base, logits })
     }
 
     /// Sets `W(α)`, runs forward and backward, returns `H` and `∂H/∂α`.
@@ -537,7 +532,7 @@ impl<'a> Superposed<'a> {
         let width = self.net.out_shape().len();
         let out = self.net.forward(k, x, batch).to_vec();
         let mut d = vec![0.0f32; out.len()];
-        let h = loss::entropy(&out, width, self.classes, batch, &mut d);
+        let h = loss::entropy(&out, width, self.logits, batch, &mut d);
         self.net.backward(k, &d);
         let mut g = vec![0.0f64; cands.len()];
         for (l, &(layer, p)) in self.layers.iter().enumerate() {
@@ -690,6 +685,7 @@ mod tests {
             metrics: Vec::new(),
             created_at: 0,
             version: 1,
+            softmax: Softmax::Classes,
         }
     }
 
@@ -791,6 +787,39 @@ mod tests {
             let mut d = vec![0.0; out.len()];
             let own = loss::entropy(&out, 5, 5, batch, &mut d);
             assert!((h - own).abs() < 1e-5, "candidate {i}: superposed {h} vs own {own}");
+        }
+    }
+
+    /// Which logits `H` spans: every output (5) when all candidates were trained over every
+    /// output, else the widest candidate's classes (4 here).
+    #[test]
+    fn the_entropy_spans_every_output_only_when_every_candidate_was_trained_over_them() {
+        let bytes = small();
+        let bb = Backbone::open(&bytes).unwrap();
+        let k = Kernels::detect();
+        let batch = 3;
+        let x = inputs(batch, 4);
+        let own = |t: &Task, deps: &[&Task], spans: usize| {
+            let mut net = model::build(&bb, deps, t).unwrap();
+            net.train_mode = true;
+            let out = net.forward(&k, &x, batch).to_vec();
+            loss::entropy(&out, 5, spans, batch, &mut vec![0.0; out.len()])
+        };
+        for (softmax, spans) in
+            [([Softmax::All; 3], 5), ([Softmax::Classes; 3], 4), ([Softmax::All, Softmax::Classes, Softmax::All], 4)]
+        {
+            let mut t = tasks(&bb);
+            for (task, s) in t[1..].iter_mut().zip(softmax) {
+                task.softmax = s;
+            }
+            let c = candidates(&t);
+            let c = &c[1..];
+            let mut alpha = vec![0.0; c.len()];
+            alpha[0] = 1.0;
+            let (h, _) = entropy_gradient(&k, &bb, c, &alpha, &x, batch).unwrap();
+            let want = own(&t[1], &[], spans);
+            assert!((h - want).abs() < 1e-5, "{softmax:?}: superposed {h} vs own over {spans} outputs {want}");
+            assert!((h - own(&t[1], &[], 9 - spans)).abs() > 1e-3, "{softmax:?}: the spans differ");
         }
     }
 

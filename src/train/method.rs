@@ -6,7 +6,7 @@ use super::model::{self, ComponentError};
 use super::net::Net;
 use super::ops::loss;
 use super::optim::{Kind, Optimizer, Schedule};
-use crate::adapter::{Components, Mask, Method, Task};
+use crate::adapter::{Components, Mask, Method, Softmax, Task};
 use crate::backbone::Backbone;
 use crate::kernels::Kernels;
 use crate::rng::SplitMix64;
@@ -46,6 +46,9 @@ pub struct Config {
     /// CLR's `λ` in `CE + λ·Σ‖p‖₂`.
     pub penalty: f32,
     pub augment: bool,
+    /// Which outputs the training softmax spans: the task's classes, or every output of the
+    /// backbone (SupSup's superfluous neurons, for task inference; `infer`).
+    pub softmax: Softmax,
 }
 
 impl Config {
@@ -67,6 +70,7 @@ impl Config {
             knn_k: 200,
             penalty: 1e-5,
             augment: false,
+            softmax: Softmax::Classes,
         }
     }
 }
@@ -167,6 +171,7 @@ pub fn learn(
         metrics: Vec::new(),
         created_at: 0,
         version: 1,
+        softmax: Softmax::Classes,
     };
     let chain: Vec<&Prior> = match cfg.method {
         Method::Exssnet => prior.iter().filter(|p| p.task.method == Method::Exssnet).collect(),
@@ -221,6 +226,7 @@ pub fn learn(
                     .collect();
             }
             task.components.norms = net.norm_states();
+            task.softmax = spanned(cfg.softmax, &net, classes, &mut notes);
             scores_out = Some(scores);
         }
         Method::Clr | Method::Linear => {
@@ -245,6 +251,7 @@ pub fn learn(
             for &p in &trained {
                 net.params[p].trained = true;
             }
+            task.softmax = spanned(cfg.softmax, &net, classes, &mut notes);
             let penalty = if cfg.method == Method::Clr { cfg.penalty } else { 0.0 };
             trainer.dense_phase(&mut net, &trained, penalty, "train")?;
             let c = &mut task.components;
@@ -276,11 +283,22 @@ pub fn learn(
             trainer.dense_phase(&mut net, &trained, 0.0, "train")?;
             task.components.dense = wp.iter().map(|&p| net.params[p].value.clone()).collect();
             task.components.norms = net.norm_states();
+            task.softmax = spanned(cfg.softmax, &net, classes, &mut notes);
         }
     }
     task.metrics.push(("train_loss".into(), trainer.metrics.0 as f64));
     task.metrics.push(("train_accuracy".into(), trainer.metrics.1 as f64));
     Ok(Learned { task, scores: scores_out, notes })
+}
+
+/// The softmax a task records: [`Softmax::All`] only where the network has outputs beyond the
+/// task's classes (a head of its own has none, and then `All` changes nothing).
+fn spanned(asked: Softmax, net: &Net, classes: usize, notes: &mut Vec<String>) -> Softmax {
+    if asked == Softmax::All && net.out_shape().len() == classes {
+        notes.push(format!("--softmax all changes nothing here: the network has exactly the task's {classes} outputs"));
+        return Softmax::Classes;
+    }
+    asked
 }
 
 fn check_outputs(net: &Net, classes: usize) -> Result<(), TrainError> {
@@ -539,7 +557,7 @@ impl Trainer<'_> {
         let epochs = cfg.epochs;
         self.epochs(net, "mask", epochs, cfg.lr, |net, x, labels, lr| {
             refresh(net, scores, masks);
-            let (l, ok) = forward_backward(&k, net, x, labels, classes, 0.0, &[]);
+            let (l, ok) = forward_backward(&k, net, x, labels, (classes, cfg.softmax), 0.0, &[]);
             opt.begin();
             for (li, &p) in wp.iter().enumerate() {
                 mask::score_grad(cfg.rule, &scores[li], &base[li], &net.params[p].grad, &mut grads[li]);
@@ -574,7 +592,7 @@ impl Trainer<'_> {
                     w[i] = v;
                 }
             }
-            let (loss, ok) = forward_backward(&k, net, x, labels, classes, 0.0, &[]);
+            let (loss, ok) = forward_backward(&k, net, x, labels, (classes, cfg.softmax), 0.0, &[]);
             opt.begin();
             for (l, &p) in wp.iter().enumerate() {
                 let grad = &net.params[p].grad;
@@ -605,7 +623,7 @@ impl Trainer<'_> {
         let (k, cfg, classes) = (*self.k, self.cfg.clone(), self.classes);
         let mut opt = Optimizer::new(cfg.optimizer, cfg.weight_decay);
         self.epochs(net, phase, cfg.epochs, cfg.lr, |net, x, labels, lr| {
-            let (l, ok) = forward_backward(&k, net, x, labels, classes, penalty, trained);
+            let (l, ok) = forward_backward(&k, net, x, labels, (classes, cfg.softmax), penalty, trained);
             opt.begin();
             for (slot, &p) in trained.iter().enumerate() {
                 let prm = &mut net.params[p];
@@ -617,13 +635,16 @@ impl Trainer<'_> {
 }
 
 /// Forward, cross-entropy (+ `penalty·Σ‖p‖₂` over `penalised`), backward. Returns the loss
-/// and the number of correct predictions.
+/// and the number of correct predictions (the argmax over the task's classes). The softmax
+/// spans the first `classes` outputs, or with [`Softmax::All`] every output: those beyond the
+/// classes are never targets, so training pushes them down on the task's own inputs (SupSup's
+/// superfluous neurons, paper §3.6; what lets `infer` find the task).
 fn forward_backward(
     k: &Kernels,
     net: &mut Net,
     x: &[f32],
     labels: &[u32],
-    classes: usize,
+    (classes, softmax): (usize, Softmax),
     penalty: f32,
     penalised: &[usize],
 ) -> (f32, usize) {
@@ -633,7 +654,8 @@ fn forward_backward(
         let width = net.out_shape().len();
         let out = net.forward(k, x, batch).to_vec();
         let mut d = vec![0.0f32; out.len()];
-        let mut l = loss::cross_entropy(&out, width, classes, labels, &mut d);
+        let spans = if softmax == Softmax::All { width } else { classes };
+        let mut l = loss::cross_entropy(&out, width, spans, labels, &mut d);
         let ok = (0..batch).filter(|&b| loss::argmax(&out[b * width..], classes) as u32 == labels[b]).count();
         net.backward(k, &d);
         if penalty > 0.0 {

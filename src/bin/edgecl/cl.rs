@@ -3,7 +3,7 @@
 use crate::{backbone, open_backbone, write_atomic};
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use edgecl::adapter::{Method, Task};
+use edgecl::adapter::{Method, Softmax, Task};
 use edgecl::backbone::Backbone;
 use edgecl::data::scenario::{self, Scenario, TaskData, TaskView};
 use edgecl::data::{Dataset, Source, Split, Transform};
@@ -68,6 +68,15 @@ pub struct TrainArgs {
     /// Random crop (padding 4) and horizontal flip while training.
     #[arg(long)]
     pub augment: bool,
+    /// Which outputs the training softmax spans. `all` also puts the backbone's outputs beyond
+    /// the task's classes in it, never as targets (SupSup's superfluous neurons): training
+    /// pushes them down on the task's own inputs, which is what lets `predict --task auto`
+    /// tell apart tasks that differ by their inputs (permuted, rotated, another sensor). Use
+    /// it with a backbone that has many more outputs than classes (`init --outputs 500`) and
+    /// a low rate (rmsprop 1e-4). Keep `classes` for tasks that add new classes over the same
+    /// inputs. Kept in the task file.
+    #[arg(long, default_value = "classes", value_parser = ["classes", "all"])]
+    pub softmax: String,
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
 }
@@ -105,6 +114,7 @@ impl TrainArgs {
         c.kkt = self.kkt;
         c.knn_k = self.knn_k.max(1);
         c.augment = self.augment;
+        c.softmax = Softmax::from_name(&self.softmax).context("unknown softmax")?;
         if self.kkt && method != Method::Exssnet && method != Method::Supsup {
             bail!("--kkt applies to exssnet (and supsup) tasks only");
         }
@@ -117,6 +127,7 @@ impl TrainArgs {
             "epochs": self.epochs, "weight_epochs": self.weight_epochs, "lr": self.lr, "weight_lr": self.weight_lr,
             "batch": self.batch, "optimizer": self.optimizer, "weight_decay": self.weight_decay,
             "schedule": self.schedule, "kkt": self.kkt, "knn_k": self.knn_k, "augment": self.augment, "seed": self.seed,
+            "softmax": self.softmax,
         })
     }
 }
@@ -318,7 +329,7 @@ pub fn print_learned(t: &Trained, method: &str, bytes: usize, wrote: &str, extra
     if json_out {
         let mut v = json!({"task": t.task.name, "bytes": bytes, "method": method, "version": t.task.version,
             "train_loss": metric("train_loss"), "train_accuracy": metric("train_accuracy"), "train_seconds": t.secs,
-            "notes": t.notes});
+            "softmax": t.task.softmax.name(), "notes": t.notes});
         if let (Some(v), serde_json::Value::Object(extra)) = (v.as_object_mut(), extra) {
             v.extend(extra);
         }
@@ -679,6 +690,7 @@ pub fn demo_cmd(quiet: bool) -> Result<()> {
         kkt: false,
         knn_k: 200,
         augment: false,
+        softmax: "classes".into(),
         seed: 1,
     };
     let cfg = train.config()?;

@@ -78,15 +78,17 @@ impl From<WeightsArg> for WeightFormat {
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum InferArg {
     /// SupSup's one-shot entropy gradient over the superposition of every mask: one pass for
-    /// all supsup/exssnet tasks (clr/linear tasks: lowest entropy).
+    /// all supsup/exssnet tasks (clr/linear tasks: lowest entropy). For tasks that differ by
+    /// their inputs, learn them with `--softmax all` on a backbone with many more outputs
+    /// than classes.
     OneShot,
     /// SupSup's halving search by the same gradient.
     Binary,
     /// Run every task on the batch (with --batch-auto); the one that classifies each input
     /// confidently and spreads the batch over its classes wins (the most information, one
-    /// pass per task). The reliable rule when tasks differ by input domain (permuted,
-    /// rotated inputs) and a batch mixes classes; a batch of one class misleads it. Single
-    /// inputs: as entropy.
+    /// pass per task). For tasks that differ by their inputs (permuted, rotated) learned
+    /// without superfluous outputs, on batches that mix classes; a batch of one class
+    /// misleads it. Single inputs: as entropy.
     Info,
     /// Run every task on the inputs; the one whose predictions have the lowest entropy wins
     /// (one pass per task). A heuristic; see the README.
@@ -102,7 +104,9 @@ enum Cmd {
         /// lenet (784-300-100-N), fc1024 (784-1024-1024-N) or gemresnet18 (32x32x3 input).
         #[arg(long, value_parser = ["lenet", "fc1024", "gemresnet18"])]
         arch: String,
-        /// Output units of the last layer.
+        /// Output units of the last layer. A task uses the first as many as it has classes;
+        /// for `--task auto` over tasks that differ by their inputs, give many more (e.g. 500)
+        /// and learn with `--softmax all` (SupSup's superfluous neurons).
         #[arg(long, default_value_t = 10)]
         outputs: usize,
         #[arg(long, default_value_t = 0)]

@@ -416,7 +416,7 @@ fn show(dir: &Path, name: &str, json: bool) -> Result<()> {
         out!(
             "{}",
             json!({"name": t.name, "version": k.version, "method": k.method.name(), "labels": k.labels,
-                   "digest": Hex(&t.file.digest).to_string(), "backbone": Hex(&t.file.backbone).to_string(),
+                   "softmax": k.softmax.name(), "digest": Hex(&t.file.digest).to_string(), "backbone": Hex(&t.file.backbone).to_string(),
                    "depends_on": dep_names(&t.file, &tasks), "dependents": dependents, "created_at": k.created_at,
                    "metrics": k.metrics.iter().map(|(n, v)| (n.clone(), json!(v))).collect::<serde_json::Map<_, _>>(),
                    "config": config, "components": comps, "bytes": t.bytes, "file": t.path,
@@ -427,6 +427,7 @@ fn show(dir: &Path, name: &str, json: bool) -> Result<()> {
     out!("task        {} (version {})", t.name, k.version);
     out!("method      {}", k.method.name());
     out!("labels      {}", k.labels.join(", "));
+    out!("softmax     {} (outputs the training softmax spanned)", k.softmax.name());
     out!("digest      {}", Hex(&t.file.digest));
     out!("file        {} ({} bytes)", t.path.display(), t.bytes);
     let deps = dep_names(&t.file, &tasks);
