@@ -11,6 +11,10 @@
 //!   [`depthwise`] kernels and an int8 dot-product kernel for linear layers. Property tests hold
 //!   it to the reference within 1e-4 relative.
 //!
+//! One training kernel lives here too, so that each ISA compiles it: the depthwise backward
+//! ([`depthwise::backward_inline`], slot `depthwise_backward`), held to the row-wise loop of
+//! `train::ops::conv` in `train::ops::tests`.
+//!
 //! The choice is made once, in [`Kernels::detect`]: run-time CPU feature detection on std
 //! (x86-64: AVX2+FMA, AVX-512F; aarch64: NEON); bare-metal builds select by the target's
 //! compile-time features (aarch64 with NEON gets the NEON table, other targets the portable
@@ -350,6 +354,9 @@ pub type LinearFn = fn(&Kernels, usize, usize, Weights, &[f32], &mut [f32], &Pos
 pub type GemmRowsFn = fn(&MicroKernel, usize, usize, Weights, usize, &[f32], &mut [f32], &PostOp, &mut [f32]);
 /// One thread's block of depthwise channels (see [`depthwise::depthwise_channels_inline`]).
 pub type DepthwiseFn = fn(&ConvShape, Weights, usize, &[f32], &mut [f32], &PostOp);
+/// The depthwise backward on one sample (see [`depthwise::backward_inline`]).
+pub type DepthwiseBackwardFn =
+    fn(&ConvShape, &[f32], &[f32], &[f32], Option<&mut [f32]>, Option<&mut [f32]>, &mut [f32]);
 /// One thread's block of linear-layer rows (see [`fast::linear_rows_inline`]).
 pub type LinearRowsFn = fn(usize, usize, Weights, &[f32], &mut [f32], &PostOp);
 
@@ -377,6 +384,8 @@ pub struct Kernels {
     pub gemm_rows: GemmRowsFn,
     pub depthwise: DepthwiseFn,
     pub linear_rows: LinearRowsFn,
+    /// Training only (the forward kernels' tables carry it so that each ISA compiles it).
+    pub depthwise_backward: DepthwiseBackwardFn,
 }
 
 impl core::fmt::Debug for Kernels {
@@ -401,6 +410,7 @@ impl Kernels {
             gemm_rows: gemm::gemm_rows,
             depthwise: depthwise::depthwise_channels,
             linear_rows: fast::linear_rows,
+            depthwise_backward: depthwise::backward,
         }
     }
 

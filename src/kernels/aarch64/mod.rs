@@ -68,6 +68,8 @@ fn neon_table() -> Kernels {
         gemm_rows,
         depthwise,
         linear_rows,
+        // Portable loops: NEON is the aarch64 baseline, so they are vectorised already.
+        depthwise_backward: super::depthwise::backward,
     }
 }
 

@@ -29,7 +29,17 @@ pub fn available() -> Vec<Kernels> {
 
 fn avx2(micro: MicroKernel) -> Kernels {
     {
-        Kernels { fast: true, isa: "x86_64 avx2+fma", micro, conv2d, linear, gemm_rows, depthwise, linear_rows }
+        Kernels {
+            fast: true,
+            isa: "x86_64 avx2+fma",
+            micro,
+            conv2d,
+            linear,
+            gemm_rows,
+            depthwise,
+            linear_rows,
+            depthwise_backward,
+        }
     }
 }
 
@@ -89,6 +99,30 @@ fn depthwise(s: &ConvShape, w: Weights, c0: usize, x: &[f32], y: &mut [f32], pos
 #[target_feature(enable = "avx2,fma")]
 fn depthwise_avx2(s: &ConvShape, w: Weights, c0: usize, x: &[f32], y: &mut [f32], post: &PostOp) {
     depthwise::depthwise_channels_inline::<Avx2Fma>(s, w, c0, x, y, post)
+}
+
+fn depthwise_backward(
+    s: &ConvShape,
+    w: &[f32],
+    x: &[f32],
+    dy: &[f32],
+    dx: Option<&mut [f32]>,
+    dw: Option<&mut [f32]>,
+    scratch: &mut [f32],
+) {
+    unsafe { depthwise_backward_avx2(s, w, x, dy, dx, dw, scratch) }
+}
+#[target_feature(enable = "avx2,fma")]
+fn depthwise_backward_avx2(
+    s: &ConvShape,
+    w: &[f32],
+    x: &[f32],
+    dy: &[f32],
+    dx: Option<&mut [f32]>,
+    dw: Option<&mut [f32]>,
+    scratch: &mut [f32],
+) {
+    depthwise::backward_inline::<Avx2Fma>(s, w, x, dy, dx, dw, scratch)
 }
 
 /// The depthwise kernels' inner loops with AVX2 + FMA intrinsics: left to itself, the

@@ -12,7 +12,7 @@
 
 use crate::kernels::gemm::packed_b_len;
 use crate::kernels::matmul::{copy_short, gemm_cols, pack_b_cols, pack_bt_cols, Cols};
-use crate::kernels::{reference, ConvShape, Kernels, PostOp, Weights};
+use crate::kernels::{depthwise, reference, ConvShape, Kernels, PostOp, Weights};
 
 /// `y = conv(x) + bias` for `batch` samples. Depthwise convs (and the reference kernels) run
 /// per sample through the kernel table; every other conv runs over chunks of samples, each
@@ -223,8 +223,17 @@ pub fn backward(
         let mut partial = if dw.is_some() { vec![0.0f32; batch * wl] } else { Vec::new() };
         let work = batch * s.c_in * s.h * s.w * s.kh * s.kw;
         let part = dw.is_some().then_some(&mut partial[..]);
+        let lanes = k.fast && depthwise::backward_supported(s);
         for_each_chunk(batch, 1, work, dx, xl, part, wl, |_, b, _, dxb, dwb| {
-            depthwise_backward(s, &wf, &x[b * xl..(b + 1) * xl], &dy[b * yl..(b + 1) * yl], dxb, dwb)
+            let (xb, dyb) = (&x[b * xl..(b + 1) * xl], &dy[b * yl..(b + 1) * yl]);
+            if lanes {
+                DW_SCRATCH.with_borrow_mut(|sc| {
+                    sc.resize(sc.len().max(depthwise::backward_scratch_len(s)), 0.0);
+                    (k.depthwise_backward)(s, &wf, xb, dyb, dxb, dwb, sc)
+                })
+            } else {
+                depthwise_backward(s, &wf, xb, dyb, dxb, dwb)
+            }
         });
         if let Some(dw) = dw {
             for p in partial.chunks_exact(wl) {
@@ -249,6 +258,7 @@ struct Bufs {
 
 std::thread_local! {
     static COLS: std::cell::RefCell<Bufs> = std::cell::RefCell::new(Bufs::default());
+    static DW_SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// The non-depthwise backward over chunks of samples ([`chunk_samples`]), chunks in parallel.
@@ -485,12 +495,14 @@ fn col2im_add(s: &ConvShape, dcol: &[f32], ld: usize, off: usize, dxg: &mut [f32
     });
 }
 
-/// Depthwise backward for one sample: channel `c`'s kernel `w[c]` (`kh × kw`). For each tap
+/// Depthwise backward for one sample, row-wise: the reference for [`super::depthwise`] and
+/// the path for shapes it does not take (and for the reference kernels). Channel `c`'s kernel
+/// `w[c]` (`kh × kw`). For each tap
 /// the range of output columns that read inside the image is computed once, so the inner loops
 /// run over plain slices without per-element checks; the kernel gradient sums into 8 lanes
 /// (a single running sum does not vectorise: measured at half of a Lite0 CLR step), and
 /// strided inputs are gathered into a small buffer first.
-fn depthwise_backward(
+pub(super) fn depthwise_backward(
     s: &ConvShape,
     w: &[f32],
     x: &[f32],

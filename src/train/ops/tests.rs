@@ -381,3 +381,80 @@ fn batched_conv_matches_direct_loops_and_is_thread_independent() {
         }
     }
 }
+
+/// The eight-channel depthwise backward against the row-wise one, on shapes with partial
+/// channel blocks, every supported kernel width, rectangular kernels, strides, dilations and
+/// uneven padding, each gradient alone and both, added onto non-zero gradients; one scratch
+/// reused across shapes. Sums are taken in another order, so within 1e-5 relative.
+#[test]
+fn depthwise_lanes_match_the_row_wise_backward() {
+    let mut r = SplitMix64::new(21);
+    use crate::kernels::depthwise;
+    let tables = Kernels::available();
+    let mut sc = Vec::new();
+    let mut cases = 0;
+    for i in 0..300 {
+        let kw = [1, 3, 5, 7][r.below(4)];
+        let kh = 1 + r.below(7);
+        let s = ConvShape {
+            c_in: 1 + r.below(20),
+            h: 1 + r.below(13),
+            w: 1 + r.below(13),
+            c_out: 0,
+            kh,
+            kw,
+            sh: 1 + r.below(3),
+            sw: 1 + r.below(3),
+            pad: [r.below(4), r.below(4), r.below(4), r.below(4)],
+            dh: 1 + r.below(2),
+            dw: 1 + r.below(2),
+            groups: 0,
+        };
+        let s = ConvShape { c_out: s.c_in, groups: s.c_in, ..s };
+        if !depthwise::backward_supported(&s) {
+            continue;
+        }
+        cases += 1;
+        let (xl, yl, wl) = (s.c_in * s.h * s.w, s.c_in * s.oh() * s.ow(), s.c_in * kh * kw);
+        let (mut x, w, dy) = (rand(&mut r, xl), rand(&mut r, wl), rand(&mut r, yl));
+        if i % 10 == 0 && s.c_in > 8 {
+            // A NaN in channel 1 must stay in channel 1 (stale lanes of the last block).
+            x[s.h * s.w] = f32::NAN;
+        }
+        let (dx0, dw0) = (rand(&mut r, xl), rand(&mut r, wl));
+        for (want_dx, want_dw) in [(true, true), (true, false), (false, true)] {
+            let (mut dxa, mut dwa) = (dx0.clone(), dw0.clone());
+            let (mut dxb, mut dwb) = (Vec::new(), Vec::new());
+            conv::depthwise_backward(&s, &w, &x, &dy, want_dx.then_some(&mut dxa[..]), want_dw.then_some(&mut dwa[..]));
+            // Every table's instance (the baseline and each ISA): the same bits.
+            sc.resize(sc.len().max(depthwise::backward_scratch_len(&s)), f32::NAN);
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<u32>>();
+            let mut first: Option<(Vec<u32>, Vec<u32>)> = None;
+            for k in &tables {
+                let (mut dxk, mut dwk) = (dx0.clone(), dw0.clone());
+                (k.depthwise_backward)(
+                    &s,
+                    &w,
+                    &x,
+                    &dy,
+                    want_dx.then_some(&mut dxk[..]),
+                    want_dw.then_some(&mut dwk[..]),
+                    &mut sc,
+                );
+                let got = (bits(&dxk), bits(&dwk));
+                match &first {
+                    None => (dxb, dwb, first) = (dxk, dwk, Some(got)),
+                    Some(f) => assert!(*f == got, "{s:?}: table {} gives other bits", k.isa),
+                }
+            }
+            for (what, a, b) in [("dx", &dxa, &dxb), ("dw", &dwa, &dwb)] {
+                let scale = a.iter().filter(|v| v.is_finite()).fold(1.0f32, |m, v| m.max(v.abs()));
+                for (j, (u, v)) in a.iter().zip(b.iter()).enumerate() {
+                    let same = (u.is_nan() && v.is_nan()) || (u - v).abs() <= 1e-5 * scale;
+                    assert!(same, "{s:?} {what}[{j}]: row-wise {u} vs lanes {v}");
+                }
+            }
+        }
+    }
+    assert!(cases > 150, "only {cases} supported shapes drawn");
+}
