@@ -1,0 +1,127 @@
+use super::*;
+use crate::format::graph::{InputSpec, Op as GOp, WeightFormat};
+use crate::import::{Ir, IrOp, IrWeights};
+use crate::rng::SplitMix64;
+use crate::train::ops::loss;
+
+/// conv 3×3 (bias, no norm after: CLR adds an affine) → relu6 → conv 3×3 → BN (affine) →
+/// relu → GAP → flatten, with a CLR kernel after both 3×3 convs and a new head.
+fn tiny() -> Vec<u8> {
+    let mut r = SplitMix64::new(9);
+    let mut w = |n: usize| IrWeights::F32((0..n).map(|_| r.uniform(-0.5, 0.5)).collect());
+    let conv = |cin: u32, cout: u32, weight: IrWeights, bias: Option<Vec<f32>>| IrOp::Conv {
+        in_channels: cin,
+        out_channels: cout,
+        kernel: [3, 3],
+        stride: [1, 1],
+        pad: [1; 4],
+        dilation: [1, 1],
+        groups: 1,
+        weight,
+        bias,
+    };
+    let mut ir = Ir::new("tiny", "test", InputSpec::plain(2, 5, 5));
+    let v = ir.push(0, conv(2, 3, w(54), Some(vec![0.1, -0.2, 0.3])));
+    let v = ir.push(v, IrOp::Plain(GOp::Relu6));
+    let v = ir.push(v, conv(3, 4, w(108), None));
+    let v = ir.push(
+        v,
+        IrOp::BatchNorm {
+            eps: 1e-5,
+            mean: vec![0.1; 4],
+            var: vec![1.5; 4],
+            affine: Some((vec![1.2, 0.8, 1.0, 0.9], vec![0.1, 0.0, -0.1, 0.2])),
+        },
+    );
+    let v = ir.push(v, IrOp::Plain(GOp::Relu));
+    let v = ir.push(v, IrOp::Plain(GOp::GlobalAvgPool));
+    ir.push(v, IrOp::Plain(GOp::Flatten));
+    ir.emit(WeightFormat::F32)
+}
+
+#[test]
+fn clr_network_gradients_match_finite_differences() {
+    let bytes = tiny();
+    let bb = Backbone::open(&bytes).unwrap();
+    let k = Kernels::detect();
+    let mut net = Net::new(&bb, Recipe { reprogram: true, head: Some(3), ..Recipe::default() });
+    assert_eq!(net.reprogram.len(), 2);
+    assert_eq!(net.affines.len(), 1, "only the first conv lacks a following norm");
+    let mut r = SplitMix64::new(1);
+    let mut trained = net.reprogram.clone();
+    trained.extend(net.affines.iter().flat_map(|&(g, b)| [g, b]));
+    trained.extend(net.norms.iter().flat_map(|n| n.gamma.into_iter().chain(n.beta)));
+    trained.extend(net.head.map(|(w, b)| [w, b]).unwrap());
+    for &p in &trained {
+        for v in &mut net.params[p].value {
+            *v += r.uniform(-0.3, 0.3);
+        }
+        net.params[p].trained = true;
+    }
+    net.train_mode = true;
+    let batch = 3;
+    let x: Vec<f32> = (0..batch * 50).map(|_| r.uniform(-1.0, 1.0)).collect();
+    let labels = [0u32, 2, 1];
+    let loss_of = |net: &mut Net| -> f64 {
+        let out = net.forward(&k, &x, batch).to_vec();
+        let mut d = vec![0.0; out.len()];
+        loss::cross_entropy(&out, 3, 3, &labels, &mut d) as f64
+    };
+    net.zero_grad();
+    let out = net.forward(&k, &x, batch).to_vec();
+    let mut d = vec![0.0; out.len()];
+    loss::cross_entropy(&out, 3, 3, &labels, &mut d);
+    net.backward(&k, &d);
+    // A step of 1e-3 keeps the clamps' kinks out of almost every difference (1e-2 crossed
+    // a few); f32 rounding then costs about 1e-4 of the 2e-3 tolerance.
+    let h = 1e-3f32;
+    for &p in &trained {
+        for i in 0..net.params[p].value.len() {
+            let keep = net.params[p].value[i];
+            net.params[p].value[i] = keep + h;
+            let up = loss_of(&mut net);
+            net.params[p].value[i] = keep - h;
+            let down = loss_of(&mut net);
+            net.params[p].value[i] = keep;
+            let fd = ((up - down) / (2.0 * h as f64)) as f32;
+            let an = net.params[p].grad[i];
+            assert!((fd - an).abs() <= 2e-3 * (1.0 + an.abs()), "param {p}[{i}]: fd {fd} vs analytic {an}");
+        }
+    }
+}
+
+/// What a CLR task stores (γ folded into the kernel, int8 steps) computes what the
+/// trained net computes, within the quantisation error, and reloads to the same bytes.
+#[test]
+fn clr_state_folds_the_affine_scale_and_reloads() {
+    let bytes = tiny();
+    let bb = Backbone::open(&bytes).unwrap();
+    let k = Kernels::detect();
+    let recipe = Recipe { reprogram: true, head: Some(3), ..Recipe::default() };
+    let mut net = Net::new(&bb, recipe);
+    assert_eq!(net.affine_after, vec![Some(0), None]);
+    let mut r = SplitMix64::new(3);
+    let mut moved = net.reprogram.clone();
+    moved.extend(net.affines.iter().flat_map(|&(g, b)| [g, b]));
+    moved.extend(net.head.map(|(w, b)| [w, b]).unwrap());
+    for &p in &moved {
+        net.params[p].value.iter_mut().for_each(|v| *v += r.uniform(-0.3, 0.3));
+    }
+    let x: Vec<f32> = (0..2 * 50).map(|_| r.uniform(-1.0, 1.0)).collect();
+    let want = net.forward(&k, &x, 2).to_vec();
+    let (kernels, shifts) = net.clr_state();
+    let mut back = Net::new(&bb, recipe);
+    let ((w, b), (bw, bb_)) = (net.head.unwrap(), back.head.unwrap());
+    back.params[bw].value = net.params[w].value.clone();
+    back.params[bb_].value = net.params[b].value.clone();
+    back.set_clr_state(&kernels, &shifts).unwrap();
+    let got = back.forward(&k, &x, 2).to_vec();
+    for (a, b) in want.iter().zip(&got) {
+        assert!((a - b).abs() <= 5e-3 * (1.0 + a.abs()), "{a} vs {b}");
+    }
+    assert_ne!(want, got, "quantisation changes the values a little");
+    assert_eq!(back.clr_state().1, shifts);
+    let again = back.clr_state().0;
+    assert!(again.iter().zip(&kernels).all(|(a, b)| a.steps == b.steps));
+    assert!(back.set_clr_state(&kernels[..1], &shifts).is_none(), "a missing kernel is refused");
+}
