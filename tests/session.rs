@@ -22,17 +22,7 @@ use edgecl::train::model;
 fn conv_net() -> Vec<u8> {
     let mut r = SplitMix64::new(4);
     let mut w = |n: usize| IrWeights::F32((0..n).map(|_| r.uniform(-0.5, 0.5)).collect());
-    let conv = |cin: u32, cout: u32, k: u32, weight: IrWeights, bias: Option<Vec<f32>>| IrOp::Conv {
-        in_channels: cin,
-        out_channels: cout,
-        kernel: [k, k],
-        stride: [1, 1],
-        pad: [k / 2; 4],
-        dilation: [1, 1],
-        groups: 1,
-        weight,
-        bias,
-    };
+    let conv = |cin, cout, k, weight, bias| IrOp::square_conv(cin, cout, k, 1, weight, bias);
     let mut ir = Ir::new("convnet", "test", InputSpec::plain(2, 9, 7));
     let v = ir.push(0, conv(2, 5, 3, w(90), Some(vec![0.1, -0.2, 0.3, 0.0, 0.05])));
     let v = ir.push(v, IrOp::Plain(GOp::Relu6));

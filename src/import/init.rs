@@ -62,21 +62,7 @@ impl Builder {
 
     fn conv(&mut self, input: ValueId, cin: usize, cout: usize, k: u32, stride: u32) -> ValueId {
         let weight = self.signs(cout, cin * (k * k) as usize);
-        let p = k / 2;
-        self.ir.push(
-            input,
-            IrOp::Conv {
-                in_channels: cin as u32,
-                out_channels: cout as u32,
-                kernel: [k, k],
-                stride: [stride; 2],
-                pad: [p; 4],
-                dilation: [1, 1],
-                groups: 1,
-                weight,
-                bias: None,
-            },
-        )
+        self.ir.push(input, IrOp::square_conv(cin as u32, cout as u32, k, stride, weight, None))
     }
 
     fn norm(&mut self, input: ValueId, c: usize) -> ValueId {

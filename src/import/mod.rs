@@ -64,6 +64,24 @@ pub enum IrOp {
     Plain(Op),
 }
 
+impl IrOp {
+    /// A `k × k` conv over all input channels (one group, no dilation) with stride `stride`
+    /// and padding `k / 2` on every side ("same" for odd `k` at stride 1).
+    pub fn square_conv(cin: u32, cout: u32, k: u32, stride: u32, weight: IrWeights, bias: Option<Vec<f32>>) -> IrOp {
+        IrOp::Conv {
+            in_channels: cin,
+            out_channels: cout,
+            kernel: [k, k],
+            stride: [stride; 2],
+            pad: [k / 2; 4],
+            dilation: [1, 1],
+            groups: 1,
+            weight,
+            bias,
+        }
+    }
+}
+
 /// A backbone under construction.
 #[derive(Debug, Clone)]
 pub struct Ir {

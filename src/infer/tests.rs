@@ -10,17 +10,7 @@ use bitvec::prelude::{BitVec, Lsb0};
 fn small() -> Vec<u8> {
     let mut r = SplitMix64::new(5);
     let mut w = |n: usize| IrWeights::F32((0..n).map(|_| r.uniform(-0.8, 0.8)).collect());
-    let conv = |cin: u32, cout: u32, weight: IrWeights| IrOp::Conv {
-        in_channels: cin,
-        out_channels: cout,
-        kernel: [3, 3],
-        stride: [1, 1],
-        pad: [1; 4],
-        dilation: [1, 1],
-        groups: 1,
-        weight,
-        bias: None,
-    };
+    let conv = |cin, cout, weight| IrOp::square_conv(cin, cout, 3, 1, weight, None);
     let mut ir = Ir::new("small", "test", InputSpec::plain(1, 6, 6));
     let v = ir.push(0, conv(1, 3, w(27)));
     let v = ir.push(v, IrOp::BatchNorm { eps: 1e-5, mean: vec![0.0; 3], var: vec![1.0; 3], affine: None });

@@ -9,17 +9,7 @@ use crate::train::ops::loss;
 fn tiny() -> Vec<u8> {
     let mut r = SplitMix64::new(9);
     let mut w = |n: usize| IrWeights::F32((0..n).map(|_| r.uniform(-0.5, 0.5)).collect());
-    let conv = |cin: u32, cout: u32, weight: IrWeights, bias: Option<Vec<f32>>| IrOp::Conv {
-        in_channels: cin,
-        out_channels: cout,
-        kernel: [3, 3],
-        stride: [1, 1],
-        pad: [1; 4],
-        dilation: [1, 1],
-        groups: 1,
-        weight,
-        bias,
-    };
+    let conv = |cin, cout, weight, bias| IrOp::square_conv(cin, cout, 3, 1, weight, bias);
     let mut ir = Ir::new("tiny", "test", InputSpec::plain(2, 5, 5));
     let v = ir.push(0, conv(2, 3, w(54), Some(vec![0.1, -0.2, 0.3])));
     let v = ir.push(v, IrOp::Plain(GOp::Relu6));
