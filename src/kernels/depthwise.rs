@@ -153,10 +153,12 @@ fn dw_lanes<const K: usize, const S: usize, M: DwInner>(
     }
     let mut wk = [[0.0f32; LANES]; 25];
     let (mut mul, mut add) = ([0.0f32; LANES], [0.0f32; LANES]);
+    let mut taps = [0.0f32; 25];
     for l in 0..n {
         let c = c0 + l;
-        for (t, lanes) in wk[..K * K].iter_mut().enumerate() {
-            lanes[l] = w.get(c, c * K * K + t);
+        w.run_into(c, c * K * K, &mut taps[..K * K]);
+        for (lanes, &v) in wk[..K * K].iter_mut().zip(&taps) {
+            lanes[l] = v;
         }
         (mul[l], add[l]) = (post.mul[c], post.add[c]);
     }
@@ -217,9 +219,7 @@ fn dw_padded<const K: usize, const S: usize, M: DwInner>(
     // column ox reads offset + ox.
     let col: [usize; K] = core::array::from_fn(|kx| if S == 1 { kx } else { (kx % 2) * half + kx / 2 });
     let mut wk = [[0.0f32; K]; K];
-    for (t, v) in wk.iter_mut().flatten().enumerate() {
-        *v = w.get(c, c * K * K + t);
-    }
+    w.run_into(c, c * K * K, wk.as_flattened_mut());
     let ep = Epilogue { mul: post.mul[c], add: post.add[c], lo: post.lo, hi: post.hi };
     for (oy, orow) in out[..oh * ow].chunks_exact_mut(ow).enumerate() {
         // Every tap of every output lies inside the padded plane (ConvShape::out_hw).
@@ -388,9 +388,7 @@ fn dw_rows<M: MulAdd>(s: &ConvShape, w: Weights, c: usize, xin: &[f32], out: &mu
     let taps = s.kh * s.kw;
     let mut wk = [0.0f32; 64];
     let wk: &mut [f32] = if taps <= 64 { &mut wk[..taps] } else { &mut [] };
-    for (t, v) in wk.iter_mut().enumerate() {
-        *v = w.get(c, c * taps + t);
-    }
+    w.run_into(c, c * taps, wk);
     let (mul, add) = (post.mul[c], post.add[c]);
     for oy in 0..oh {
         let orow = &mut out[oy * ow..(oy + 1) * ow];
