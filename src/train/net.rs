@@ -1,8 +1,10 @@
 //! The training graph: the backbone's layers, executed one by one over a batch with every
 //! value kept for the backward pass, plus what a task inserts (CLR's reprogramming kernels and
 //! affines, a new head). Parameters live in one pool; each is frozen or trained. Frozen conv
-//! and linear weights are read from the mapped backbone (int8 dequantised while packing);
-//! weights a method changes (masked, overlaid, fine-tuned) are materialised as f32 params.
+//! and linear weights are read from the mapped backbone when they are f32; int8 ones are
+//! dequantised once, when the net is built, rather than in every step's forward and backward
+//! (for Lite0 that is 13 MB, against the 450 MB of a CLR training step). Weights a method
+//! changes (masked, overlaid, fine-tuned) are materialised as f32 params.
 //!
 //! Backward runs only as far back as the earliest trained parameter: a frozen prefix gets
 //! neither weight nor input gradients.
@@ -25,7 +27,11 @@ pub struct Param {
 /// Where a conv or linear layer reads its weights.
 #[derive(Clone, Copy, Debug)]
 pub enum WSrc<'a> {
+    /// f32 weights of the backbone, read in place.
     Frozen(Weights<'a>),
+    /// Int8 weights of the backbone, dequantised once into [`Net`]'s `frozen` pool at this
+    /// index: every step would otherwise dequantise them again, forward and backward.
+    Dense(usize),
     Param(usize),
 }
 
@@ -136,6 +142,8 @@ pub struct Net<'a> {
     /// Batch norms use batch statistics and update running ones.
     pub train_mode: bool,
     pub momentum: f32,
+    /// Dequantised frozen weights ([`WSrc::Dense`]).
+    frozen: Vec<Vec<f32>>,
     values: Vec<Vec<f32>>,
     /// Gradient buffers per value, kept between steps (empty = no gradient yet).
     grads: Vec<Vec<f32>>,
@@ -158,6 +166,7 @@ impl<'a> Net<'a> {
             head: None,
             train_mode: false,
             momentum: 0.1,
+            frozen: Vec::new(),
             values: Vec::new(),
             grads: Vec::new(),
             saved: Vec::new(),
@@ -283,8 +292,11 @@ impl<'a> Net<'a> {
     fn weight_src(&mut self, w: Weights<'a>, materialise: bool) -> WSrc<'a> {
         if materialise {
             WSrc::Param(self.param(conv::dense(w).into_owned()))
-        } else {
+        } else if let Weights::F32(_) = w {
             WSrc::Frozen(w)
+        } else {
+            self.frozen.push(conv::dense(w).into_owned());
+            WSrc::Dense(self.frozen.len() - 1)
         }
     }
 
@@ -340,17 +352,11 @@ impl<'a> Net<'a> {
             let params = &mut self.params;
             match &node.op {
                 NodeOp::Conv { s, w: src, bias } => {
-                    let wt = match src {
-                        WSrc::Frozen(w) => *w,
-                        WSrc::Param(p) => Weights::F32(&params[*p].value),
-                    };
+                    let wt = weights(params, &self.frozen, *src);
                     conv::forward(k, s, wt, *bias, x, batch, y, &mut self.scratch)
                 }
                 NodeOp::Linear { in_f, out_f, w: src, bias } => {
-                    let wt = match src {
-                        WSrc::Frozen(w) => *w,
-                        WSrc::Param(p) => Weights::F32(&params[*p].value),
-                    };
+                    let wt = weights(params, &self.frozen, *src);
                     linear::forward(k, *in_f, *out_f, wt, *bias, x, batch, y)
                 }
                 NodeOp::Head { in_f, out_f, w, b } => linear::forward(
@@ -487,11 +493,11 @@ impl<'a> Net<'a> {
             let params = &mut self.params;
             match &node.op {
                 NodeOp::Conv { s, w, .. } => {
-                    let (wt, dw) = split_w(params, *w);
+                    let (wt, dw) = split_w(params, &self.frozen, *w);
                     conv::backward(k, s, wt, x, &dy, batch, dx.as_deref_mut(), dw, None)
                 }
                 NodeOp::Linear { in_f, out_f, w, .. } => {
-                    let (wt, dw) = split_w(params, *w);
+                    let (wt, dw) = split_w(params, &self.frozen, *w);
                     linear::backward(k, *in_f, *out_f, wt, x, &dy, batch, dx.as_deref_mut(), dw, None)
                 }
                 NodeOp::Head { in_f, out_f, w, b } => {
@@ -699,14 +705,28 @@ impl<'a> Net<'a> {
 fn param_of(src: WSrc) -> Option<usize> {
     match src {
         WSrc::Param(p) => Some(p),
-        WSrc::Frozen(_) => None,
+        WSrc::Frozen(_) | WSrc::Dense(_) => None,
+    }
+}
+
+/// The weights of a conv/linear.
+fn weights<'p, 'a: 'p>(params: &'p [Param], frozen: &'p [Vec<f32>], w: WSrc<'a>) -> Weights<'p> {
+    match w {
+        WSrc::Frozen(w) => w,
+        WSrc::Dense(d) => Weights::F32(&frozen[d]),
+        WSrc::Param(p) => Weights::F32(&params[p].value),
     }
 }
 
 /// The weights of a conv/linear and, when they are a trained param, its gradient buffer.
-fn split_w<'p, 'a: 'p>(params: &'p mut [Param], w: WSrc<'a>) -> (Weights<'p>, Option<&'p mut [f32]>) {
+fn split_w<'p, 'a: 'p>(
+    params: &'p mut [Param],
+    frozen: &'p [Vec<f32>],
+    w: WSrc<'a>,
+) -> (Weights<'p>, Option<&'p mut [f32]>) {
     match w {
         WSrc::Frozen(w) => (w, None),
+        WSrc::Dense(d) => (Weights::F32(&frozen[d]), None),
         WSrc::Param(p) => {
             let p = &mut params[p];
             let trained = p.trained;

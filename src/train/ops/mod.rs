@@ -10,3 +10,33 @@ pub mod norm;
 pub mod pool;
 #[cfg(test)]
 mod tests;
+
+/// `acc[l] += Σ a[8i + l] · b[8i + l]` (tail into the first lanes): eight independent sums,
+/// which the compiler keeps in vector registers.
+#[inline(always)]
+pub(crate) fn dot8(acc: &mut [f32; 8], a: &[f32], b: &[f32]) {
+    let (ac, at) = a.as_chunks::<8>();
+    let (bc, bt) = b[..a.len()].as_chunks::<8>();
+    for (u, v) in ac.iter().zip(bc) {
+        for l in 0..8 {
+            acc[l] += u[l] * v[l];
+        }
+    }
+    for (l, (&u, &v)) in at.iter().zip(bt).enumerate() {
+        acc[l] += u * v;
+    }
+}
+
+/// `acc[l] += Σ a[8i + l]` (tail into the first lanes), like [`dot8`].
+#[inline(always)]
+pub(crate) fn sum8(acc: &mut [f32; 8], a: &[f32]) {
+    let (ac, at) = a.as_chunks::<8>();
+    for u in ac {
+        for l in 0..8 {
+            acc[l] += u[l];
+        }
+    }
+    for (l, &u) in at.iter().enumerate() {
+        acc[l] += u;
+    }
+}
