@@ -3,7 +3,7 @@
 
 use super::{Net, Node, NodeOp, Param, WSrc};
 use crate::kernels::{Kernels, Weights};
-use crate::train::ops::{act, conv, linear, norm, pool};
+use crate::train::ops::{act, conv, linear, norm, pool, Store};
 
 impl Net<'_> {
     fn trains(&self, node: &Node) -> bool {
@@ -14,6 +14,16 @@ impl Net<'_> {
             NodeOp::Norm { gamma, beta, .. } => gamma.is_some_and(t) || beta.is_some_and(t),
             NodeOp::Affine { gamma, beta, .. } => t(*gamma) || t(*beta),
             NodeOp::Reprogram { k, .. } => t(*k),
+            _ => false,
+        }
+    }
+
+    /// Whether `node`'s backward can write its input gradient over the buffer
+    /// ([`Store::Set`]) rather than only add into it.
+    fn sets_dx(&self, node: &Node) -> bool {
+        match node.op {
+            NodeOp::Clamp { .. } | NodeOp::Add { .. } | NodeOp::Flatten | NodeOp::Affine { .. } => true,
+            NodeOp::Norm { .. } => self.train_mode,
             _ => false,
         }
     }
@@ -29,27 +39,39 @@ impl Net<'_> {
             let other = if let NodeOp::Add { other } = node.op { need[other] } else { false };
             need[i + 1] = self.trains(node) || need[node.input] || other;
         }
+        // Gradient buffers are kept between passes with what they held; `written[v]`: value
+        // v has had a gradient stored in this pass. The first gradient a value gets is
+        // written over its buffer by the ops that can ([`Store::Set`]); for the others the
+        // buffer is zeroed first and they add.
         let mut grads = core::mem::take(&mut self.grads);
         grads.resize(n + 1, Vec::new());
-        for g in &mut grads {
-            g.clear();
-        }
+        let mut written = vec![false; n + 1];
+        grads[n].clear();
         grads[n].extend_from_slice(&dout[..batch * self.out_shape().len()]);
+        written[n] = true;
         for i in (0..n).rev() {
-            if !need[i + 1] {
+            if !need[i + 1] || !written[i + 1] {
                 continue;
             }
             let dy = core::mem::take(&mut grads[i + 1]);
-            if dy.is_empty() {
-                grads[i + 1] = dy;
-                continue;
-            }
             let node = &self.nodes[i];
             let input = node.input;
             let want_dx = need[input];
+            let store = if written[input] { Store::Add } else { Store::Set };
             let mut dx = if want_dx {
                 let mut g = core::mem::take(&mut grads[input]);
-                g.resize(batch * self.value_shape(input).len(), 0.0);
+                let len = batch * self.value_shape(input).len();
+                if store == Store::Set && !self.sets_dx(node) {
+                    g.clear();
+                }
+                g.resize(len, 0.0);
+                // Debug builds poison a buffer its op writes over, so that the tests catch an
+                // op that leaves some of it unwritten.
+                #[cfg(debug_assertions)]
+                if store == Store::Set && self.sets_dx(node) {
+                    g.fill(f32::NAN);
+                }
+                written[input] = true;
                 Some(g)
             } else {
                 None
@@ -93,7 +115,7 @@ impl Net<'_> {
                             &self.saved[i],
                             g.as_deref(),
                             &dy,
-                            dx.as_deref_mut(),
+                            dx.as_deref_mut().map(|d| (d, store)),
                             dg.as_deref_mut(),
                             db.as_deref_mut(),
                         );
@@ -129,7 +151,7 @@ impl Net<'_> {
                         x,
                         &gp.value,
                         &dy,
-                        dx.as_deref_mut(),
+                        dx.as_deref_mut().map(|d| (d, store)),
                         &mut gp.grad,
                         &mut bp.grad,
                     )
@@ -141,18 +163,28 @@ impl Net<'_> {
                 }
                 NodeOp::Clamp { lo, hi } => {
                     if let Some(dx) = dx.as_deref_mut() {
-                        act::clamp_backward(x, &dy, dx, *lo, *hi)
+                        act::clamp_backward(x, &dy, dx, *lo, *hi, store)
                     }
                 }
                 NodeOp::Add { other } => {
-                    if need[*other] {
+                    if need[*other] && *other != input {
                         let mut g = core::mem::take(&mut grads[*other]);
+                        let st = if written[*other] { Store::Add } else { Store::Set };
                         g.resize(dy.len(), 0.0);
-                        act::accumulate(&dy, &mut g);
+                        #[cfg(debug_assertions)]
+                        if st == Store::Set {
+                            g.fill(f32::NAN);
+                        }
+                        act::accumulate(&dy, &mut g, st);
+                        written[*other] = true;
                         grads[*other] = g;
                     }
                     if let Some(dx) = dx.as_deref_mut() {
-                        act::accumulate(&dy, dx)
+                        act::accumulate(&dy, dx, store);
+                        // `x + x`: the gradient twice into the one buffer.
+                        if *other == input {
+                            act::accumulate(&dy, dx, Store::Add);
+                        }
                     }
                 }
                 NodeOp::Pool { s, max } => {
@@ -167,7 +199,7 @@ impl Net<'_> {
                 }
                 NodeOp::Flatten => {
                     if let Some(dx) = dx.as_deref_mut() {
-                        act::accumulate(&dy, dx)
+                        act::accumulate(&dy, dx, store)
                     }
                 }
             }

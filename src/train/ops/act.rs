@@ -2,6 +2,8 @@
 //! output lies strictly inside the bounds (at a bound the derivative is taken as 0, as
 //! PyTorch does for ReLU at 0 and ReLU6 at 0 and 6).
 
+use super::Store;
+
 /// `y = clamp(x, lo, hi)`.
 pub fn clamp_forward(x: &[f32], y: &mut [f32], lo: f32, hi: f32) {
     for (o, &v) in y.iter_mut().zip(x) {
@@ -9,12 +11,12 @@ pub fn clamp_forward(x: &[f32], y: &mut [f32], lo: f32, hi: f32) {
     }
 }
 
-/// Adds `dy` into `dx` where the forward input was inside `(lo, hi)`.
-pub fn clamp_backward(x: &[f32], dy: &[f32], dx: &mut [f32], lo: f32, hi: f32) {
+/// Stores `dy` into `dx` where the forward input was inside `(lo, hi)`, 0 elsewhere.
+pub fn clamp_backward(x: &[f32], dy: &[f32], dx: &mut [f32], lo: f32, hi: f32, store: Store) {
     // A select rather than a branch, so that the loop vectorises (the branch was 5 % of a
     // GEMResNet step).
     for ((d, &g), &v) in dx.iter_mut().zip(dy).zip(x) {
-        *d += if v > lo && v < hi { g } else { 0.0 };
+        store.put(d, if v > lo && v < hi { g } else { 0.0 });
     }
 }
 
@@ -25,9 +27,9 @@ pub fn add_forward(a: &[f32], b: &[f32], y: &mut [f32]) {
     }
 }
 
-/// The gradient of a sum flows unchanged to both operands: `dx += dy`.
-pub fn accumulate(dy: &[f32], dx: &mut [f32]) {
+/// The gradient of a sum flows unchanged to both operands: `dx += dy` (or `dx = dy`).
+pub fn accumulate(dy: &[f32], dx: &mut [f32], store: Store) {
     for (d, &g) in dx.iter_mut().zip(dy) {
-        *d += g;
+        store.put(d, g);
     }
 }

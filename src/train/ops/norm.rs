@@ -14,6 +14,8 @@ pub struct Saved {
 
 /// Independent partial sums per channel reduction: one running f64 sum per element did not
 /// vectorise (batch norm was 8 % of a GEMResNet step); the lanes are added in a fixed order.
+use super::Store;
+
 const LANES: usize = 8;
 
 /// `acc[l] += f(v[8i + l])` (the tail into the first lanes).
@@ -108,7 +110,7 @@ pub fn eval_forward(
     }
 }
 
-/// Gradients of [`train_forward`] (added into `dx`, `dgamma`, `dbeta`):
+/// Gradients of [`train_forward`] (added into `dgamma`, `dbeta`; stored into `dx`):
 /// with `x̂ = (x − μ)·s`, `dβ = Σ dy`, `dγ = Σ dy·x̂`, and
 /// `dx = γ·s/N · (N·dy − Σdy − x̂·Σ(dy·x̂))` (the batch statistics depend on every sample).
 #[allow(clippy::too_many_arguments)]
@@ -120,7 +122,7 @@ pub fn train_backward(
     saved: &Saved,
     gamma: Option<&[f32]>,
     dy: &[f32],
-    dx: Option<&mut [f32]>,
+    dx: Option<(&mut [f32], Store)>,
     dgamma: Option<&mut [f32]>,
     dbeta: Option<&mut [f32]>,
 ) {
@@ -156,7 +158,7 @@ pub fn train_backward(
             *d += s.1 as f32;
         }
     }
-    if let Some(dx) = dx {
+    if let Some((dx, store)) = dx {
         for (c, &(sdy, sdyx)) in sums.iter().enumerate() {
             let (m, is) = (saved.mean[c], saved.inv_std[c]);
             let g = gamma.map_or(1.0, |g| g[c]);
@@ -166,7 +168,7 @@ pub fn train_backward(
                 let at = (b * ch + c) * plane;
                 for ((d, &gy), &v) in dx[at..at + plane].iter_mut().zip(&dy[at..at + plane]).zip(&x[at..at + plane]) {
                     let xh = (v - m) * is;
-                    *d += gs * (gy - a - xh * bq);
+                    store.put(d, gs * (gy - a - xh * bq));
                 }
             }
         }
@@ -223,7 +225,7 @@ pub fn affine_forward(ch: usize, plane: usize, batch: usize, x: &[f32], gamma: &
     }
 }
 
-/// Gradients of [`affine_forward`], added.
+/// Gradients of [`affine_forward`]: added into `dgamma`, `dbeta`; stored into `dx`.
 #[allow(clippy::too_many_arguments)]
 pub fn affine_backward(
     ch: usize,
@@ -232,7 +234,7 @@ pub fn affine_backward(
     x: &[f32],
     gamma: &[f32],
     dy: &[f32],
-    mut dx: Option<&mut [f32]>,
+    mut dx: Option<(&mut [f32], Store)>,
     dgamma: &mut [f32],
     dbeta: &mut [f32],
 ) {
@@ -247,9 +249,9 @@ pub fn affine_backward(
             super::sum8(&mut sb, dyc);
             dgamma[c] += sg.iter().sum::<f32>();
             dbeta[c] += sb.iter().sum::<f32>();
-            if let Some(dx) = dx.as_deref_mut() {
+            if let Some((dx, store)) = dx.as_mut() {
                 for (d, &g) in dx[at..at + plane].iter_mut().zip(dyc) {
-                    *d += g * gamma[c];
+                    store.put(d, g * gamma[c]);
                 }
             }
         }

@@ -136,7 +136,18 @@ fn batch_norm_gradients_in_both_modes() {
         let (ga, ba) = if affine { (Some(&g[..]), Some(&bt[..])) } else { (None, None) };
         let saved = norm::train_forward(ch, plane, batch, &x, ga, ba, 1e-5, 0.1, &mut rm, &mut rv, &mut y);
         let (mut dx, mut dg, mut db) = (vec![0.0; n], vec![0.0; ch], vec![0.0; ch]);
-        norm::train_backward(ch, plane, batch, &x, &saved, ga, &rr, Some(&mut dx), Some(&mut dg), Some(&mut db));
+        norm::train_backward(
+            ch,
+            plane,
+            batch,
+            &x,
+            &saved,
+            ga,
+            &rr,
+            Some((&mut dx, Store::Add)),
+            Some(&mut dg),
+            Some(&mut db),
+        );
         let (g0, b0) = (g.clone(), bt.clone());
         check("bn dx", &mut x, &dx, |x| f(x, &g0, &b0));
         if affine {
@@ -177,7 +188,7 @@ fn batch_norm_gradients_in_both_modes() {
         dot(&y, &rr)
     };
     let (mut dx, mut dg, mut db) = (vec![0.0; n], vec![0.0; ch], vec![0.0; ch]);
-    norm::affine_backward(ch, plane, batch, &x, &g, &rr, Some(&mut dx), &mut dg, &mut db);
+    norm::affine_backward(ch, plane, batch, &x, &g, &rr, Some((&mut dx, Store::Add)), &mut dg, &mut db);
     let (g0, b0, x0) = (g.clone(), bt.clone(), x.clone());
     check("affine dx", &mut x, &dx, |x| fa(x, &g0, &b0));
     check("affine dgamma", &mut g, &dg, |g| fa(&x0, g, &b0));
@@ -201,7 +212,7 @@ fn activation_and_add_gradients() {
     let rr = rand(&mut r, 40);
     for (lo, hi) in [(0.0, f32::INFINITY), (0.0, 6.0)] {
         let mut dx = vec![0.0; 40];
-        act::clamp_backward(&x, &rr, &mut dx, lo, hi);
+        act::clamp_backward(&x, &rr, &mut dx, lo, hi, Store::Add);
         check("clamp dx", &mut x, &dx, |x| {
             let mut y = vec![0.0; 40];
             act::clamp_forward(x, &mut y, lo, hi);
@@ -210,7 +221,7 @@ fn activation_and_add_gradients() {
     }
     let b = rand(&mut r, 40);
     let mut dx = vec![0.0; 40];
-    act::accumulate(&rr, &mut dx);
+    act::accumulate(&rr, &mut dx, Store::Add);
     check("add dx", &mut x, &dx, |x| {
         let mut y = vec![0.0; 40];
         act::add_forward(x, &b, &mut y);
@@ -458,4 +469,37 @@ fn depthwise_lanes_match_the_row_wise_backward() {
         }
     }
     assert!(cases > 150, "only {cases} supported shapes drawn");
+}
+
+/// `Store::Set` over a buffer of garbage gives the bits of `Store::Add` onto zeros, for
+/// every op that can set (a −0 gradient included), and `Add` adds onto what is there.
+#[test]
+fn stored_gradients_set_as_adding_onto_zeros() {
+    let (ch, plane, batch) = (3, 5, 2);
+    let n = ch * plane * batch;
+    let mut r = SplitMix64::new(8);
+    let (x, g, mut dy) = (rand(&mut r, n), rand(&mut r, ch), rand(&mut r, n));
+    dy[1] = -0.0;
+    let (mut rm, mut rv, mut y) = (vec![0.0; ch], vec![1.0; ch], vec![0.0; n]);
+    let saved = norm::train_forward(ch, plane, batch, &x, Some(&g), None, 1e-5, 0.1, &mut rm, &mut rv, &mut y);
+    let run = |store: Store, start: f32, op: usize| {
+        let mut dx = vec![start; n];
+        let (mut dg, mut db) = (vec![0.0; ch], vec![0.0; ch]);
+        match op {
+            0 => act::clamp_backward(&x, &dy, &mut dx, 0.0, 6.0, store),
+            1 => act::accumulate(&dy, &mut dx, store),
+            2 => norm::affine_backward(ch, plane, batch, &x, &g, &dy, Some((&mut dx, store)), &mut dg, &mut db),
+            _ => norm::train_backward(ch, plane, batch, &x, &saved, Some(&g), &dy, Some((&mut dx, store)), None, None),
+        }
+        dx.iter().map(|v| v.to_bits()).collect::<Vec<u32>>()
+    };
+    for op in 0..4 {
+        let added = run(Store::Add, 0.0, op);
+        assert_eq!(run(Store::Set, f32::NAN, op), added, "op {op}");
+        assert_eq!(run(Store::Set, -3.5, op), added, "op {op}");
+        let onto: Vec<u32> = run(Store::Add, 1.0, op);
+        let want: Vec<u32> = added.iter().map(|&b| (1.0 + f32::from_bits(b)).to_bits()).collect();
+        assert_eq!(onto, want, "op {op}");
+    }
+    assert_eq!(run(Store::Set, 7.0, 1)[1], 0.0f32.to_bits(), "a -0 gradient is stored as +0");
 }
