@@ -8,7 +8,7 @@
 //!
 //! All tested against [`super::reference::conv2d`] (`tests/kernels.rs`).
 
-use super::{clamp, for_each_chunk, ConvShape, Kernels, MulAdd, Plain, PostOp, Weights};
+use super::{clamp, for_each_chunk, ConvShape, Kernels, MulAdd, Plain, PostOp, Store, Weights};
 
 /// Depthwise conv on one sample, whole blocks of channels per thread.
 #[inline(always)]
@@ -483,15 +483,15 @@ pub fn backward(
     w: &[f32],
     x: &[f32],
     dy: &[f32],
-    dx: Option<&mut [f32]>,
+    dx: Option<(&mut [f32], Store)>,
     dw: Option<&mut [f32]>,
     scratch: &mut [f32],
 ) {
     backward_inline::<Plain>(s, w, x, dy, dx, dw, scratch)
 }
 
-/// The body of every instance of the depthwise backward (see "Backward" above): adds
-/// `∂L/∂x` into `dx` and `∂L/∂w` into `dw` (each when given) for one sample with input `x`
+/// The body of every instance of the depthwise backward (see "Backward" above): stores
+/// `∂L/∂x` into `dx` (added or set) and adds `∂L/∂w` into `dw` (each when given) for one sample with input `x`
 /// (`c × h × w`), output gradient `dy` (`c × oh × ow`) and f32 kernels `w` (`c × kh × kw`).
 /// `s` must be [`backward_supported`]; `scratch` holds at least [`backward_scratch_len`]
 /// floats (any values). `M` moves data between planes and lanes (no arithmetic).
@@ -501,7 +501,7 @@ pub fn backward_inline<M: DwInner>(
     w: &[f32],
     x: &[f32],
     dy: &[f32],
-    mut dx: Option<&mut [f32]>,
+    mut dx: Option<(&mut [f32], Store)>,
     mut dw: Option<&mut [f32]>,
     scratch: &mut [f32],
 ) {
@@ -570,7 +570,8 @@ pub fn backward_inline<M: DwInner>(
                 }
             }
         }
-        if let Some(dx) = dx.as_deref_mut() {
+        if let Some((dx, store)) = dx.as_mut() {
+            let (dx, store) = (&mut **dx, *store);
             let mut wv = [ZERO; 49];
             for (t, wt) in wv[..taps].iter_mut().enumerate() {
                 for l in 0..n {
@@ -586,7 +587,7 @@ pub fn backward_inline<M: DwInner>(
                         *f = (iy + s.pad[0] + (s.kh - 1 - ky) * s.dh) * g_ld + s.pad[1] + (s.kw - 1 - kx) * s.dw;
                     }
                     gather_row(gv, &from[..taps], &wv[..taps], dxp[..s.w * LANES].as_chunks_mut::<LANES>().0);
-                    add_row::<M>(&dxp[..s.w * LANES], &mut row[..n * s.w], dx, c0, plane, iy * s.w, s.w);
+                    add_row::<M>(&dxp[..s.w * LANES], &mut row[..n * s.w], dx, store, c0, plane, iy * s.w, s.w);
                 }
             } else {
                 let (dv, _) = dxp.as_chunks_mut::<LANES>();
@@ -605,7 +606,7 @@ pub fn backward_inline<M: DwInner>(
                 // The interior, row by row, back to channel planes, added into `dx`.
                 for iy in 0..s.h {
                     let at = ((iy + s.pad[0]) * pw + s.pad[1]) * LANES;
-                    add_row::<M>(&dxp[at..][..s.w * LANES], &mut row[..n * s.w], dx, c0, plane, iy * s.w, s.w);
+                    add_row::<M>(&dxp[at..][..s.w * LANES], &mut row[..n * s.w], dx, store, c0, plane, iy * s.w, s.w);
                 }
                 dxp.fill(0.0);
             }
@@ -613,15 +614,24 @@ pub fn backward_inline<M: DwInner>(
     }
 }
 
-/// `dx[c0 + l][at .. at + len] += src[pos · LANES + l]` for the `out.len() / len` lanes of
-/// `out` (scratch).
+/// `dx[c0 + l][at .. at + len] += src[pos · LANES + l]` (or `=`, by `store`) for the
+/// `out.len() / len` lanes of `out` (scratch).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn add_row<M: DwInner>(src: &[f32], out: &mut [f32], dx: &mut [f32], c0: usize, plane: usize, at: usize, len: usize) {
+fn add_row<M: DwInner>(
+    src: &[f32],
+    out: &mut [f32],
+    dx: &mut [f32],
+    store: Store,
+    c0: usize,
+    plane: usize,
+    at: usize,
+    len: usize,
+) {
     M::deinterleave(src, out, len);
     for (l, r) in out.chunks_exact(len).enumerate() {
         for (d, v) in dx[(c0 + l) * plane + at..][..len].iter_mut().zip(r) {
-            *d += v;
+            store.put(d, *v);
         }
     }
 }

@@ -7,7 +7,7 @@
 //! multiply-adds. Everything here is tested against the reference kernels.
 #![allow(unsafe_code)]
 
-use super::{depthwise, fast, gemm, ConvShape, Kernels, MicroKernel, PostOp, TileEpilogue, Weights};
+use super::{depthwise, fast, gemm, ConvShape, Kernels, MicroKernel, PostOp, Store, TileEpilogue, Weights};
 
 /// The best table this CPU runs: AVX2 + FMA, with the 512-bit GEMM micro-kernel when
 /// AVX-512F is present too.
@@ -106,7 +106,7 @@ fn depthwise_backward(
     w: &[f32],
     x: &[f32],
     dy: &[f32],
-    dx: Option<&mut [f32]>,
+    dx: Option<(&mut [f32], Store)>,
     dw: Option<&mut [f32]>,
     scratch: &mut [f32],
 ) {
@@ -118,7 +118,7 @@ fn depthwise_backward_avx2(
     w: &[f32],
     x: &[f32],
     dy: &[f32],
-    dx: Option<&mut [f32]>,
+    dx: Option<(&mut [f32], Store)>,
     dw: Option<&mut [f32]>,
     scratch: &mut [f32],
 ) {

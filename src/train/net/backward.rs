@@ -22,7 +22,12 @@ impl Net<'_> {
     /// ([`Store::Set`]) rather than only add into it.
     fn sets_dx(&self, node: &Node) -> bool {
         match node.op {
-            NodeOp::Clamp { .. } | NodeOp::Add { .. } | NodeOp::Flatten | NodeOp::Affine { .. } => true,
+            NodeOp::Clamp { .. }
+            | NodeOp::Add { .. }
+            | NodeOp::Flatten
+            | NodeOp::Affine { .. }
+            | NodeOp::Conv { .. }
+            | NodeOp::Reprogram { .. } => true,
             NodeOp::Norm { .. } => self.train_mode,
             _ => false,
         }
@@ -81,7 +86,7 @@ impl Net<'_> {
             match &node.op {
                 NodeOp::Conv { s, w, .. } => {
                     let (wt, dw) = split_w(params, &self.frozen, *w);
-                    conv::backward(k, s, wt, x, &dy, batch, dx.as_deref_mut(), dw, None)
+                    conv::backward(k, s, wt, x, &dy, batch, dx.as_deref_mut().map(|d| (d, store)), dw, None)
                 }
                 NodeOp::Linear { in_f, out_f, w, .. } => {
                     let (wt, dw) = split_w(params, &self.frozen, *w);
@@ -159,7 +164,17 @@ impl Net<'_> {
                 NodeOp::Reprogram { s, k: kp } => {
                     let p = &mut params[*kp];
                     let dk = p.trained.then_some(&mut p.grad[..]);
-                    conv::backward(k, s, Weights::F32(&p.value), x, &dy, batch, dx.as_deref_mut(), dk, None)
+                    conv::backward(
+                        k,
+                        s,
+                        Weights::F32(&p.value),
+                        x,
+                        &dy,
+                        batch,
+                        dx.as_deref_mut().map(|d| (d, store)),
+                        dk,
+                        None,
+                    )
                 }
                 NodeOp::Clamp { lo, hi } => {
                     if let Some(dx) = dx.as_deref_mut() {

@@ -13,7 +13,7 @@
 use super::dot8;
 use crate::kernels::gemm::packed_b_len;
 use crate::kernels::matmul::{copy_short, gemm_cols, pack_b_cols, pack_bt_cols, Cols};
-use crate::kernels::{depthwise, reference, ConvShape, Kernels, PostOp, Weights};
+use crate::kernels::{depthwise, reference, ConvShape, Kernels, PostOp, Store, Weights};
 
 /// `y = conv(x) + bias` for `batch` samples. Depthwise convs (and the reference kernels) run
 /// per sample through the kernel table; every other conv runs over chunks of samples, each
@@ -190,8 +190,10 @@ pub fn dense(w: Weights<'_>) -> std::borrow::Cow<'_, [f32]> {
     }
 }
 
-/// Gradients of [`forward`]: adds `∂L/∂x` into `dx`, `∂L/∂W` into `dw` and `∂L/∂b` into `db`
-/// (each only when asked for) given `dy = ∂L/∂y`.
+/// Gradients of [`forward`]: stores `∂L/∂x` into `dx` (added or set, by its [`Store`]), adds
+/// `∂L/∂W` into `dw` and `∂L/∂b` into `db` (each only when asked for) given `dy = ∂L/∂y`.
+/// Depthwise convs through the kernel table and pointwise ones set `dx` as they compute it;
+/// the others zero it first and add.
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
     k: &Kernels,
@@ -200,7 +202,7 @@ pub fn backward(
     x: &[f32],
     dy: &[f32],
     batch: usize,
-    dx: Option<&mut [f32]>,
+    dx: Option<(&mut [f32], Store)>,
     dw: Option<&mut [f32]>,
     db: Option<&mut [f32]>,
 ) {
@@ -225,12 +227,13 @@ pub fn backward(
         let work = batch * s.c_in * s.h * s.w * s.kh * s.kw;
         let part = dw.is_some().then_some(&mut partial[..]);
         let lanes = k.fast && depthwise::backward_supported(s);
+        let (dx, store) = added(dx, lanes);
         for_each_chunk(batch, 1, work, dx, xl, part, wl, |_, b, _, dxb, dwb| {
             let (xb, dyb) = (&x[b * xl..(b + 1) * xl], &dy[b * yl..(b + 1) * yl]);
             if lanes {
                 DW_SCRATCH.with_borrow_mut(|sc| {
                     sc.resize(sc.len().max(depthwise::backward_scratch_len(s)), 0.0);
-                    (k.depthwise_backward)(s, &wf, xb, dyb, dxb, dwb, sc)
+                    (k.depthwise_backward)(s, &wf, xb, dyb, dxb.map(|d| (d, store)), dwb, sc)
                 })
             } else {
                 depthwise_backward(s, &wf, xb, dyb, dxb, dwb)
@@ -245,7 +248,21 @@ pub fn backward(
         }
         return;
     }
-    backward_batched(k, s, &wf, x, dy, batch, dx, dw);
+    let (dx, store) = added(dx, is_pointwise(s));
+    backward_batched(k, s, &wf, x, dy, batch, dx, store, dw);
+}
+
+/// `dx` and how to store into it, for a path that can set it (`sets`) or only add: a buffer
+/// to be set is zeroed for the latter.
+fn added(dx: Option<(&mut [f32], Store)>, sets: bool) -> (Option<&mut [f32]>, Store) {
+    match dx {
+        Some((d, Store::Set)) if !sets => {
+            d.fill(0.0);
+            (Some(d), Store::Add)
+        }
+        Some((d, st)) => (Some(d), st),
+        None => (None, Store::Add),
+    }
 }
 
 /// Per-thread buffers of the batched conv: the unfolded input of a chunk, its gradient, and a
@@ -269,7 +286,7 @@ std::thread_local! {
 /// output gradient (`cout_g × nb·P`): `dWᵀ = col · dYᵀ` (one GEMM over all the chunk's
 /// positions, kept per chunk and summed in chunk order afterwards, so the result does not
 /// depend on the thread count) and `dx += col2im(Wᵀ · dY)` (for a pointwise conv the product
-/// is added straight into `dx`).
+/// is stored straight into `dx`, by `store`).
 #[allow(clippy::too_many_arguments)]
 fn backward_batched(
     k: &Kernels,
@@ -279,6 +296,7 @@ fn backward_batched(
     dy: &[f32],
     batch: usize,
     dx: Option<&mut [f32]>,
+    store: Store,
     dw: Option<&mut [f32]>,
 ) {
     let (p, xl, yl) = (s.oh() * s.ow(), s.c_in * s.h * s.w, s.c_out * s.oh() * s.ow());
@@ -353,7 +371,7 @@ fn backward_batched(
                                 out,
                                 Cols { per: p, bs: xl, rs: p },
                                 None,
-                                true,
+                                store == Store::Add,
                             );
                         } else {
                             let dcolm = sized(dcol, kk * n);

@@ -13,25 +13,7 @@ pub mod pool;
 #[cfg(test)]
 mod tests;
 
-/// How a backward function stores an input gradient.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Store {
-    /// Added to what the buffer holds.
-    Add,
-    /// Written over the buffer, as `0 + v`: the bits adding onto a zeroed buffer gives (a
-    /// −0 stays +0), without zeroing it first (that zeroing was 4 % of a Lite0 CLR step).
-    Set,
-}
-
-impl Store {
-    #[inline(always)]
-    pub fn put(self, d: &mut f32, v: f32) {
-        match self {
-            Store::Add => *d += v,
-            Store::Set => *d = 0.0 + v,
-        }
-    }
-}
+pub use crate::kernels::Store;
 
 /// `acc[l] += Σ a[8i + l] · b[8i + l]` (tail into the first lanes): eight independent sums,
 /// which the compiler keeps in vector registers.

@@ -56,7 +56,17 @@ fn conv_case(s: ConvShape, batch: usize, bias: bool) {
             dot(&y, &rr)
         };
         let (mut dx, mut dw, mut db) = (vec![0.0; xl], vec![0.0; wl], vec![0.0; s.c_out]);
-        conv::backward(&k, &s, Weights::F32(&w), &x, &rr, batch, Some(&mut dx), Some(&mut dw), Some(&mut db));
+        conv::backward(
+            &k,
+            &s,
+            Weights::F32(&w),
+            &x,
+            &rr,
+            batch,
+            Some((&mut dx, Store::Add)),
+            Some(&mut dw),
+            Some(&mut db),
+        );
         let (w0, b0) = (w.clone(), b.clone());
         check("conv dx", &mut x, &dx, |x| f(x, &w0, &b0));
         let x0 = x.clone();
@@ -295,7 +305,7 @@ fn depthwise_backward_is_the_same_on_one_and_two_threads() {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
         pool.install(|| {
             let (mut dx, mut dw) = (vec![0.0; x.len()], vec![0.0; w.len()]);
-            conv::backward(&k, &s, Weights::F32(&w), &x, &dy, batch, Some(&mut dx), Some(&mut dw), None);
+            conv::backward(&k, &s, Weights::F32(&w), &x, &dy, batch, Some((&mut dx, Store::Add)), Some(&mut dw), None);
             (dx, dw)
         })
     };
@@ -374,7 +384,17 @@ fn batched_conv_matches_direct_loops_and_is_thread_independent() {
                     let mut y = vec![0.0; yl];
                     conv::forward(&k, &s, Weights::F32(&w), Some(&bias), &x, batch, &mut y, &mut Vec::new());
                     let (mut dx, mut dw) = (vec![0.5; xl], vec![0.25; wl]);
-                    conv::backward(&k, &s, Weights::F32(&w), &x, &dy, batch, Some(&mut dx), Some(&mut dw), None);
+                    conv::backward(
+                        &k,
+                        &s,
+                        Weights::F32(&w),
+                        &x,
+                        &dy,
+                        batch,
+                        Some((&mut dx, Store::Add)),
+                        Some(&mut dw),
+                        None,
+                    );
                     (y, dx, dw)
                 })
             };
@@ -449,7 +469,7 @@ fn depthwise_lanes_match_the_row_wise_backward() {
                     &w,
                     &x,
                     &dy,
-                    want_dx.then_some(&mut dxk[..]),
+                    want_dx.then_some((&mut dxk[..], Store::Add)),
                     want_dw.then_some(&mut dwk[..]),
                     &mut sc,
                 );
@@ -502,4 +522,36 @@ fn stored_gradients_set_as_adding_onto_zeros() {
         assert_eq!(onto, want, "op {op}");
     }
     assert_eq!(run(Store::Set, 7.0, 1)[1], 0.0f32.to_bits(), "a -0 gradient is stored as +0");
+    // Convs: pointwise and depthwise (which set), 3×3 and grouped (which zero and add), on
+    // every table (the reference kernels among them).
+    let tables = Kernels::available();
+    for s in [
+        shape(12, 5, 6, 1, 1, 0, 1),
+        shape(4, 6, 6, 3, 1, 1, 2),
+        shape(12, 12, 7, 3, 1, 1, 12),
+        shape(9, 9, 8, 3, 2, 1, 9),
+    ] {
+        let (xl, wl) = (batch * s.c_in * s.h * s.w, s.c_out * s.cin_g() * 9);
+        let (x, w) = (rand(&mut r, xl), rand(&mut r, wl));
+        let dy = rand(&mut r, batch * s.c_out * s.oh() * s.ow());
+        for k in &tables {
+            let run = |store: Store, start: f32| {
+                let mut dx = vec![start; xl];
+                conv::backward(
+                    k,
+                    &s,
+                    Weights::F32(&w[..s.c_out * s.cin_g() * s.kh * s.kw]),
+                    &x,
+                    &dy,
+                    batch,
+                    Some((&mut dx, store)),
+                    None,
+                    None,
+                );
+                dx.iter().map(|v| v.to_bits()).collect::<Vec<u32>>()
+            };
+            let added = run(Store::Add, 0.0);
+            assert_eq!(run(Store::Set, f32::NAN), added, "{s:?} on {}", k.isa);
+        }
+    }
 }
