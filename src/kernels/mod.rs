@@ -11,9 +11,10 @@
 //!   [`depthwise`] kernels and an int8 dot-product kernel for linear layers. Property tests hold
 //!   it to the reference within 1e-4 relative.
 //!
-//! One training kernel lives here too, so that each ISA compiles it: the depthwise backward
+//! Two training kernels live here too, so that each ISA compiles them: the depthwise backward
 //! ([`depthwise::backward_inline`], slot `depthwise_backward`), held to the row-wise loop of
-//! `train::ops::conv` in `train::ops::tests`.
+//! `train::ops::conv` in `train::ops::tests`, and the sparse × dense product of masked
+//! training ([`sparse::spmm_inline`], slot `spmm`), held to [`sparse::spmm_reference`].
 //!
 //! The choice is made once, in [`Kernels::detect`]: run-time CPU feature detection on std
 //! (x86-64: AVX2+FMA, AVX-512F; aarch64: NEON); bare-metal builds select by the target's
@@ -29,6 +30,7 @@ pub mod gemm;
 #[cfg(feature = "std")]
 pub mod matmul;
 pub mod reference;
+pub mod sparse;
 #[cfg(all(target_arch = "x86_64", feature = "std"))]
 pub mod x86_64;
 
@@ -376,6 +378,9 @@ pub type DepthwiseFn = fn(&ConvShape, Weights, usize, &[f32], &mut [f32], &PostO
 pub type DepthwiseBackwardFn =
     fn(&ConvShape, &[f32], &[f32], &[f32], Option<(&mut [f32], Store)>, Option<&mut [f32]>, &mut [f32]);
 
+/// A sparse × dense product (see [`sparse::spmm_inline`]).
+pub type SpmmFn = fn(sparse::SparseRows, &[f32], usize, usize, &mut [f32], usize, Store);
+
 /// How a backward function (training's, `train::ops`, and [`depthwise::backward_inline`])
 /// stores an input gradient.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -423,8 +428,9 @@ pub struct Kernels {
     pub gemm_rows: GemmRowsFn,
     pub depthwise: DepthwiseFn,
     pub linear_rows: LinearRowsFn,
-    /// Training only (the forward kernels' tables carry it so that each ISA compiles it).
+    /// Training only (the forward kernels' tables carry them so that each ISA compiles them).
     pub depthwise_backward: DepthwiseBackwardFn,
+    pub spmm: SpmmFn,
 }
 
 impl core::fmt::Debug for Kernels {
@@ -450,6 +456,7 @@ impl Kernels {
             depthwise: depthwise::depthwise_channels,
             linear_rows: fast::linear_rows,
             depthwise_backward: depthwise::backward,
+            spmm: sparse::spmm,
         }
     }
 

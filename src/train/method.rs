@@ -5,6 +5,7 @@ use super::mask::{self, Density, MaskRule};
 use super::model::{self, ComponentError};
 use super::net::Net;
 use super::ops::loss;
+use super::ops::sparse::SparseW;
 use super::optim::{Kind, Optimizer, Schedule};
 use crate::adapter::{Components, Mask, Method, Softmax, Task};
 use crate::backbone::Backbone;
@@ -542,17 +543,29 @@ impl Trainer<'_> {
         let (k, cfg, classes) = (*self.k, self.cfg.clone(), self.classes);
         let mut opt = Optimizer::new(cfg.optimizer, cfg.weight_decay);
         let mut grads: Vec<Vec<f32>> = scores.iter().map(|s| vec![0.0; s.len()]).collect();
-        // Layers are independent: each is thresholded and masked on its own thread.
+        // Layers are independent: each is thresholded and masked on its own thread. A
+        // sparse enough mask also gives the layer's sparse form, for the forward and
+        // input-gradient products (`train::ops::sparse`).
+        let dims: Vec<Option<(usize, usize)>> = wp.iter().map(|&p| net.weight_dims(p)).collect();
         let refresh = |net: &mut Net, scores: &[Vec<f32>], masks: &mut [BitVec<u32, Lsb0>]| {
             use rayon::prelude::*;
             let mut values = net.params_mut(wp);
-            values.par_iter_mut().zip(masks.par_iter_mut()).enumerate().for_each(|(l, (p, m))| {
-                match cfg.rule {
-                    MaskRule::TopK => mask::top_k(&scores[l], densities[l], m),
-                    MaskRule::Threshold => mask::threshold(&scores[l], m),
-                }
-                mask::apply(&base[l], m, &mut p.value);
-            });
+            let sparse: Vec<Option<SparseW>> = values
+                .par_iter_mut()
+                .zip(masks.par_iter_mut())
+                .enumerate()
+                .map(|(l, (p, m))| {
+                    match cfg.rule {
+                        MaskRule::TopK => mask::top_k(&scores[l], densities[l], m),
+                        MaskRule::Threshold => mask::threshold(&scores[l], m),
+                    }
+                    mask::apply(&base[l], m, &mut p.value);
+                    dims[l].and_then(|(rows, cols)| SparseW::from_mask(&p.value, m, rows, cols))
+                })
+                .collect();
+            for (&p, sp) in wp.iter().zip(sparse) {
+                net.set_sparse(p, sp);
+            }
         };
         let epochs = cfg.epochs;
         self.epochs(net, "mask", epochs, cfg.lr, |net, x, labels, lr| {
@@ -566,6 +579,8 @@ impl Trainer<'_> {
             (l, ok)
         })?;
         refresh(net, scores, masks);
+        // The weight phase changes the values under the masks.
+        net.clear_sparse();
         Ok(())
     }
 

@@ -9,6 +9,7 @@
 //! Backward runs only as far back as the earliest trained parameter: a frozen prefix gets
 //! neither weight nor input gradients.
 
+use super::ops::sparse::SparseW;
 use super::ops::{act, conv, linear, norm, pool};
 use crate::adapter::{Base, Head, NormState, Quantized};
 use crate::backbone::{Backbone, Shape};
@@ -150,6 +151,8 @@ pub struct Net<'a> {
     saved: Vec<norm::Saved>,
     batch: usize,
     scratch: Vec<f32>,
+    /// Sparse forms of masked weight params, by param index ([`Net::set_sparse`]).
+    sparse: Vec<Option<SparseW>>,
 }
 
 impl<'a> Net<'a> {
@@ -172,6 +175,7 @@ impl<'a> Net<'a> {
             saved: Vec::new(),
             batch: 0,
             scratch: Vec::new(),
+            sparse: Vec::new(),
         };
         let layers = bb.layers();
         let view = bb.view();
@@ -353,11 +357,13 @@ impl<'a> Net<'a> {
             match &node.op {
                 NodeOp::Conv { s, w: src, bias } => {
                     let wt = weights(params, &self.frozen, *src);
-                    conv::forward(k, s, wt, *bias, x, batch, y, &mut self.scratch)
+                    let sp = sparse_of(&self.sparse, params, *src);
+                    conv::forward(k, s, wt, *bias, x, batch, y, &mut self.scratch, sp)
                 }
                 NodeOp::Linear { in_f, out_f, w: src, bias } => {
                     let wt = weights(params, &self.frozen, *src);
-                    linear::forward(k, *in_f, *out_f, wt, *bias, x, batch, y)
+                    let sp = sparse_of(&self.sparse, params, *src);
+                    linear::forward(k, *in_f, *out_f, wt, *bias, x, batch, y, sp)
                 }
                 NodeOp::Head { in_f, out_f, w, b } => linear::forward(
                     k,
@@ -368,6 +374,7 @@ impl<'a> Net<'a> {
                     x,
                     batch,
                     y,
+                    None,
                 ),
                 NodeOp::Norm { c, plane, eps, mean, var, gamma, beta } => {
                     let g = gamma.map(|g| params[g].value.clone());
@@ -409,7 +416,7 @@ impl<'a> Net<'a> {
                     norm::affine_forward(*c, *plane, batch, x, &params[*gamma].value, &params[*beta].value, y)
                 }
                 NodeOp::Reprogram { s, k: kp } => {
-                    conv::forward(k, s, Weights::F32(&params[*kp].value), None, x, batch, y, &mut self.scratch)
+                    conv::forward(k, s, Weights::F32(&params[*kp].value), None, x, batch, y, &mut self.scratch, None)
                 }
                 NodeOp::Clamp { lo, hi } => act::clamp_forward(x, y, *lo, *hi),
                 NodeOp::Add { other } => act::add_forward(x, &done[*other], y),
@@ -430,6 +437,34 @@ impl<'a> Net<'a> {
     pub fn params_mut(&mut self, idx: &[usize]) -> Vec<&mut Param> {
         let mut slots: Vec<Option<&mut Param>> = self.params.iter_mut().map(Some).collect();
         idx.iter().map(|&i| slots[i].take().expect("distinct params")).collect()
+    }
+
+    /// `(rows, cols)` of weight param `p` as its layer multiplies by it (`c_out × K` for a
+    /// conv of one group, `out × in` for a linear layer); `None` for any other param.
+    pub fn weight_dims(&self, p: usize) -> Option<(usize, usize)> {
+        self.nodes.iter().find_map(|n| match n.op {
+            NodeOp::Conv { s, w: WSrc::Param(q), .. } if q == p && s.groups == 1 => {
+                Some((s.c_out, s.c_in * s.kh * s.kw))
+            }
+            NodeOp::Linear { in_f, out_f, w: WSrc::Param(q), .. } if q == p => Some((out_f, in_f)),
+            _ => None,
+        })
+    }
+
+    /// From now on weight param `p`'s forward and input-gradient products use `sp` (`None`:
+    /// the dense GEMMs again). The caller keeps it equal to the param's value, or clears it
+    /// ([`Net::clear_sparse`]) before changing the value otherwise; debug builds check every
+    /// use.
+    pub fn set_sparse(&mut self, p: usize, sp: Option<SparseW>) {
+        if self.sparse.len() <= p {
+            self.sparse.resize(p + 1, None);
+        }
+        self.sparse[p] = sp;
+    }
+
+    /// Every weight back to the dense products.
+    pub fn clear_sparse(&mut self) {
+        self.sparse.clear();
     }
 
     /// Clears every gradient.
@@ -537,6 +572,14 @@ fn param_of(src: WSrc) -> Option<usize> {
 }
 
 /// The weights of a conv/linear.
+/// The sparse form of a param's weights, if set (debug builds check it equals the value).
+fn sparse_of<'s>(sparse: &'s [Option<SparseW>], params: &[Param], w: WSrc) -> Option<&'s SparseW> {
+    let WSrc::Param(p) = w else { return None };
+    let sp = sparse.get(p)?.as_ref()?;
+    debug_assert!(sp.matches(&params[p].value), "param {p} changed after its sparse form was set");
+    Some(sp)
+}
+
 fn weights<'p, 'a: 'p>(params: &'p [Param], frozen: &'p [Vec<f32>], w: WSrc<'a>) -> Weights<'p> {
     match w {
         WSrc::Frozen(w) => w,

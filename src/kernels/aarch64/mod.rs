@@ -70,6 +70,7 @@ fn neon_table() -> Kernels {
         linear_rows,
         // Portable loops: NEON is the aarch64 baseline, so they are vectorised already.
         depthwise_backward: super::depthwise::backward,
+        spmm: super::sparse::spmm,
     }
 }
 

@@ -7,6 +7,7 @@
 //! multiply-adds. Everything here is tested against the reference kernels.
 #![allow(unsafe_code)]
 
+use super::sparse::{self, SparseRows};
 use super::{depthwise, fast, gemm, ConvShape, Kernels, MicroKernel, PostOp, Store, TileEpilogue, Weights};
 
 /// The best table this CPU runs: AVX2 + FMA, with the 512-bit GEMM micro-kernel when
@@ -39,6 +40,7 @@ fn avx2(micro: MicroKernel) -> Kernels {
             depthwise,
             linear_rows,
             depthwise_backward,
+            spmm,
         }
     }
 }
@@ -123,6 +125,14 @@ fn depthwise_backward_avx2(
     scratch: &mut [f32],
 ) {
     depthwise::backward_inline::<Avx2Fma>(s, w, x, dy, dx, dw, scratch)
+}
+
+fn spmm(a: SparseRows, b: &[f32], ldb: usize, n: usize, c: &mut [f32], ldc: usize, store: Store) {
+    unsafe { spmm_avx2(a, b, ldb, n, c, ldc, store) }
+}
+#[target_feature(enable = "avx2,fma")]
+fn spmm_avx2(a: SparseRows, b: &[f32], ldb: usize, n: usize, c: &mut [f32], ldc: usize, store: Store) {
+    sparse::spmm_inline(a, b, ldb, n, c, ldc, store)
 }
 
 /// The depthwise kernels' inner loops with AVX2 + FMA intrinsics: left to itself, the

@@ -1,7 +1,7 @@
 //! The backward pass of [`Net`]: from the output gradient back to the earliest trained
 //! parameter, each node's gradient function from `train::ops` in reverse order.
 
-use super::{Net, Node, NodeOp, Param, WSrc};
+use super::{sparse_of, Net, Node, NodeOp, Param, WSrc};
 use crate::kernels::{Kernels, Weights};
 use crate::train::ops::{act, conv, linear, norm, pool, Store};
 
@@ -85,12 +85,14 @@ impl Net<'_> {
             let params = &mut self.params;
             match &node.op {
                 NodeOp::Conv { s, w, .. } => {
+                    let sp = sparse_of(&self.sparse, params, *w);
                     let (wt, dw) = split_w(params, &self.frozen, *w);
-                    conv::backward(k, s, wt, x, &dy, batch, dx.as_deref_mut().map(|d| (d, store)), dw, None)
+                    conv::backward(k, s, wt, x, &dy, batch, dx.as_deref_mut().map(|d| (d, store)), dw, None, sp)
                 }
                 NodeOp::Linear { in_f, out_f, w, .. } => {
+                    let sp = sparse_of(&self.sparse, params, *w);
                     let (wt, dw) = split_w(params, &self.frozen, *w);
-                    linear::backward(k, *in_f, *out_f, wt, x, &dy, batch, dx.as_deref_mut(), dw, None)
+                    linear::backward(k, *in_f, *out_f, wt, x, &dy, batch, dx.as_deref_mut(), dw, None, sp)
                 }
                 NodeOp::Head { in_f, out_f, w, b } => {
                     let (wp, bp) = pair(params, *w, *b);
@@ -105,6 +107,7 @@ impl Net<'_> {
                         dx.as_deref_mut(),
                         Some(&mut wp.grad),
                         Some(&mut bp.grad),
+                        None,
                     )
                 }
                 NodeOp::Norm { c, plane, eps, mean, var, gamma, beta } => {
@@ -173,6 +176,7 @@ impl Net<'_> {
                         batch,
                         dx.as_deref_mut().map(|d| (d, store)),
                         dk,
+                        None,
                         None,
                     )
                 }

@@ -115,3 +115,63 @@ fn clr_state_folds_the_affine_scale_and_reloads() {
     assert!(again.iter().zip(&kernels).all(|(a, b)| a.steps == b.steps));
     assert!(back.set_clr_state(&kernels[..1], &shifts).is_none(), "a missing kernel is refused");
 }
+
+#[test]
+fn sparse_forms_give_the_dense_pass_and_are_checked() {
+    let bytes = tiny();
+    let bb = Backbone::open(&bytes).unwrap();
+    let k = Kernels::detect();
+    let mut net = Net::new(&bb, Recipe { materialise: true, head: Some(3), ..Recipe::default() });
+    let wp: Vec<usize> = net.maskable.iter().filter_map(|&(_, p)| p).collect();
+    assert_eq!(wp.len(), 2, "both convs are materialised");
+    let mut r = SplitMix64::new(4);
+    let mut masks = Vec::new();
+    for &p in &wp {
+        net.params[p].trained = true;
+        let value = &mut net.params[p].value;
+        let mask: bitvec::vec::BitVec<u32, bitvec::order::Lsb0> = (0..value.len()).map(|i| i % 5 == 1).collect();
+        for (v, m) in value.iter_mut().zip(mask.iter()) {
+            if !*m {
+                *v = 0.0;
+            }
+        }
+        masks.push(mask);
+    }
+    // A head that passes gradients back (a new head starts at zero).
+    let (hw, _) = net.head.unwrap();
+    for v in &mut net.params[hw].value {
+        *v = r.uniform(-1.0, 1.0);
+    }
+    net.train_mode = true;
+    let batch = 4;
+    let x: Vec<f32> = (0..batch * 50).map(|_| r.uniform(-1.0, 1.0)).collect();
+    let pass = |net: &mut Net| {
+        net.zero_grad();
+        let out = net.forward(&k, &x, batch).to_vec();
+        let mut d = vec![0.0; out.len()];
+        loss::cross_entropy(&out, 3, 3, &[0, 1, 2, 1], &mut d);
+        net.backward(&k, &d);
+        (out, wp.iter().map(|&p| net.params[p].grad.clone()).collect::<Vec<_>>())
+    };
+    let (out0, g0) = pass(&mut net);
+    for (&p, m) in wp.iter().zip(&masks) {
+        let (rows, cols) = net.weight_dims(p).expect("a conv's weight");
+        let sp = SparseW::from_mask(&net.params[p].value, m, rows, cols);
+        assert!(sp.is_some(), "density 0.2 has a sparse form");
+        net.set_sparse(p, sp);
+    }
+    let (out1, g1) = pass(&mut net);
+    assert!(g0.iter().flatten().any(|&g| g != 0.0), "gradients reach both convs");
+    for (a, b) in out1.iter().zip(&out0).chain(g1.iter().flatten().zip(g0.iter().flatten())) {
+        assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "sparse {a} vs dense {b}");
+    }
+    // A weight changed behind the sparse form's back is caught (debug builds).
+    if cfg!(debug_assertions) {
+        net.params[wp[0]].value[1] += 1.0;
+        let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| pass(&mut net))).is_err();
+        assert!(caught, "a stale sparse form is an error");
+    }
+    net.clear_sparse();
+    let (out2, _) = pass(&mut net);
+    assert_ne!(out2, out0, "dense again, with the changed weight");
+}

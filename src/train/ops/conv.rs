@@ -9,8 +9,15 @@
 //! channel per group) use direct loops instead: their per-group GEMMs would have `K ≤ 25`
 //! and one row. Weight gradients are summed per chunk and the chunks in order, and chunks
 //! depend on the shape and batch only, so results do not depend on threading.
+//!
+//! A one-group conv whose weights come with a sparse form (a SupSup mask, [`SparseW`]) runs
+//! its forward pass and, at stride 1, its input gradient as direct sparse convolutions
+//! ([`sparse_conv`]); at other strides the input gradient is a sparse product over im2col's
+//! columns. The weight gradient stays the dense GEMM.
 
 use super::dot8;
+use super::sparse::SparseW;
+use super::sparse_conv;
 use crate::kernels::gemm::packed_b_len;
 use crate::kernels::matmul::{copy_short, gemm_cols, pack_b_cols, pack_bt_cols, Cols};
 use crate::kernels::{depthwise, reference, ConvShape, Kernels, PostOp, Store, Weights};
@@ -29,8 +36,12 @@ pub fn forward(
     batch: usize,
     y: &mut [f32],
     scratch: &mut Vec<f32>,
+    sp: Option<&SparseW>,
 ) {
     let (xl, yl) = (s.c_in * s.h * s.w, s.c_out * s.oh() * s.ow());
+    if let Some(sp) = sparse_for(s, sp) {
+        return sparse_conv::forward(k, s, sp, bias, &x[..batch * xl], batch, &mut y[..batch * yl]);
+    }
     if k.fast && !s.is_depthwise() {
         return forward_batched(k, s, &dense(w), bias, &x[..batch * xl], batch, &mut y[..batch * yl]);
     }
@@ -76,7 +87,7 @@ type Job<'a> = (usize, Option<&'a mut [f32]>, Option<&'a mut [f32]>);
 /// `b` are the chunk's pieces of two optional per-sample (`a_len`, `b_len` floats each) and
 /// per-chunk (`b_chunk` floats, when not zero) buffers; in parallel when the work is worth it.
 #[allow(clippy::too_many_arguments)]
-fn for_each_chunk<F>(
+pub(super) fn for_each_chunk<F>(
     batch: usize,
     nb: usize,
     work: usize,
@@ -162,6 +173,11 @@ fn forward_batched(
     });
 }
 
+/// The sparse form of the weights when it applies to `s`: one group, and `W` as `c_out × K`.
+fn sparse_for<'w>(s: &ConvShape, sp: Option<&'w SparseW>) -> Option<&'w SparseW> {
+    sp.filter(|sp| s.groups == 1 && sp.dims() == (s.c_out, s.c_in * s.kh * s.kw))
+}
+
 /// `v` grown to at least `n` floats; its first `n`.
 fn sized(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
     if v.len() < n {
@@ -205,6 +221,7 @@ pub fn backward(
     dx: Option<(&mut [f32], Store)>,
     dw: Option<&mut [f32]>,
     db: Option<&mut [f32]>,
+    sp: Option<&SparseW>,
 ) {
     let (p, xl, yl) = (s.oh() * s.ow(), s.c_in * s.h * s.w, s.c_out * s.oh() * s.ow());
     if let Some(db) = db {
@@ -248,8 +265,18 @@ pub fn backward(
         }
         return;
     }
-    let (dx, store) = added(dx, is_pointwise(s));
-    backward_batched(k, s, &wf, x, dy, batch, dx, store, dw);
+    let sp = sparse_for(s, sp);
+    if let Some(sp) = sp.filter(|_| sparse_conv::backward_dx_supported(s)) {
+        if let Some((dx, store)) = dx {
+            sparse_conv::backward_dx(k, s, sp, dy, batch, dx, store);
+        }
+        if dw.is_some() {
+            backward_batched(k, s, &wf, x, dy, batch, None, Store::Add, dw, None);
+        }
+        return;
+    }
+    let (dx, store) = added(dx, is_pointwise(s) && sp.is_none());
+    backward_batched(k, s, &wf, x, dy, batch, dx, store, dw, sp);
 }
 
 /// `dx` and how to store into it, for a path that can set it (`sets`) or only add: a buffer
@@ -298,6 +325,7 @@ fn backward_batched(
     dx: Option<&mut [f32]>,
     store: Store,
     dw: Option<&mut [f32]>,
+    sp: Option<&SparseW>,
 ) {
     let (p, xl, yl) = (s.oh() * s.ow(), s.c_in * s.h * s.w, s.c_out * s.oh() * s.ow());
     let (cin_g, cout_g, groups) = (s.cin_g(), s.cout_g(), s.groups);
@@ -311,7 +339,7 @@ fn backward_batched(
     // Wᵀ per group (`K × cout_g`), transposed once per call into a buffer kept between calls
     // (collected from iterators, with a fresh allocation, it was 2.5 % of a Lite0 CLR step).
     let mut wt_buf = WT.take();
-    if want_dx {
+    if want_dx && sp.is_none() {
         let wt = sized(&mut wt_buf, wf.len());
         for (wg, tg) in wf.chunks_exact(cout_g * kk).zip(wt.chunks_exact_mut(cout_g * kk)) {
             for (o, row) in wg.chunks_exact(kk).enumerate() {
@@ -321,7 +349,7 @@ fn backward_batched(
             }
         }
     }
-    let wt = &wt_buf[..if want_dx { wf.len() } else { 0 }];
+    let wt = &wt_buf[..if want_dx && sp.is_none() { wf.len() } else { 0 }];
     // Per chunk, per group: dWᵀ (`K × cout_g`).
     let part_len = groups * kk * cout_g;
     let mut partial = if dw.is_some() { vec![0.0f32; chunks * part_len] } else { Vec::new() };
@@ -354,7 +382,19 @@ fn backward_batched(
                         let out = &mut part[g * kk * cout_g..(g + 1) * kk * cout_g];
                         gemm_cols(k, kk, cout_g, n, colm, n, bpk, out, Cols::plain(cout_g, cout_g), None, false);
                     }
-                    if let Some(dxc) = dxc.as_deref_mut() {
+                    if let (Some(dxc), Some(sp)) = (dxc.as_deref_mut(), sp) {
+                        // One group: dcol = Wᵀ · dY by the sparse product, over the chunk's
+                        // output gradient gathered into `cout × nb·P`.
+                        let dym = sized(packed, cout_g * n);
+                        for (b, dyb) in dyc.chunks_exact(yl).enumerate() {
+                            for (co, row) in dyb.chunks_exact(p).enumerate() {
+                                dym[co * n + b * p..][..p].copy_from_slice(row);
+                            }
+                        }
+                        let dcolm = sized(dcol, kk * n);
+                        (k.spmm)(sp.wt(), dym, n, n, dcolm, n, Store::Set);
+                        col2im_chunk(s, dcolm, g, nbs, dxc);
+                    } else if let Some(dxc) = dxc.as_deref_mut() {
                         let bpk = sized(packed, packed_b_len(cout_g, n, nr));
                         pack_b_cols(dyg, cout_g, n, dyc_cols, nr, bpk);
                         let wtg = &wt[g * kk * cout_g..(g + 1) * kk * cout_g];

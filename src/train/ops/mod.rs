@@ -10,6 +10,8 @@ pub mod linear;
 pub mod loss;
 pub mod norm;
 pub mod pool;
+pub mod sparse;
+mod sparse_conv;
 #[cfg(test)]
 mod tests;
 

@@ -52,7 +52,7 @@ fn conv_case(s: ConvShape, batch: usize, bias: bool) {
         let mut scratch = Vec::new();
         let mut f = |x: &[f32], w: &[f32], b: &[f32]| {
             let mut y = vec![0.0; yl];
-            conv::forward(&k, &s, Weights::F32(w), bias.then_some(b), x, batch, &mut y, &mut scratch);
+            conv::forward(&k, &s, Weights::F32(w), bias.then_some(b), x, batch, &mut y, &mut scratch, None);
             dot(&y, &rr)
         };
         let (mut dx, mut dw, mut db) = (vec![0.0; xl], vec![0.0; wl], vec![0.0; s.c_out]);
@@ -66,6 +66,7 @@ fn conv_case(s: ConvShape, batch: usize, bias: bool) {
             Some((&mut dx, Store::Add)),
             Some(&mut dw),
             Some(&mut db),
+            None,
         );
         let (w0, b0) = (w.clone(), b.clone());
         check("conv dx", &mut x, &dx, |x| f(x, &w0, &b0));
@@ -117,11 +118,11 @@ fn linear_gradients() {
         (rand(&mut r, batch * i), rand(&mut r, o * i), rand(&mut r, o), rand(&mut r, batch * o));
     let f = |x: &[f32], w: &[f32], b: &[f32]| {
         let mut y = vec![0.0; batch * o];
-        linear::forward(&k, i, o, Weights::F32(w), Some(b), x, batch, &mut y);
+        linear::forward(&k, i, o, Weights::F32(w), Some(b), x, batch, &mut y, None);
         dot(&y, &rr)
     };
     let (mut dx, mut dw, mut db) = (vec![0.0; batch * i], vec![0.0; o * i], vec![0.0; o]);
-    linear::backward(&k, i, o, Weights::F32(&w), &x, &rr, batch, Some(&mut dx), Some(&mut dw), Some(&mut db));
+    linear::backward(&k, i, o, Weights::F32(&w), &x, &rr, batch, Some(&mut dx), Some(&mut dw), Some(&mut db), None);
     let (w0, b0) = (w.clone(), b.clone());
     check("linear dx", &mut x, &dx, |x| f(x, &w0, &b0));
     let x0 = x.clone();
@@ -305,7 +306,18 @@ fn depthwise_backward_is_the_same_on_one_and_two_threads() {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
         pool.install(|| {
             let (mut dx, mut dw) = (vec![0.0; x.len()], vec![0.0; w.len()]);
-            conv::backward(&k, &s, Weights::F32(&w), &x, &dy, batch, Some((&mut dx, Store::Add)), Some(&mut dw), None);
+            conv::backward(
+                &k,
+                &s,
+                Weights::F32(&w),
+                &x,
+                &dy,
+                batch,
+                Some((&mut dx, Store::Add)),
+                Some(&mut dw),
+                None,
+                None,
+            );
             (dx, dw)
         })
     };
@@ -374,6 +386,7 @@ fn batched_conv_matches_direct_loops_and_is_thread_independent() {
             batch,
             &mut want_y,
             &mut Vec::new(),
+            None,
         );
         let (mut want_dx, mut want_dw) = (vec![0.0; xl], vec![0.0; wl]);
         naive_conv_backward(&s, &w, &x, &dy, batch, &mut want_dx, &mut want_dw);
@@ -382,7 +395,7 @@ fn batched_conv_matches_direct_loops_and_is_thread_independent() {
                 let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
                 pool.install(|| {
                     let mut y = vec![0.0; yl];
-                    conv::forward(&k, &s, Weights::F32(&w), Some(&bias), &x, batch, &mut y, &mut Vec::new());
+                    conv::forward(&k, &s, Weights::F32(&w), Some(&bias), &x, batch, &mut y, &mut Vec::new(), None);
                     let (mut dx, mut dw) = (vec![0.5; xl], vec![0.25; wl]);
                     conv::backward(
                         &k,
@@ -393,6 +406,7 @@ fn batched_conv_matches_direct_loops_and_is_thread_independent() {
                         batch,
                         Some((&mut dx, Store::Add)),
                         Some(&mut dw),
+                        None,
                         None,
                     );
                     (y, dx, dw)
@@ -545,6 +559,7 @@ fn stored_gradients_set_as_adding_onto_zeros() {
                     &dy,
                     batch,
                     Some((&mut dx, store)),
+                    None,
                     None,
                     None,
                 );

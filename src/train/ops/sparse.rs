@@ -1,0 +1,330 @@
+//! A masked layer's weights as compressed rows, for the sparse products of the forward pass
+//! and the input gradient ([`crate::kernels::sparse`]). SupSup's mask phase builds one per
+//! layer each step, after the top-k, from the mask's set bits (`O(n/32 + nnz)`); a dense
+//! layer's products then cost `density ×` the GEMM's multiply-adds. The weight gradient
+//! stays dense: the scores of unselected weights need theirs.
+
+use crate::kernels::sparse::SparseRows;
+use crate::kernels::{Kernels, Store};
+use bitvec::prelude::{BitSlice, Lsb0};
+
+/// Above this density the sparse products lose to the packed GEMM (measured with
+/// `benches/train_step.rs`: at 5 % the sparse forward is ~10× faster; the kernels cross near
+/// a quarter).
+pub const MAX_DENSITY: f64 = 0.25;
+
+#[derive(Clone, Debug, Default)]
+struct Csr {
+    start: Vec<u32>,
+    idx: Vec<u32>,
+    val: Vec<f32>,
+}
+
+impl Csr {
+    fn view(&self) -> SparseRows<'_> {
+        SparseRows { start: &self.start, idx: &self.idx, val: &self.val }
+    }
+}
+
+/// `W` (`rows × cols`, row-major) and `Wᵀ`, each as compressed rows.
+#[derive(Clone, Debug, Default)]
+pub struct SparseW {
+    rows: usize,
+    cols: usize,
+    w: Csr,
+    wt: Csr,
+}
+
+impl SparseW {
+    /// The weights `w` where `mask` is set (the others must be zero in `w`: it is `base ⊙
+    /// mask`). `None` when the mask is denser than [`MAX_DENSITY`], or the sizes disagree or
+    /// do not fit the 32-bit indices.
+    pub fn from_mask(w: &[f32], mask: &BitSlice<u32, Lsb0>, rows: usize, cols: usize) -> Option<SparseW> {
+        let n = rows.checked_mul(cols)?;
+        if n != w.len() || mask.len() < n || n > u32::MAX as usize || rows == 0 || cols == 0 {
+            return None;
+        }
+        let nnz = mask[..n].count_ones();
+        if nnz as f64 > MAX_DENSITY * n as f64 {
+            return None;
+        }
+        let mut f =
+            Csr { start: Vec::with_capacity(rows + 1), idx: Vec::with_capacity(nnz), val: Vec::with_capacity(nnz) };
+        let mut col_count = vec![0u32; cols + 1];
+        f.start.push(0);
+        for i in mask[..n].iter_ones() {
+            let (r, c) = (i / cols, i % cols);
+            while f.start.len() <= r {
+                f.start.push(f.idx.len() as u32);
+            }
+            f.idx.push(c as u32);
+            f.val.push(w[i]);
+            col_count[c + 1] += 1;
+        }
+        while f.start.len() <= rows {
+            f.start.push(f.idx.len() as u32);
+        }
+        // Wᵀ by a counting sort on the column: rows stay ascending within each column.
+        for c in 0..cols {
+            col_count[c + 1] += col_count[c];
+        }
+        let mut t = Csr { start: col_count.clone(), idx: vec![0; nnz], val: vec![0.0; nnz] };
+        let mut next = col_count;
+        for r in 0..rows {
+            for p in f.start[r] as usize..f.start[r + 1] as usize {
+                let c = f.idx[p] as usize;
+                let at = next[c] as usize;
+                t.idx[at] = r as u32;
+                t.val[at] = f.val[p];
+                next[c] += 1;
+            }
+        }
+        Some(SparseW { rows, cols, w: f, wt: t })
+    }
+
+    /// `(rows, cols)` of `W`.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+
+    pub fn nnz(&self) -> usize {
+        self.w.idx.len()
+    }
+
+    /// `W`'s rows.
+    pub fn w(&self) -> SparseRows<'_> {
+        self.w.view()
+    }
+
+    /// `Wᵀ`'s rows.
+    pub fn wt(&self) -> SparseRows<'_> {
+        self.wt.view()
+    }
+
+    /// Whether this is `dense` exactly (same bits where set, +0 elsewhere): the debug check
+    /// that a step's weights and their sparse form agree.
+    pub fn matches(&self, dense: &[f32]) -> bool {
+        if dense.len() != self.rows * self.cols {
+            return false;
+        }
+        let mut expect = vec![0.0f32; dense.len()];
+        for r in 0..self.rows {
+            for p in self.w.start[r] as usize..self.w.start[r + 1] as usize {
+                expect[r * self.cols + self.w.idx[p] as usize] = self.w.val[p];
+            }
+        }
+        expect.iter().zip(dense).all(|(a, b)| a.to_bits() == b.to_bits())
+    }
+}
+
+/// `c ← a · b` (by `store`) with `a` sparse (`rows × k`), `b` dense `k × n` (row-major, rows
+/// `ldb` apart) and `c` dense `rows × n` (rows `n` apart): rows split over the kernel threads
+/// when the work is worth it. Each output is one row's sum, so any split gives the same bits.
+pub fn spmm(k: &Kernels, a: SparseRows, b: &[f32], ldb: usize, n: usize, c: &mut [f32], store: Store) {
+    let rows = a.rows();
+    let work = a.idx.len() * n;
+    let threads = rayon::current_num_threads();
+    if threads > 1 && work >= crate::kernels::PAR_MIN_WORK && rows > 1 {
+        use rayon::prelude::*;
+        // A few pieces per thread, for balance (row lengths vary).
+        let per = rows.div_ceil(threads * 4).max(1);
+        c[..rows * n].par_chunks_mut(per * n).enumerate().for_each(|(i, cp)| {
+            let r0 = i * per;
+            let r1 = (r0 + per).min(rows);
+            let part = SparseRows { start: &a.start[r0..=r1], idx: a.idx, val: a.val };
+            (k.spmm)(part, b, ldb, n, cp, n, store)
+        });
+    } else {
+        (k.spmm)(a, b, ldb, n, &mut c[..rows * n], n, store)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::sparse::spmm_reference;
+    use crate::kernels::{ConvShape, Weights};
+    use crate::rng::SplitMix64;
+    use crate::train::ops::{conv, linear};
+    use bitvec::prelude::BitVec;
+
+    fn rand(r: &mut SplitMix64, n: usize) -> Vec<f32> {
+        (0..n).map(|_| r.uniform(-1.0, 1.0)).collect()
+    }
+
+    /// Random weights masked to `⌊density · n⌋` of their `n` positions (random ones), and
+    /// the mask.
+    fn masked(r: &mut SplitMix64, rows: usize, cols: usize, density: f32) -> (Vec<f32>, BitVec<u32, Lsb0>) {
+        let n = rows * cols;
+        let mut order: Vec<(f32, usize)> = (0..n).map(|i| (r.uniform(0.0, 1.0), i)).collect();
+        order.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let mut mask: BitVec<u32, Lsb0> = BitVec::repeat(false, n);
+        for &(_, i) in &order[..(density * n as f32) as usize] {
+            mask.set(i, true);
+        }
+        let w = rand(r, rows * cols).iter().zip(mask.iter()).map(|(&v, m)| if *m { v } else { 0.0 }).collect();
+        (w, mask)
+    }
+
+    fn tables() -> Vec<Kernels> {
+        let mut t = vec![Kernels::generic(true)];
+        t.extend(Kernels::available());
+        t
+    }
+
+    #[test]
+    fn every_table_and_thread_count_gives_the_reference_bits() {
+        let mut r = SplitMix64::new(11);
+        // Small cases, and one large enough to be split over the threads.
+        let cases = (0..40).map(|c| (1 + c % 37, 1 + (c * 7) % 53, [1, 7, 8, 9, 63, 64, 65, 130][c % 8], c % 3));
+        for (rows, k, n, pad) in cases.chain([(300, 400, 130, 1)]) {
+            assert!(rows < 300 || k * rows / 5 * n >= crate::kernels::PAR_MIN_WORK);
+            let ldb = n + pad;
+            let (w, mask) = masked(&mut r, rows, k, 0.2);
+            let sp = SparseW::from_mask(&w, &mask, rows, k).expect("sparse enough");
+            let b = rand(&mut r, k * ldb);
+            let start = rand(&mut r, rows * n);
+            for store in [Store::Set, Store::Add] {
+                let mut want = start.clone();
+                spmm_reference(sp.w(), &b, ldb, n, &mut want, n, store);
+                for t in tables() {
+                    for threads in [1, 2] {
+                        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                        let mut got = start.clone();
+                        pool.install(|| spmm(&t, sp.w(), &b, ldb, n, &mut got, store));
+                        let same = got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
+                        assert!(same, "{} {rows}×{k}·{k}×{n} {store:?} {threads} threads", t.isa);
+                    }
+                }
+                // And the reference is the product.
+                for (i, row) in want.chunks(n).enumerate() {
+                    for (j, &v) in row.iter().enumerate() {
+                        let dense: f32 = (0..k).map(|c| w[i * k + c] * b[c * ldb + j]).sum();
+                        let base = if store == Store::Add { start[i * n + j] } else { 0.0 };
+                        assert!((v - base - dense).abs() <= 1e-4 * (1.0 + dense.abs()), "{i},{j}: {v} vs {dense}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn from_mask_holds_the_weights_and_their_transpose() {
+        let mut r = SplitMix64::new(5);
+        let (rows, cols) = (23, 41);
+        let (w, mask) = masked(&mut r, rows, cols, 0.15);
+        let sp = SparseW::from_mask(&w, &mask, rows, cols).expect("sparse enough");
+        assert_eq!(sp.nnz(), mask.count_ones());
+        assert!(sp.matches(&w));
+        let mut changed = w.clone();
+        let at = mask.first_one().unwrap();
+        changed[at] += 1.0;
+        assert!(!sp.matches(&changed), "a changed weight is noticed");
+        // Wᵀ's rows are W's columns, rows ascending.
+        let t = sp.wt();
+        assert_eq!(t.rows(), cols);
+        for c in 0..cols {
+            let (s, e) = (t.start[c] as usize, t.start[c + 1] as usize);
+            let got: Vec<(u32, f32)> = (s..e).map(|p| (t.idx[p], t.val[p])).collect();
+            let want: Vec<(u32, f32)> =
+                (0..rows).filter(|&i| mask[i * cols + c]).map(|i| (i as u32, w[i * cols + c])).collect();
+            assert_eq!(got, want, "column {c}");
+        }
+        // Too dense, or sizes that disagree: no sparse form.
+        let (dense, dmask) = masked(&mut r, rows, cols, 0.6);
+        assert!(SparseW::from_mask(&dense, &dmask, rows, cols).is_none());
+        assert!(SparseW::from_mask(&w, &mask, rows, cols + 1).is_none());
+        assert!(SparseW::from_mask(&w[1..], &mask, rows, cols).is_none());
+    }
+
+    fn close(what: &str, got: &[f32], want: &[f32]) {
+        for (i, (&a, &b)) in got.iter().zip(want).enumerate() {
+            assert!((a - b).abs() <= 1e-4 * (1.0 + b.abs()), "{what}[{i}]: sparse {a} vs dense {b}");
+        }
+    }
+
+    #[test]
+    fn sparse_conv_and_linear_equal_the_dense_products() {
+        let shape = |c_in, h, w, c_out, k, stride, pad| ConvShape {
+            c_in,
+            h,
+            w,
+            c_out,
+            kh: k,
+            kw: k,
+            sh: stride,
+            sw: stride,
+            pad: [pad; 4],
+            dh: 1,
+            dw: 1,
+            groups: 1,
+        };
+        let dilated = ConvShape { dh: 2, dw: 2, pad: [2; 4], ..shape(4, 9, 10, 6, 3, 1, 0) };
+        let lopsided = ConvShape { pad: [0, 1, 1, 0], ..shape(3, 7, 6, 5, 3, 1, 0) };
+        let wide = ConvShape { pad: [3, 3, 3, 3], ..shape(3, 5, 6, 5, 3, 1, 0) };
+        let conv_shapes = [
+            shape(6, 9, 8, 10, 3, 1, 1),
+            shape(5, 8, 7, 12, 3, 2, 1),
+            shape(3, 11, 9, 7, 5, 2, 2),
+            shape(3, 10, 9, 7, 3, 3, 0),
+            shape(8, 6, 6, 16, 1, 2, 0),
+            shape(8, 5, 5, 4, 1, 1, 0),
+            shape(4, 6, 6, 6, 3, 1, 0),
+            dilated,
+            lopsided,
+            wide,
+        ];
+        let k = Kernels::best_fast();
+        let mut r = SplitMix64::new(9);
+        for s in conv_shapes {
+            let batch = 5;
+            let kk = s.c_in * s.kh * s.kw;
+            let (w, mask) = masked(&mut r, s.c_out, kk, 0.2);
+            let sp = SparseW::from_mask(&w, &mask, s.c_out, kk).expect("sparse enough");
+            let (xl, yl) = (batch * s.c_in * s.h * s.w, batch * s.c_out * s.oh() * s.ow());
+            let (x, bias, dy) = (rand(&mut r, xl), rand(&mut r, s.c_out), rand(&mut r, yl));
+            let run = |sp: Option<&SparseW>, store: Store| {
+                let mut y = vec![f32::NAN; yl];
+                conv::forward(&k, &s, Weights::F32(&w), Some(&bias), &x, batch, &mut y, &mut Vec::new(), sp);
+                let mut dx = vec![if store == Store::Set { f32::NAN } else { 0.5 }; xl];
+                let mut dw = vec![0.25; w.len()];
+                conv::backward(
+                    &k,
+                    &s,
+                    Weights::F32(&w),
+                    &x,
+                    &dy,
+                    batch,
+                    Some((&mut dx, store)),
+                    Some(&mut dw),
+                    None,
+                    sp,
+                );
+                (y, dx, dw)
+            };
+            for store in [Store::Set, Store::Add] {
+                let (y, dx, dw) = run(Some(&sp), store);
+                let (y0, dx0, dw0) = run(None, store);
+                close(&format!("{s:?} y"), &y, &y0);
+                close(&format!("{s:?} dx {store:?}"), &dx, &dx0);
+                assert_eq!(dw, dw0, "{s:?}: the weight gradient is the dense one either way");
+            }
+        }
+        for (i, o, batch) in [(37, 29, 6), (64, 100, 17), (10, 3, 1)] {
+            let (w, mask) = masked(&mut r, o, i, 0.2);
+            let sp = SparseW::from_mask(&w, &mask, o, i).expect("sparse enough");
+            let (x, bias, dy) = (rand(&mut r, batch * i), rand(&mut r, o), rand(&mut r, batch * o));
+            let run = |sp: Option<&SparseW>| {
+                let mut y = vec![f32::NAN; batch * o];
+                linear::forward(&k, i, o, Weights::F32(&w), Some(&bias), &x, batch, &mut y, sp);
+                let (mut dx, mut dw) = (vec![0.5; batch * i], vec![0.25; w.len()]);
+                linear::backward(&k, i, o, Weights::F32(&w), &x, &dy, batch, Some(&mut dx), Some(&mut dw), None, sp);
+                (y, dx, dw)
+            };
+            let ((y, dx, dw), (y0, dx0, dw0)) = (run(Some(&sp)), run(None));
+            close("linear y", &y, &y0);
+            close("linear dx", &dx, &dx0);
+            assert_eq!(dw, dw0);
+        }
+    }
+}
