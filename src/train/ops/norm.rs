@@ -52,8 +52,9 @@ pub fn train_forward(
     y: &mut [f32],
 ) -> Saved {
     let n = (batch * plane) as f64;
-    let mut saved = Saved { mean: vec![0.0; ch], inv_std: vec![0.0; ch] };
-    for c in 0..ch {
+    // Per channel (in parallel: channels are independent): the mean and the sum of squared
+    // deviations, each in f64 lanes added in a fixed order.
+    let stats = per_channel(ch, batch * plane, |c| {
         let mut sum = [0.0f64; LANES];
         for b in 0..batch {
             lanes(&mut sum, channel(x, b, c, ch, plane), |v| v as f64);
@@ -63,7 +64,11 @@ pub fn train_forward(
         for b in 0..batch {
             lanes(&mut sq, channel(x, b, c, ch, plane), |v| (v as f64 - mean) * (v as f64 - mean));
         }
-        let sq = sq.iter().sum::<f64>();
+        (mean, sq.iter().sum::<f64>())
+    });
+    let mut saved = Saved { mean: vec![0.0; ch], inv_std: vec![0.0; ch] };
+    let mut coef = vec![(0.0f32, 0.0f32, 0.0f32, 0.0f32); ch];
+    for (c, &(mean, sq)) in stats.iter().enumerate() {
         let var = sq / n;
         let inv_std = 1.0 / (var + eps as f64).sqrt();
         saved.mean[c] = mean as f32;
@@ -72,15 +77,37 @@ pub fn train_forward(
         running_mean[c] = ((1.0 - momentum as f64) * running_mean[c] as f64 + momentum as f64 * mean) as f32;
         running_var[c] = ((1.0 - momentum as f64) * running_var[c] as f64 + momentum as f64 * unbiased) as f32;
         let (g, bt) = (gamma.map_or(1.0, |g| g[c]), beta.map_or(0.0, |b| b[c]));
-        let (m, s) = (saved.mean[c], saved.inv_std[c]);
-        for b in 0..batch {
-            let at = (b * ch + c) * plane;
-            for (o, &v) in y[at..at + plane].iter_mut().zip(&x[at..at + plane]) {
+        coef[c] = (saved.mean[c], saved.inv_std[c], g, bt);
+    }
+    per_sample(&mut y[..batch * ch * plane], ch * plane, |b, ys| {
+        for (c, (yc, &(m, s, g, bt))) in ys.chunks_exact_mut(plane).zip(&coef).enumerate() {
+            for (o, &v) in yc.iter_mut().zip(channel(x, b, c, ch, plane)) {
                 *o = (v - m) * s * g + bt;
             }
         }
-    }
+    });
     saved
+}
+
+/// `f(c)` for every channel, in parallel when `per` (values per channel) times the channels
+/// is worth it; in channel order.
+fn per_channel<T: Send>(ch: usize, per: usize, f: impl Fn(usize) -> T + Sync + Send) -> Vec<T> {
+    use rayon::prelude::*;
+    if ch > 1 && ch * per >= crate::kernels::PAR_MIN_WORK && rayon::current_num_threads() > 1 {
+        (0..ch).into_par_iter().map(f).collect()
+    } else {
+        (0..ch).map(f).collect()
+    }
+}
+
+/// `f(b, sample b's part of v)` for every sample (`len` values each), in parallel when worth it.
+fn per_sample(v: &mut [f32], len: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) {
+    use rayon::prelude::*;
+    if v.len() >= crate::kernels::PAR_MIN_WORK && v.len() > len && rayon::current_num_threads() > 1 {
+        v.par_chunks_exact_mut(len).enumerate().for_each(|(b, s)| f(b, s));
+    } else {
+        v.chunks_exact_mut(len).enumerate().for_each(|(b, s)| f(b, s));
+    }
 }
 
 /// Evaluation-mode forward with running statistics.
@@ -127,8 +154,7 @@ pub fn train_backward(
     dbeta: Option<&mut [f32]>,
 ) {
     let n = (batch * plane) as f64;
-    let mut sums = vec![(0.0f64, 0.0f64); ch];
-    for (c, s) in sums.iter_mut().enumerate() {
+    let sums = per_channel(ch, batch * plane, |c| {
         let (m, is) = (saved.mean[c], saved.inv_std[c]);
         let (mut s0, mut s1) = ([0.0f64; LANES], [0.0f64; LANES]);
         for b in 0..batch {
@@ -146,8 +172,8 @@ pub fn train_backward(
                 s1[l] += g as f64 * ((v - m) * is) as f64;
             }
         }
-        *s = (s0.iter().sum(), s1.iter().sum());
-    }
+        (s0.iter().sum::<f64>(), s1.iter().sum::<f64>())
+    });
     if let Some(db) = dbeta {
         for (d, s) in db.iter_mut().zip(&sums) {
             *d += s.0 as f32;
@@ -159,19 +185,23 @@ pub fn train_backward(
         }
     }
     if let Some((dx, store)) = dx {
-        for (c, &(sdy, sdyx)) in sums.iter().enumerate() {
-            let (m, is) = (saved.mean[c], saved.inv_std[c]);
-            let g = gamma.map_or(1.0, |g| g[c]);
-            let gs = g * is;
-            let (a, bq) = ((sdy / n) as f32, (sdyx / n) as f32);
-            for b in 0..batch {
+        let coef: Vec<(f32, f32, f32, f32, f32)> = sums
+            .iter()
+            .enumerate()
+            .map(|(c, &(sdy, sdyx))| {
+                let g = gamma.map_or(1.0, |g| g[c]);
+                (saved.mean[c], saved.inv_std[c], g * saved.inv_std[c], (sdy / n) as f32, (sdyx / n) as f32)
+            })
+            .collect();
+        per_sample(&mut dx[..batch * ch * plane], ch * plane, |b, dxs| {
+            for (c, (dxc, &(m, is, gs, a, bq))) in dxs.chunks_exact_mut(plane).zip(&coef).enumerate() {
                 let at = (b * ch + c) * plane;
-                for ((d, &gy), &v) in dx[at..at + plane].iter_mut().zip(&dy[at..at + plane]).zip(&x[at..at + plane]) {
+                for ((d, &gy), &v) in dxc.iter_mut().zip(&dy[at..at + plane]).zip(&x[at..at + plane]) {
                     let xh = (v - m) * is;
                     store.put(d, gs * (gy - a - xh * bq));
                 }
             }
-        }
+        });
     }
 }
 

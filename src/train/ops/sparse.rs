@@ -8,9 +8,9 @@ use crate::kernels::sparse::SparseRows;
 use crate::kernels::{Kernels, Store};
 use bitvec::prelude::{BitSlice, Lsb0};
 
-/// Above this density the sparse products lose to the packed GEMM (measured with
-/// `benches/train_step.rs`: at 5 % the sparse forward is ~10× faster; the kernels cross near
-/// a quarter).
+/// Above this density a layer keeps the packed GEMM. The sparse product does a quarter of
+/// the GEMM's multiply-adds here, at a lower rate per multiply-add (one load per vector, no
+/// register reuse of `b` across rows), so it is no longer a clear win.
 pub const MAX_DENSITY: f64 = 0.25;
 
 #[derive(Clone, Debug, Default)]

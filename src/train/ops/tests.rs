@@ -570,3 +570,28 @@ fn stored_gradients_set_as_adding_onto_zeros() {
         }
     }
 }
+
+/// Batch norm splits channels (statistics) and samples (outputs) over the threads when large:
+/// the same bits with one thread or two.
+#[test]
+fn batch_norm_is_thread_independent() {
+    let (ch, plane, batch) = (16, 1024, 17);
+    let n = ch * plane * batch;
+    assert!(n >= crate::kernels::PAR_MIN_WORK, "large enough to split");
+    let mut r = SplitMix64::new(12);
+    let (x, g, b, dy) = (rand(&mut r, n), rand(&mut r, ch), rand(&mut r, ch), rand(&mut r, n));
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        pool.install(|| {
+            let (mut rm, mut rv, mut y) = (vec![0.0; ch], vec![1.0; ch], vec![0.0; n]);
+            let saved =
+                norm::train_forward(ch, plane, batch, &x, Some(&g), Some(&b), 1e-5, 0.1, &mut rm, &mut rv, &mut y);
+            let (mut dx, mut dg, mut db) = (vec![0.0; n], vec![0.0; ch], vec![0.0; ch]);
+            let dxs = Some((&mut dx[..], Store::Set));
+            norm::train_backward(ch, plane, batch, &x, &saved, Some(&g), &dy, dxs, Some(&mut dg), Some(&mut db));
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<u32>>();
+            [bits(&y), bits(&rm), bits(&rv), bits(&dx), bits(&dg), bits(&db)]
+        })
+    };
+    assert_eq!(run(1), run(2));
+}
