@@ -150,7 +150,6 @@ pub struct Net<'a> {
     grads: Vec<Vec<f32>>,
     saved: Vec<norm::Saved>,
     batch: usize,
-    scratch: Vec<f32>,
     /// Sparse forms of masked weight params, by param index ([`Net::set_sparse`]).
     sparse: Vec<Option<SparseW>>,
 }
@@ -174,7 +173,6 @@ impl<'a> Net<'a> {
             grads: Vec::new(),
             saved: Vec::new(),
             batch: 0,
-            scratch: Vec::new(),
             sparse: Vec::new(),
         };
         let layers = bb.layers();
@@ -358,7 +356,7 @@ impl<'a> Net<'a> {
                 NodeOp::Conv { s, w: src, bias } => {
                     let wt = weights(params, &self.frozen, *src);
                     let sp = sparse_of(&self.sparse, params, *src);
-                    conv::forward(k, s, wt, *bias, x, batch, y, &mut self.scratch, sp)
+                    conv::forward(k, s, wt, *bias, x, batch, y, sp)
                 }
                 NodeOp::Linear { in_f, out_f, w: src, bias } => {
                     let wt = weights(params, &self.frozen, *src);
@@ -416,7 +414,7 @@ impl<'a> Net<'a> {
                     norm::affine_forward(*c, *plane, batch, x, &params[*gamma].value, &params[*beta].value, y)
                 }
                 NodeOp::Reprogram { s, k: kp } => {
-                    conv::forward(k, s, Weights::F32(&params[*kp].value), None, x, batch, y, &mut self.scratch, None)
+                    conv::forward(k, s, Weights::F32(&params[*kp].value), None, x, batch, y, None)
                 }
                 NodeOp::Clamp { lo, hi } => act::clamp_forward(x, y, *lo, *hi),
                 NodeOp::Add { other } => act::add_forward(x, &done[*other], y),

@@ -35,7 +35,6 @@ pub fn forward(
     x: &[f32],
     batch: usize,
     y: &mut [f32],
-    scratch: &mut Vec<f32>,
     sp: Option<&SparseW>,
 ) {
     let (xl, yl) = (s.c_in * s.h * s.w, s.c_out * s.oh() * s.ow());
@@ -49,16 +48,21 @@ pub fn forward(
     let zeros = vec![0.0f32; s.c_out];
     let post = PostOp { mul: &ones, add: bias.unwrap_or(&zeros), lo: f32::NEG_INFINITY, hi: f32::INFINITY };
     let need = crate::kernels::fast::conv_scratch_len(s, k);
-    if scratch.len() < need {
-        scratch.resize(need, 0.0);
+    if k.fast {
+        // Samples in parallel, each with its thread's scratch.
+        for_each_chunk(batch, 1, batch * s.macs(), Some(y), yl, None, 0, |_, b, _, ys, _| {
+            let ys = ys.expect("output sample");
+            FWD_SCRATCH.with_borrow_mut(|sc| {
+                if sc.len() < need {
+                    sc.resize(need, 0.0);
+                }
+                (k.conv2d)(k, s, w, &x[b * xl..(b + 1) * xl], ys, &post, sc)
+            })
+        });
+        return;
     }
     for b in 0..batch {
-        let (xs, ys) = (&x[b * xl..(b + 1) * xl], &mut y[b * yl..(b + 1) * yl]);
-        if k.fast {
-            (k.conv2d)(k, s, w, xs, ys, &post, scratch);
-        } else {
-            reference::conv2d(s, w, xs, ys, &post);
-        }
+        reference::conv2d(s, w, &x[b * xl..(b + 1) * xl], &mut y[b * yl..(b + 1) * yl], &post);
     }
 }
 
@@ -304,6 +308,8 @@ struct Bufs {
 std::thread_local! {
     static COLS: std::cell::RefCell<Bufs> = std::cell::RefCell::new(Bufs::default());
     static DW_SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// The kernel table's conv scratch for [`forward`]'s per-sample path.
+    static FWD_SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     /// The transposed weights of [`backward_batched`], on the calling thread.
     static WT: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
 }

@@ -285,7 +285,7 @@ mod tests {
             let (x, bias, dy) = (rand(&mut r, xl), rand(&mut r, s.c_out), rand(&mut r, yl));
             let run = |sp: Option<&SparseW>, store: Store| {
                 let mut y = vec![f32::NAN; yl];
-                conv::forward(&k, &s, Weights::F32(&w), Some(&bias), &x, batch, &mut y, &mut Vec::new(), sp);
+                conv::forward(&k, &s, Weights::F32(&w), Some(&bias), &x, batch, &mut y, sp);
                 let mut dx = vec![if store == Store::Set { f32::NAN } else { 0.5 }; xl];
                 let mut dw = vec![0.25; w.len()];
                 conv::backward(

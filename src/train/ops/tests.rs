@@ -49,10 +49,9 @@ fn conv_case(s: ConvShape, batch: usize, bias: bool) {
         let (xl, yl) = (batch * s.c_in * s.h * s.w, batch * s.c_out * s.oh() * s.ow());
         let (mut x, mut w, mut b) = (rand(&mut r, xl), rand(&mut r, wl), rand(&mut r, s.c_out));
         let rr = rand(&mut r, yl);
-        let mut scratch = Vec::new();
-        let mut f = |x: &[f32], w: &[f32], b: &[f32]| {
+        let f = |x: &[f32], w: &[f32], b: &[f32]| {
             let mut y = vec![0.0; yl];
-            conv::forward(&k, &s, Weights::F32(w), bias.then_some(b), x, batch, &mut y, &mut scratch, None);
+            conv::forward(&k, &s, Weights::F32(w), bias.then_some(b), x, batch, &mut y, None);
             dot(&y, &rr)
         };
         let (mut dx, mut dw, mut db) = (vec![0.0; xl], vec![0.0; wl], vec![0.0; s.c_out]);
@@ -377,17 +376,7 @@ fn batched_conv_matches_direct_loops_and_is_thread_independent() {
         let (xl, yl) = (batch * s.c_in * s.h * s.w, batch * s.c_out * s.oh() * s.ow());
         let (x, w, bias, dy) = (rand(&mut r, xl), rand(&mut r, wl), rand(&mut r, s.c_out), rand(&mut r, yl));
         let mut want_y = vec![0.0; yl];
-        conv::forward(
-            &Kernels::generic(false),
-            &s,
-            Weights::F32(&w),
-            Some(&bias),
-            &x,
-            batch,
-            &mut want_y,
-            &mut Vec::new(),
-            None,
-        );
+        conv::forward(&Kernels::generic(false), &s, Weights::F32(&w), Some(&bias), &x, batch, &mut want_y, None);
         let (mut want_dx, mut want_dw) = (vec![0.0; xl], vec![0.0; wl]);
         naive_conv_backward(&s, &w, &x, &dy, batch, &mut want_dx, &mut want_dw);
         for k in Kernels::available() {
@@ -395,7 +384,7 @@ fn batched_conv_matches_direct_loops_and_is_thread_independent() {
                 let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
                 pool.install(|| {
                     let mut y = vec![0.0; yl];
-                    conv::forward(&k, &s, Weights::F32(&w), Some(&bias), &x, batch, &mut y, &mut Vec::new(), None);
+                    conv::forward(&k, &s, Weights::F32(&w), Some(&bias), &x, batch, &mut y, None);
                     let (mut dx, mut dw) = (vec![0.5; xl], vec![0.25; wl]);
                     conv::backward(
                         &k,
@@ -571,10 +560,10 @@ fn stored_gradients_set_as_adding_onto_zeros() {
     }
 }
 
-/// Batch norm splits channels (statistics) and samples (outputs) over the threads when large:
-/// the same bits with one thread or two.
+/// Batch norm splits channels (statistics) and samples (outputs) over the threads when large,
+/// the affine samples and the element-wise ops pieces: the same bits with one thread or two.
 #[test]
-fn batch_norm_is_thread_independent() {
+fn split_ops_are_thread_independent() {
     let (ch, plane, batch) = (16, 1024, 17);
     let n = ch * plane * batch;
     assert!(n >= crate::kernels::PAR_MIN_WORK, "large enough to split");
@@ -589,8 +578,16 @@ fn batch_norm_is_thread_independent() {
             let (mut dx, mut dg, mut db) = (vec![0.0; n], vec![0.0; ch], vec![0.0; ch]);
             let dxs = Some((&mut dx[..], Store::Set));
             norm::train_backward(ch, plane, batch, &x, &saved, Some(&g), &dy, dxs, Some(&mut dg), Some(&mut db));
+            let (mut ay, mut adx, mut adg, mut adb) = (vec![0.0; n], vec![0.0; n], vec![0.5; ch], vec![0.5; ch]);
+            norm::affine_forward(ch, plane, batch, &x, &g, &b, &mut ay);
+            norm::affine_backward(ch, plane, batch, &x, &g, &dy, Some((&mut adx, Store::Add)), &mut adg, &mut adb);
+            let (mut cy, mut cdx, mut sum) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
+            act::clamp_forward(&x, &mut cy, 0.0, 0.5);
+            act::clamp_backward(&x, &dy, &mut cdx, 0.0, 0.5, Store::Set);
+            act::add_forward(&x, &dy, &mut sum);
+            act::accumulate(&x, &mut sum, Store::Add);
             let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<u32>>();
-            [bits(&y), bits(&rm), bits(&rv), bits(&dx), bits(&dg), bits(&db)]
+            [&y, &rm, &rv, &dx, &dg, &db, &ay, &adx, &adg, &adb, &cy, &cdx, &sum].map(|v| bits(v))
         })
     };
     assert_eq!(run(1), run(2));
