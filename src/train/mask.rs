@@ -149,6 +149,22 @@ pub fn apply(w: &[f32], mask: &BitSlice<u32, Lsb0>, out: &mut [f32]) {
     }
 }
 
+/// [`apply`] where `out` holds `w ⊙ old` already (`old`: the previous mask's words, as
+/// `mask`'s own, whose bits past its length are 0): only the weights whose bit changed are
+/// written. Between two steps few bits change, and rewriting
+/// every weight was a twentieth of an fc1024 step.
+pub fn apply_changed(w: &[f32], old: &[u32], mask: &BitVec<u32, Lsb0>, out: &mut [f32]) {
+    for (i, (&now, &was)) in mask.as_raw_slice().iter().zip(old).enumerate() {
+        let mut diff = now ^ was;
+        while diff != 0 {
+            let j = diff.trailing_zeros() as usize;
+            diff &= diff - 1;
+            let at = i * 32 + j;
+            out[at] = if now >> j & 1 == 1 { w[at] } else { 0.0 };
+        }
+    }
+}
+
 /// Straight-through score gradient into `ds` (overwritten). Element-wise; a large layer is
 /// split over the kernel threads (any split gives the same bits).
 pub fn score_grad(rule: MaskRule, scores: &[f32], w: &[f32], dw_eff: &[f32], ds: &mut [f32]) {
@@ -260,6 +276,27 @@ mod tests {
         // 3x3 conv 20 -> 20 with s = 4: 4·40/(20·20·9) = 0.0444…
         assert!((Density::ErdosRenyi(4.0).of_layer(20, 20, 9) - 160.0 / 3600.0).abs() < 1e-7);
         assert_eq!(Density::ErdosRenyi(32.0).of_layer(3, 3, 1), 0.5);
+    }
+
+    #[test]
+    fn applying_the_changed_bits_equals_applying_the_mask() {
+        let mut r = crate::rng::SplitMix64::new(3);
+        let n = 1000;
+        let w: Vec<f32> = (0..n).map(|_| r.uniform(-1.0, 1.0)).collect();
+        let draw = |r: &mut crate::rng::SplitMix64, p: f32| -> BitVec<u32, Lsb0> {
+            (0..n).map(|_| r.uniform(0.0, 1.0) < p).collect()
+        };
+        let old = draw(&mut r, 0.3);
+        let mut out = vec![0.0; n];
+        apply(&w, &old, &mut out);
+        for p in [0.3, 0.05, 0.9] {
+            let new = draw(&mut r, p);
+            let mut want = vec![7.0; n];
+            apply(&w, &new, &mut want);
+            let mut got = out.clone();
+            apply_changed(&w, old.as_raw_slice(), &new, &mut got);
+            assert_eq!(got, want, "density {p}");
+        }
     }
 
     #[test]

@@ -546,21 +546,35 @@ impl Trainer<'_> {
         // Layers are independent: each is thresholded and masked on its own thread. A
         // sparse enough mask also gives the layer's sparse form, for the forward and
         // input-gradient products (`train::ops::sparse`).
+        // Each step rewrites only the weights whose bit changed (`prev`: the last masks'
+        // words) and rebuilds the sparse forms in their old buffers.
         let dims: Vec<Option<(usize, usize)>> = wp.iter().map(|&p| net.weight_dims(p)).collect();
-        let refresh = |net: &mut Net, scores: &[Vec<f32>], masks: &mut [BitVec<u32, Lsb0>]| {
+        let mut prev: Vec<Vec<u32>> = vec![Vec::new(); wp.len()];
+        let mut refresh = |net: &mut Net, scores: &[Vec<f32>], masks: &mut [BitVec<u32, Lsb0>]| {
             use rayon::prelude::*;
+            let old: Vec<Option<SparseW>> = wp.iter().map(|&p| net.take_sparse(p)).collect();
             let mut values = net.params_mut(wp);
             let sparse: Vec<Option<SparseW>> = values
                 .par_iter_mut()
                 .zip(masks.par_iter_mut())
+                .zip(prev.par_iter_mut())
+                .zip(old.into_par_iter())
                 .enumerate()
-                .map(|(l, (p, m))| {
+                .map(|(l, (((p, m), was), old))| {
                     match cfg.rule {
                         MaskRule::TopK => mask::top_k(&scores[l], densities[l], m),
                         MaskRule::Threshold => mask::threshold(&scores[l], m),
                     }
-                    mask::apply(&base[l], m, &mut p.value);
-                    dims[l].and_then(|(rows, cols)| SparseW::from_mask(&p.value, m, rows, cols))
+                    if was.len() == m.as_raw_slice().len() {
+                        mask::apply_changed(&base[l], was, m, &mut p.value);
+                    } else {
+                        mask::apply(&base[l], m, &mut p.value);
+                    }
+                    was.clear();
+                    was.extend_from_slice(m.as_raw_slice());
+                    let (rows, cols) = dims[l]?;
+                    let mut sp = old.unwrap_or_default();
+                    sp.refill(&p.value, m, rows, cols).then_some(sp)
                 })
                 .collect();
             for (&p, sp) in wp.iter().zip(sparse) {

@@ -460,6 +460,11 @@ impl<'a> Net<'a> {
         self.sparse[p] = sp;
     }
 
+    /// Weight param `p`'s sparse form, taken out (its products are dense until one is set).
+    pub fn take_sparse(&mut self, p: usize) -> Option<SparseW> {
+        self.sparse.get_mut(p).and_then(Option::take)
+    }
+
     /// Every weight back to the dense products.
     pub fn clear_sparse(&mut self) {
         self.sparse.clear();

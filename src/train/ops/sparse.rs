@@ -33,6 +33,8 @@ pub struct SparseW {
     cols: usize,
     w: Csr,
     wt: Csr,
+    /// The transpose's fill positions (kept for [`SparseW::refill`]).
+    next: Vec<u32>,
 }
 
 impl SparseW {
@@ -40,36 +42,73 @@ impl SparseW {
     /// mask`). `None` when the mask is denser than [`MAX_DENSITY`], or the sizes disagree or
     /// do not fit the 32-bit indices.
     pub fn from_mask(w: &[f32], mask: &BitSlice<u32, Lsb0>, rows: usize, cols: usize) -> Option<SparseW> {
-        let n = rows.checked_mul(cols)?;
+        let mut sp = SparseW::default();
+        sp.refill(w, mask, rows, cols).then_some(sp)
+    }
+
+    /// [`SparseW::from_mask`] into this one's buffers (a step rebuilds every layer's form:
+    /// reusing them saves the allocations). `false`, leaving `self` unusable, where
+    /// `from_mask` gives `None`.
+    pub fn refill(&mut self, w: &[f32], mask: &BitSlice<u32, Lsb0>, rows: usize, cols: usize) -> bool {
+        let Some(n) = rows.checked_mul(cols) else { return false };
         if n != w.len() || mask.len() < n || n > u32::MAX as usize || rows == 0 || cols == 0 {
-            return None;
+            return false;
         }
         let nnz = mask[..n].count_ones();
         if nnz as f64 > MAX_DENSITY * n as f64 {
-            return None;
+            return false;
         }
-        let mut f =
-            Csr { start: Vec::with_capacity(rows + 1), idx: Vec::with_capacity(nnz), val: Vec::with_capacity(nnz) };
-        let mut col_count = vec![0u32; cols + 1];
+        (self.rows, self.cols) = (rows, cols);
+        let (f, t) = (&mut self.w, &mut self.wt);
+        f.start.clear();
+        f.idx.clear();
+        f.val.clear();
+        t.start.clear();
+        t.start.resize(cols + 1, 0);
         f.start.push(0);
-        for i in mask[..n].iter_ones() {
-            let (r, c) = (i / cols, i % cols);
-            while f.start.len() <= r {
+        // The set bits a word at a time (bit i of the weights is bit i % 32 of word i / 32),
+        // rows closed as the index passes their end.
+        let mut row_end = cols;
+        let mut add = |i: usize, f: &mut Csr, counts: &mut [u32]| {
+            while i >= row_end {
                 f.start.push(f.idx.len() as u32);
+                row_end += cols;
             }
+            let c = i + cols - row_end;
             f.idx.push(c as u32);
             f.val.push(w[i]);
-            col_count[c + 1] += 1;
+            counts[c + 1] += 1;
+        };
+        match mask[..n].domain() {
+            bitvec::domain::Domain::Region { head: None, body, tail } => {
+                // The tail's dead bits load as 0.
+                let words = body.iter().copied().chain(tail.map(|t| t.load_value()));
+                for (wi, word) in words.enumerate() {
+                    let mut bits = word;
+                    while bits != 0 {
+                        add(wi * 32 + bits.trailing_zeros() as usize, f, &mut t.start);
+                        bits &= bits - 1;
+                    }
+                }
+            }
+            _ => {
+                for i in mask[..n].iter_ones() {
+                    add(i, f, &mut t.start);
+                }
+            }
         }
         while f.start.len() <= rows {
             f.start.push(f.idx.len() as u32);
         }
         // Wᵀ by a counting sort on the column: rows stay ascending within each column.
         for c in 0..cols {
-            col_count[c + 1] += col_count[c];
+            t.start[c + 1] += t.start[c];
         }
-        let mut t = Csr { start: col_count.clone(), idx: vec![0; nnz], val: vec![0.0; nnz] };
-        let mut next = col_count;
+        t.idx.resize(nnz, 0);
+        t.val.resize(nnz, 0.0);
+        let mut next = std::mem::take(&mut self.next);
+        next.clear();
+        next.extend_from_slice(&t.start[..cols]);
         for r in 0..rows {
             for p in f.start[r] as usize..f.start[r + 1] as usize {
                 let c = f.idx[p] as usize;
@@ -79,7 +118,8 @@ impl SparseW {
                 next[c] += 1;
             }
         }
-        Some(SparseW { rows, cols, w: f, wt: t })
+        self.next = next;
+        true
     }
 
     /// `(rows, cols)` of `W`.
@@ -230,6 +270,21 @@ mod tests {
                 (0..rows).filter(|&i| mask[i * cols + c]).map(|i| (i as u32, w[i * cols + c])).collect();
             assert_eq!(got, want, "column {c}");
         }
+        // A mask that does not start on a word boundary, and a form refilled from another
+        // mask, give what a fresh one does.
+        let mut shifted: BitVec<u32, Lsb0> = BitVec::repeat(true, 5);
+        shifted.extend_from_bitslice(&mask);
+        let other = SparseW::from_mask(&w, &shifted[5..], rows, cols).expect("sparse enough");
+        assert_eq!(format!("{other:?}"), format!("{sp:?}"));
+        let (w2, mask2) = masked(&mut r, rows, cols, 0.05);
+        let mut reused = sp.clone();
+        assert!(reused.refill(&w2, &mask2, rows, cols));
+        let fresh = SparseW::from_mask(&w2, &mask2, rows, cols).unwrap();
+        assert_eq!((reused.w().start, reused.w().idx, reused.w().val), (fresh.w().start, fresh.w().idx, fresh.w().val));
+        assert_eq!(
+            (reused.wt().start, reused.wt().idx, reused.wt().val),
+            (fresh.wt().start, fresh.wt().idx, fresh.wt().val)
+        );
         // Too dense, or sizes that disagree: no sparse form.
         let (dense, dmask) = masked(&mut r, rows, cols, 0.6);
         assert!(SparseW::from_mask(&dense, &dmask, rows, cols).is_none());
