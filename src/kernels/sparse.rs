@@ -15,9 +15,11 @@ use super::Store;
 pub const BLOCK: usize = 64;
 
 /// Rows of a sparse matrix in compressed form: row `r`'s nonzeros are `idx[start[r]..start[r
-/// + 1]]` (column indices, ascending) with values `val[..]` at the same positions. `start` has
-/// one entry more than there are rows; its values index `idx` and `val` directly, so a run of
-/// rows is the sub-slice `start[r0..=r1]`.
+/// + 1]]` with values `val[..]` at the same positions, summed in that order. An index is a
+/// row of `b`: a column of the sparse matrix, or with `ldb = 1` any offset into `b` (the
+/// direct sparse convolution of training reads its taps so). `start` has one entry more than
+/// there are rows; its values index `idx` and `val` directly, so a run of rows is the
+/// sub-slice `start[r0..=r1]`.
 #[derive(Clone, Copy, Debug)]
 pub struct SparseRows<'a> {
     pub start: &'a [u32],

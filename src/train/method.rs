@@ -543,11 +543,10 @@ impl Trainer<'_> {
         let (k, cfg, classes) = (*self.k, self.cfg.clone(), self.classes);
         let mut opt = Optimizer::new(cfg.optimizer, cfg.weight_decay);
         let mut grads: Vec<Vec<f32>> = scores.iter().map(|s| vec![0.0; s.len()]).collect();
-        // Layers are independent: each is thresholded and masked on its own thread. A
-        // sparse enough mask also gives the layer's sparse form, for the forward and
-        // input-gradient products (`train::ops::sparse`).
-        // Each step rewrites only the weights whose bit changed (`prev`: the last masks'
-        // words) and rebuilds the sparse forms in their old buffers.
+        // Layers are independent: each is thresholded and masked on its own thread, which
+        // rewrites only the weights whose bit changed (`prev`: the last masks' words). A
+        // sparse enough mask also gives the layer's sparse form, rebuilt in its old buffers,
+        // for the forward and input-gradient products (`train::ops::sparse`).
         let dims: Vec<Option<(usize, usize)>> = wp.iter().map(|&p| net.weight_dims(p)).collect();
         let mut prev: Vec<Vec<u32>> = vec![Vec::new(); wp.len()];
         let mut refresh = |net: &mut Net, scores: &[Vec<f32>], masks: &mut [BitVec<u32, Lsb0>]| {

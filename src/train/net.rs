@@ -574,7 +574,6 @@ fn param_of(src: WSrc) -> Option<usize> {
     }
 }
 
-/// The weights of a conv/linear.
 /// The sparse form of a param's weights, if set (debug builds check it equals the value).
 fn sparse_of<'s>(sparse: &'s [Option<SparseW>], params: &[Param], w: WSrc) -> Option<&'s SparseW> {
     let WSrc::Param(p) = w else { return None };
@@ -583,6 +582,7 @@ fn sparse_of<'s>(sparse: &'s [Option<SparseW>], params: &[Param], w: WSrc) -> Op
     Some(sp)
 }
 
+/// The weights of a conv/linear.
 fn weights<'p, 'a: 'p>(params: &'p [Param], frozen: &'p [Vec<f32>], w: WSrc<'a>) -> Weights<'p> {
     match w {
         WSrc::Frozen(w) => w,

@@ -177,9 +177,11 @@ fn forward_batched(
     });
 }
 
-/// The sparse form of the weights when it applies to `s`: one group, and `W` as `c_out × K`.
+/// The sparse form of the weights when it applies to `s`: one group, `W` as `c_out × K`, and
+/// a non-empty input and output.
 fn sparse_for<'w>(s: &ConvShape, sp: Option<&'w SparseW>) -> Option<&'w SparseW> {
-    sp.filter(|sp| s.groups == 1 && sp.dims() == (s.c_out, s.c_in * s.kh * s.kw))
+    let sized = s.h * s.w * s.oh() * s.ow() > 0;
+    sp.filter(|sp| sized && s.groups == 1 && sp.dims() == (s.c_out, s.c_in * s.kh * s.kw))
 }
 
 /// `v` grown to at least `n` floats; its first `n`.

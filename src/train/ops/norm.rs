@@ -103,6 +103,9 @@ fn per_channel<T: Send>(ch: usize, per: usize, f: impl Fn(usize) -> T + Sync + S
 /// `f(b, sample b's part of v)` for every sample (`len` values each), in parallel when worth it.
 fn per_sample(v: &mut [f32], len: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) {
     use rayon::prelude::*;
+    if len == 0 {
+        return;
+    }
     if v.len() >= crate::kernels::PAR_MIN_WORK && v.len() > len && rayon::current_num_threads() > 1 {
         v.par_chunks_exact_mut(len).enumerate().for_each(|(b, s)| f(b, s));
     } else {
@@ -267,6 +270,9 @@ pub fn affine_backward(
     dgamma: &mut [f32],
     dbeta: &mut [f32],
 ) {
+    if ch * plane == 0 {
+        return;
+    }
     // Per sample (in parallel when large): its sums per channel, and its input gradient.
     // The sums are then added in sample order, as one thread would.
     let mut sums = vec![(0.0f32, 0.0f32); batch * ch];
