@@ -177,11 +177,15 @@ fn forward_batched(
     });
 }
 
-/// The sparse form of the weights when it applies to `s`: one group, `W` as `c_out × K`, and
-/// a non-empty input and output.
+/// The sparse form of the weights when it applies to `s`: one group, `W` as `c_out × K`, a
+/// non-empty input and output, and a sample's padded planes small enough for the direct
+/// convolution's 32-bit tap offsets.
 fn sparse_for<'w>(s: &ConvShape, sp: Option<&'w SparseW>) -> Option<&'w SparseW> {
     let sized = s.h * s.w * s.oh() * s.ow() > 0;
-    sp.filter(|sp| sized && s.groups == 1 && sp.dims() == (s.c_out, s.c_in * s.kh * s.kw))
+    let (rh, rw) = (s.kh * s.dh + s.pad[0] + s.pad[2], s.kw * s.dw + s.pad[1] + s.pad[3]);
+    let dims = [s.c_in.max(s.c_out), s.h + rh, s.sh, s.w + rw, s.sw];
+    let fits = dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).is_some_and(|n| n < u32::MAX as usize / 2);
+    sp.filter(|sp| sized && fits && s.groups == 1 && sp.dims() == (s.c_out, s.c_in * s.kh * s.kw))
 }
 
 /// `v` grown to at least `n` floats; its first `n`.
