@@ -547,7 +547,7 @@ impl Trainer<'_> {
         // rewrites only the weights whose bit changed (`prev`: the last masks' words). A
         // sparse enough mask also gives the layer's sparse form, rebuilt in its old buffers,
         // for the forward and input-gradient products (`train::ops::sparse`).
-        let dims: Vec<Option<(usize, usize)>> = wp.iter().map(|&p| net.weight_dims(p)).collect();
+        let dims: Vec<Option<(usize, usize, f64)>> = wp.iter().map(|&p| net.weight_dims(p)).collect();
         let mut prev: Vec<Vec<u32>> = vec![Vec::new(); wp.len()];
         let mut refresh = |net: &mut Net, scores: &[Vec<f32>], masks: &mut [BitVec<u32, Lsb0>]| {
             use rayon::prelude::*;
@@ -571,9 +571,9 @@ impl Trainer<'_> {
                     }
                     was.clear();
                     was.extend_from_slice(m.as_raw_slice());
-                    let (rows, cols) = dims[l]?;
+                    let (rows, cols, max_density) = dims[l]?;
                     let mut sp = old.unwrap_or_default();
-                    sp.refill(&p.value, m, rows, cols).then_some(sp)
+                    sp.refill(&p.value, m, rows, cols, max_density).then_some(sp)
                 })
                 .collect();
             for (&p, sp) in wp.iter().zip(sparse) {

@@ -9,7 +9,7 @@
 //! Backward runs only as far back as the earliest trained parameter: a frozen prefix gets
 //! neither weight nor input gradients.
 
-use super::ops::sparse::SparseW;
+use super::ops::sparse::{self, SparseW};
 use super::ops::{act, conv, linear, norm, pool};
 use crate::adapter::{Base, Head, NormState, Quantized};
 use crate::backbone::{Backbone, Shape};
@@ -437,14 +437,18 @@ impl<'a> Net<'a> {
         idx.iter().map(|&i| slots[i].take().expect("distinct params")).collect()
     }
 
-    /// `(rows, cols)` of weight param `p` as its layer multiplies by it (`c_out × K` for a
-    /// conv of one group, `out × in` for a linear layer); `None` for any other param.
-    pub fn weight_dims(&self, p: usize) -> Option<(usize, usize)> {
+    /// `(rows, cols, max_density)` of weight param `p`: the matrix as its layer multiplies by
+    /// it (`c_out × K` for a conv of one group, `out × in` for a linear layer) and the densest
+    /// mask for which a sparse form pays ([`sparse::CONV_MAX_DENSITY`],
+    /// [`sparse::LINEAR_MAX_DENSITY`]); `None` for any other param.
+    pub fn weight_dims(&self, p: usize) -> Option<(usize, usize, f64)> {
         self.nodes.iter().find_map(|n| match n.op {
             NodeOp::Conv { s, w: WSrc::Param(q), .. } if q == p && s.groups == 1 => {
-                Some((s.c_out, s.c_in * s.kh * s.kw))
+                Some((s.c_out, s.c_in * s.kh * s.kw, sparse::CONV_MAX_DENSITY))
             }
-            NodeOp::Linear { in_f, out_f, w: WSrc::Param(q), .. } if q == p => Some((out_f, in_f)),
+            NodeOp::Linear { in_f, out_f, w: WSrc::Param(q), .. } if q == p => {
+                Some((out_f, in_f, sparse::LINEAR_MAX_DENSITY))
+            }
             _ => None,
         })
     }

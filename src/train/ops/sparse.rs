@@ -8,10 +8,16 @@ use crate::kernels::sparse::SparseRows;
 use crate::kernels::{Kernels, Store};
 use bitvec::prelude::{BitSlice, Lsb0};
 
-/// Above this density a layer keeps the packed GEMM. The sparse product does a quarter of
-/// the GEMM's multiply-adds here, at a lower rate per multiply-add (one load per vector, no
-/// register reuse of `b` across rows), so it is no longer a clear win.
-pub const MAX_DENSITY: f64 = 0.25;
+/// Above this density a linear layer keeps the packed GEMM. The sparse product runs at a
+/// lower rate per multiply-add (one load per vector, no register reuse of `b` across rows);
+/// measured on fc1024's SupSup step (`benches/train_step.rs` with the cut-off forced either
+/// way, 1 and 2 threads), the two cost the same at density 0.10–0.15.
+pub const LINEAR_MAX_DENSITY: f64 = 0.125;
+
+/// Above this density a convolution keeps im2col and the GEMM. The direct sparse conv also
+/// skips im2col, so it stays ahead longer: on GEMResNet18's step the two cross between 0.4
+/// and 0.6 (0.58 s against 0.69 s at 0.4, 0.78 s against 0.56 s at 0.6, one thread).
+pub const CONV_MAX_DENSITY: f64 = 0.4;
 
 #[derive(Clone, Debug, Default)]
 struct Csr {
@@ -39,23 +45,36 @@ pub struct SparseW {
 
 impl SparseW {
     /// The weights `w` where `mask` is set (the others must be zero in `w`: it is `base ⊙
-    /// mask`). `None` when the mask is denser than [`MAX_DENSITY`], or the sizes disagree or
-    /// do not fit the 32-bit indices.
-    pub fn from_mask(w: &[f32], mask: &BitSlice<u32, Lsb0>, rows: usize, cols: usize) -> Option<SparseW> {
+    /// mask`). `None` when the mask is denser than `max_density` ([`LINEAR_MAX_DENSITY`],
+    /// [`CONV_MAX_DENSITY`]), or the sizes disagree or do not fit the 32-bit indices.
+    pub fn from_mask(
+        w: &[f32],
+        mask: &BitSlice<u32, Lsb0>,
+        rows: usize,
+        cols: usize,
+        max_density: f64,
+    ) -> Option<SparseW> {
         let mut sp = SparseW::default();
-        sp.refill(w, mask, rows, cols).then_some(sp)
+        sp.refill(w, mask, rows, cols, max_density).then_some(sp)
     }
 
     /// [`SparseW::from_mask`] into this one's buffers (a step rebuilds every layer's form:
     /// reusing them saves the allocations). `false`, leaving `self` unusable, where
     /// `from_mask` gives `None`.
-    pub fn refill(&mut self, w: &[f32], mask: &BitSlice<u32, Lsb0>, rows: usize, cols: usize) -> bool {
+    pub fn refill(
+        &mut self,
+        w: &[f32],
+        mask: &BitSlice<u32, Lsb0>,
+        rows: usize,
+        cols: usize,
+        max_density: f64,
+    ) -> bool {
         let Some(n) = rows.checked_mul(cols) else { return false };
         if n != w.len() || mask.len() < n || n > u32::MAX as usize || rows == 0 || cols == 0 {
             return false;
         }
         let nnz = mask[..n].count_ones();
-        if nnz as f64 > MAX_DENSITY * n as f64 {
+        if nnz as f64 > max_density * n as f64 {
             return false;
         }
         (self.rows, self.cols) = (rows, cols);
@@ -221,7 +240,7 @@ mod tests {
             assert!(rows < 300 || k * rows / 5 * n >= crate::kernels::PAR_MIN_WORK);
             let ldb = n + pad;
             let (w, mask) = masked(&mut r, rows, k, 0.2);
-            let sp = SparseW::from_mask(&w, &mask, rows, k).expect("sparse enough");
+            let sp = SparseW::from_mask(&w, &mask, rows, k, 1.0).expect("sparse enough");
             let b = rand(&mut r, k * ldb);
             let start = rand(&mut r, rows * n);
             for store in [Store::Set, Store::Add] {
@@ -253,7 +272,7 @@ mod tests {
         let mut r = SplitMix64::new(5);
         let (rows, cols) = (23, 41);
         let (w, mask) = masked(&mut r, rows, cols, 0.15);
-        let sp = SparseW::from_mask(&w, &mask, rows, cols).expect("sparse enough");
+        let sp = SparseW::from_mask(&w, &mask, rows, cols, 1.0).expect("sparse enough");
         assert_eq!(sp.nnz(), mask.count_ones());
         assert!(sp.matches(&w));
         let mut changed = w.clone();
@@ -274,12 +293,12 @@ mod tests {
         // mask, give what a fresh one does.
         let mut shifted: BitVec<u32, Lsb0> = BitVec::repeat(true, 5);
         shifted.extend_from_bitslice(&mask);
-        let other = SparseW::from_mask(&w, &shifted[5..], rows, cols).expect("sparse enough");
+        let other = SparseW::from_mask(&w, &shifted[5..], rows, cols, 1.0).expect("sparse enough");
         assert_eq!(format!("{other:?}"), format!("{sp:?}"));
         let (w2, mask2) = masked(&mut r, rows, cols, 0.05);
         let mut reused = sp.clone();
-        assert!(reused.refill(&w2, &mask2, rows, cols));
-        let fresh = SparseW::from_mask(&w2, &mask2, rows, cols).unwrap();
+        assert!(reused.refill(&w2, &mask2, rows, cols, 1.0));
+        let fresh = SparseW::from_mask(&w2, &mask2, rows, cols, 1.0).unwrap();
         assert_eq!((reused.w().start, reused.w().idx, reused.w().val), (fresh.w().start, fresh.w().idx, fresh.w().val));
         assert_eq!(
             (reused.wt().start, reused.wt().idx, reused.wt().val),
@@ -287,9 +306,11 @@ mod tests {
         );
         // Too dense, or sizes that disagree: no sparse form.
         let (dense, dmask) = masked(&mut r, rows, cols, 0.6);
-        assert!(SparseW::from_mask(&dense, &dmask, rows, cols).is_none());
-        assert!(SparseW::from_mask(&w, &mask, rows, cols + 1).is_none());
-        assert!(SparseW::from_mask(&w[1..], &mask, rows, cols).is_none());
+        let (dense, dmask) = (&dense, &dmask);
+        assert!(SparseW::from_mask(dense, dmask, rows, cols, 0.5).is_none());
+        assert!(SparseW::from_mask(dense, dmask, rows, cols, 1.0).is_some());
+        assert!(SparseW::from_mask(&w, &mask, rows, cols + 1, 1.0).is_none());
+        assert!(SparseW::from_mask(&w[1..], &mask, rows, cols, 1.0).is_none());
     }
 
     fn close(what: &str, got: &[f32], want: &[f32]) {
@@ -335,7 +356,7 @@ mod tests {
             let batch = 5;
             let kk = s.c_in * s.kh * s.kw;
             let (w, mask) = masked(&mut r, s.c_out, kk, 0.2);
-            let sp = SparseW::from_mask(&w, &mask, s.c_out, kk).expect("sparse enough");
+            let sp = SparseW::from_mask(&w, &mask, s.c_out, kk, 1.0).expect("sparse enough");
             let (xl, yl) = (batch * s.c_in * s.h * s.w, batch * s.c_out * s.oh() * s.ow());
             let (x, bias, dy) = (rand(&mut r, xl), rand(&mut r, s.c_out), rand(&mut r, yl));
             let run = |sp: Option<&SparseW>, store: Store| {
@@ -367,7 +388,7 @@ mod tests {
         }
         for (i, o, batch) in [(37, 29, 6), (64, 100, 17), (10, 3, 1)] {
             let (w, mask) = masked(&mut r, o, i, 0.2);
-            let sp = SparseW::from_mask(&w, &mask, o, i).expect("sparse enough");
+            let sp = SparseW::from_mask(&w, &mask, o, i, 1.0).expect("sparse enough");
             let (x, bias, dy) = (rand(&mut r, batch * i), rand(&mut r, o), rand(&mut r, batch * o));
             let run = |sp: Option<&SparseW>| {
                 let mut y = vec![f32::NAN; batch * o];
