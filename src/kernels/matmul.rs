@@ -195,6 +195,18 @@ pub fn copy_short(dst: &mut [f32], src: &[f32]) {
     }
 }
 
+/// Zeroes a short run without a call to `memset` (see [`copy_short`]).
+#[inline(always)]
+pub fn zero_short(d: &mut [f32]) {
+    let (c, t) = d.as_chunks_mut::<8>();
+    for v in c {
+        *v = [0.0; 8];
+    }
+    for v in t {
+        *v = 0.0;
+    }
+}
+
 /// Packs `k × n` of B, element `(r, j)` at `src[cols.at(r, j)]`, into `nr`-wide panels
 /// (`[panel][k][nr]`, zero-padded; the layout [`gemm_cols`] reads). Runs of a panel row that
 /// lie in one sample are copied as slices.

@@ -13,13 +13,15 @@
 //! A one-group conv whose weights come with a sparse form (a SupSup mask, [`SparseW`]) runs
 //! its forward pass and, at stride 1, its input gradient as direct sparse convolutions
 //! ([`sparse_conv`]); at other strides the input gradient is a sparse product over im2col's
-//! columns. The weight gradient stays the dense GEMM.
+//! columns. The weight gradient is dense (every score needs its gradient); for a one-group
+//! conv with enough input channels and output positions it is read from the input's stride
+//! phases in place, with no im2col ([`sparse_conv::weight_grad`]), masked or not.
 
 use super::dot8;
 use super::sparse::SparseW;
 use super::sparse_conv;
 use crate::kernels::gemm::packed_b_len;
-use crate::kernels::matmul::{copy_short, gemm_cols, pack_b_cols, pack_bt_cols, Cols};
+use crate::kernels::matmul::{copy_short, gemm_cols, pack_b_cols, pack_bt_cols, zero_short, Cols};
 use crate::kernels::{depthwise, reference, ConvShape, Kernels, PostOp, Store, Weights};
 
 /// `y = conv(x) + bias` for `batch` samples. Depthwise convs (and the reference kernels) run
@@ -275,6 +277,13 @@ pub fn backward(
         }
         return;
     }
+    let dw = match dw {
+        Some(dw) if sparse_conv::weight_grad_supported(s, k.micro.mr) => {
+            sparse_conv::weight_grad(k, s, x, dy, batch, chunk_samples(s, batch), dw);
+            None
+        }
+        dw => dw,
+    };
     let sp = sparse_for(s, sp);
     if let Some(sp) = sp.filter(|_| sparse_conv::backward_dx_supported(s)) {
         if let Some((dx, store)) = dx {
@@ -283,6 +292,9 @@ pub fn backward(
         if dw.is_some() {
             backward_batched(k, s, &wf, x, dy, batch, None, Store::Add, dw, None);
         }
+        return;
+    }
+    if dx.is_none() && dw.is_none() {
         return;
     }
     let (dx, store) = added(dx, is_pointwise(s) && sp.is_none());
@@ -540,18 +552,6 @@ fn im2col(s: &ConvShape, xg: &[f32], col: &mut [f32], ld: usize, off: usize) {
                 r += 1;
             }
         }
-    }
-}
-
-/// Zeroes a short run without a call to `memset`.
-#[inline(always)]
-fn zero_short(d: &mut [f32]) {
-    let (c, t) = d.as_chunks_mut::<8>();
-    for v in c {
-        *v = [0.0; 8];
-    }
-    for v in t {
-        *v = 0.0;
     }
 }
 

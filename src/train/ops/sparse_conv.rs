@@ -1,5 +1,6 @@
 //! Direct sparse convolution (one group) for masked training: the forward pass and, at stride
-//! 1, the input gradient, with no unfolded input.
+//! 1, the input gradient, with no unfolded input; and the dense weight gradient read from the
+//! same stride phases ([`weight_grad`]).
 //!
 //! im2col writes `K = c_in·kh·kw` floats per output position, and with a 5 % mask the product
 //! that reads them is cheap: the unfolding was the larger cost. Instead the input of a sample
@@ -14,8 +15,10 @@
 
 use super::conv::for_each_chunk;
 use super::sparse::SparseW;
+use crate::kernels::gemm::{packed_b_len, MAX_TILE};
+use crate::kernels::matmul::{copy_short, zero_short};
 use crate::kernels::sparse::SparseRows;
-use crate::kernels::{ConvShape, Kernels, Store};
+use crate::kernels::{ConvShape, Kernels, Store, TileEpilogue, MAX_MR};
 
 /// Zeros past a phase buffer's end: the product runs over a multiple of 8 columns, up to 7
 /// past the last one used.
@@ -34,6 +37,17 @@ struct Phases {
 }
 
 impl Phases {
+    /// The phases of a conv's input: padded by the conv's padding, split by its strides.
+    fn of_input(s: &ConvShape) -> Phases {
+        Phases {
+            c: s.c_in,
+            hq: (s.h + s.pad[0] + s.pad[2]).div_ceil(s.sh),
+            wq: (s.w + s.pad[1] + s.pad[3]).div_ceil(s.sw),
+            sh: s.sh,
+            sw: s.sw,
+        }
+    }
+
     fn len(&self) -> usize {
         self.sh * self.sw * self.c * self.hq * self.wq + TAIL
     }
@@ -45,17 +59,41 @@ impl Phases {
 
     /// `out` ← `x` (`c × h × w`) placed at padded row `top`, column `left`; zeros elsewhere.
     fn fill(&self, x: &[f32], h: usize, w: usize, top: usize, left: usize, out: &mut Vec<f32>) {
+        if self.sh == 1 && self.sw == 1 {
+            // One phase: each padded row is written once, zeros around the copied run.
+            out.resize(self.len(), 0.0);
+            let (hq, wq) = (self.hq, self.wq);
+            for (ch, dst) in out.chunks_exact_mut(hq * wq).take(self.c).enumerate() {
+                for (r, row) in dst.chunks_exact_mut(wq).enumerate() {
+                    match r.checked_sub(top).filter(|&iy| iy < h) {
+                        Some(iy) => {
+                            zero_short(&mut row[..left]);
+                            copy_short(&mut row[left..left + w], &x[(ch * h + iy) * w..][..w]);
+                            zero_short(&mut row[left + w..]);
+                        }
+                        None => zero_short(row),
+                    }
+                }
+            }
+            out[self.c * hq * wq..].fill(0.0);
+            return;
+        }
         out.clear();
         out.resize(self.len(), 0.0);
+        let sw = self.sw;
         for ch in 0..self.c {
             for iy in 0..h {
                 let row = &x[(ch * h + iy) * w..][..w];
-                if self.sw == 1 {
-                    let o = self.at(ch, iy + top, left);
-                    out[o..o + w].copy_from_slice(row);
-                } else {
-                    for (ix, &v) in row.iter().enumerate() {
-                        out[self.at(ch, iy + top, ix + left)] = v;
+                // The columns of one phase, `ix0, ix0 + sw, …`, are one run of its plane.
+                for px in 0..sw {
+                    let ix0 = (px + sw - left % sw) % sw;
+                    if ix0 >= w {
+                        continue;
+                    }
+                    let o = self.at(ch, iy + top, ix0 + left);
+                    let run = &mut out[o..o + (w - ix0).div_ceil(sw)];
+                    for (d, &v) in run.iter_mut().zip(row[ix0..].iter().step_by(sw)) {
+                        *d = v;
                     }
                 }
             }
@@ -81,13 +119,7 @@ pub(super) fn forward(
 ) {
     let (oh, ow) = (s.oh(), s.ow());
     let (xl, yl) = (s.c_in * s.h * s.w, s.c_out * oh * ow);
-    let ph = Phases {
-        c: s.c_in,
-        hq: (s.h + s.pad[0] + s.pad[2]).div_ceil(s.sh),
-        wq: (s.w + s.pad[1] + s.pad[3]).div_ceil(s.sw),
-        sh: s.sh,
-        sw: s.sw,
-    };
+    let ph = Phases::of_input(s);
     let n = ((oh - 1) * ph.wq + ow).next_multiple_of(8);
     // Column (ci, ky, kx) of W → where the tap reads for output (0, 0).
     let mut off = Vec::with_capacity(s.c_in * s.kh * s.kw);
@@ -187,4 +219,220 @@ pub(super) fn backward_dx(
             }
         })
     });
+}
+
+/// Output planes smaller than this keep im2col for the weight gradient: [`weight_grad`]'s
+/// products reduce over one sample's positions, and on a 4 × 4 plane (22 of them, 6 unused)
+/// the micro-kernel's tile stores and the unused columns cost more than the unfolding saves.
+pub(super) const WEIGHT_GRAD_MIN_PLANE: usize = 64;
+
+/// Whether [`weight_grad`] takes `s` with micro-kernel rows `mr`: one group, at least `mr`
+/// input channels (its row panels are `mr` channels of one tap, so fewer would leave most
+/// rows unused), output planes of at least [`WEIGHT_GRAD_MIN_PLANE`] positions, and a
+/// product row (the output row width `wq` of the phases) no longer than a channel's plane.
+pub(super) fn weight_grad_supported(s: &ConvShape, mr: usize) -> bool {
+    let ph = Phases::of_input(s);
+    let p = s.oh() * s.ow();
+    s.groups == 1 && s.c_in >= mr && p >= WEIGHT_GRAD_MIN_PLANE && (s.oh() - 1) * ph.wq + s.ow() <= ph.hq * ph.wq
+}
+
+/// `dw += ∂L/∂W` (`c_out × c_in·kh·kw`) of a one-group conv, with no unfolded input: per
+/// sample, tap `(ky, kx)` of input channel `ci` reads, for output `(oy, ox)`, element
+/// `oy·wq + ox` of one run of the input's phases ([`Phases`]), and the runs of channels
+/// `ci, ci + 1, …` of one tap lie a phase plane apart. So `mr` channels of a tap are one
+/// micro-kernel row panel at a constant stride, read in place, against the sample's output
+/// gradient packed with the same column numbering (zero in the `wq − ow` unused columns of
+/// each row): `dWᵀ[(tap, ci)][co] = Σ_j A[(tap, ci)][j] · dY[co][j]`. Samples are summed in
+/// order within chunks of `nb`, chunks in order afterwards, so the result does not depend
+/// on the thread count.
+pub(super) fn weight_grad(k: &Kernels, s: &ConvShape, x: &[f32], dy: &[f32], batch: usize, nb: usize, dw: &mut [f32]) {
+    debug_assert!(weight_grad_supported(s, k.micro.mr));
+    let (oh, ow) = (s.oh(), s.ow());
+    let (xl, yl) = (s.c_in * s.h * s.w, s.c_out * oh * ow);
+    let (cin, cout, taps) = (s.c_in, s.c_out, s.kh * s.kw);
+    let (mr, nr) = (k.micro.mr, k.micro.nr);
+    let ph = Phases::of_input(s);
+    let plane = ph.hq * ph.wq;
+    // The reduction per sample: output row `oy` is columns `oy·wq ..`, of which `ow` are used.
+    let nq = (oh - 1) * ph.wq + ow;
+    // Where tap `t` of channel 0 reads for output (0, 0); channel `ci` is `ci · plane` on.
+    let off: Vec<usize> = (0..taps).map(|t| ph.at(0, (t / s.kw) * s.dh, (t % s.kw) * s.dw)).collect();
+    // The last row panel of a tap reads up to `mr − 1` channels past the last one: zeros.
+    let xq_len = ph.len() + (mr - 1) * plane;
+    let part_len = taps * cin * cout;
+    let chunks = batch.div_ceil(nb);
+    let mut partial = vec![0.0f32; chunks * part_len];
+    let ep = TileEpilogue { mul: [1.0; MAX_MR], add: [0.0; MAX_MR], lo: f32::NEG_INFINITY, hi: f32::INFINITY };
+    let work = 2 * batch * s.macs();
+    for_each_chunk(batch, nb, work, None, 0, Some(&mut partial), part_len, |_, b0, nbs, _, part| {
+        let part = part.expect("the chunk's partial");
+        BUFS.with_borrow_mut(|(xq, bp)| {
+            let mut tile = [0.0f32; MAX_TILE];
+            let tile = &mut tile[..mr * nr];
+            for b in b0..b0 + nbs {
+                ph.fill(&x[b * xl..(b + 1) * xl], s.h, s.w, s.pad[0], s.pad[1], xq);
+                xq.resize(xq_len, 0.0);
+                bp.resize(packed_b_len(nq, cout, nr), 0.0);
+                pack_dy(&dy[b * yl..(b + 1) * yl], cout, (oh, ow, ph.wq), nq, nr, bp);
+                for (t, &o) in off.iter().enumerate() {
+                    for ci0 in (0..cin).step_by(mr) {
+                        let m_eff = mr.min(cin - ci0);
+                        let a = &xq[o + ci0 * plane..];
+                        for (q, bq) in bp.chunks_exact(nq * nr).enumerate() {
+                            let c0 = q * nr;
+                            let n_eff = nr.min(cout - c0);
+                            (k.micro.run)(nq, a, plane, bq, &ep, tile, nr);
+                            for i in 0..m_eff {
+                                let d = &mut part[(t * cin + ci0 + i) * cout + c0..][..n_eff];
+                                for (d, &v) in d.iter_mut().zip(&tile[i * nr..][..n_eff]) {
+                                    *d += v;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        })
+    });
+    let (first, rest) = partial.split_at_mut(part_len);
+    for pc in rest.chunks_exact(part_len) {
+        for (a, &v) in first.iter_mut().zip(pc) {
+            *a += v;
+        }
+    }
+    for (r, row) in first.chunks_exact(cout).enumerate() {
+        let (t, ci) = (r / cin, r % cin);
+        for (co, &v) in row.iter().enumerate() {
+            dw[(co * cin + ci) * taps + t] += v;
+        }
+    }
+}
+
+/// Packs one sample's output gradient (`c × oh × ow`) as [`weight_grad`]'s B operand: row
+/// `oy·wq + ox` of `nq`, column `co`, in `nr`-wide panels (`[panel][nq][nr]`); the rows of
+/// unused columns (`ox ≥ ow`) and the lanes past `c` are zero.
+fn pack_dy(dy: &[f32], c: usize, (oh, ow, wq): (usize, usize, usize), nq: usize, nr: usize, bp: &mut [f32]) {
+    for (q, panel) in bp.chunks_exact_mut(nq * nr).enumerate() {
+        let c0 = q * nr;
+        let w = nr.min(c - c0);
+        if w < nr {
+            panel.fill(0.0);
+        } else {
+            for oy in 0..oh - 1 {
+                panel[(oy * wq + ow) * nr..(oy + 1) * wq * nr].fill(0.0);
+            }
+        }
+        for lane in 0..w {
+            let src = &dy[(c0 + lane) * oh * ow..][..oh * ow];
+            for (oy, row) in src.chunks_exact(ow).enumerate() {
+                let dst = &mut panel[oy * wq * nr + lane..];
+                for (ox, &v) in row.iter().enumerate() {
+                    dst[ox * nr] = v;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::SplitMix64;
+
+    fn rand(r: &mut SplitMix64, n: usize) -> Vec<f32> {
+        (0..n).map(|_| r.uniform(-1.0, 1.0)).collect()
+    }
+
+    /// `dW[co][ci][ky][kx] = Σ_b,oy,ox dy[b][co][oy][ox] · x[b][ci][oy·sh + ky·dh − pad][…]`,
+    /// in f64.
+    fn naive_dw(s: &ConvShape, x: &[f32], dy: &[f32], batch: usize) -> Vec<f64> {
+        let (oh, ow) = (s.oh(), s.ow());
+        let mut dw = vec![0.0f64; s.c_out * s.c_in * s.kh * s.kw];
+        for b in 0..batch {
+            for co in 0..s.c_out {
+                for ci in 0..s.c_in {
+                    for ky in 0..s.kh {
+                        for kx in 0..s.kw {
+                            let mut acc = 0.0f64;
+                            for oy in 0..oh {
+                                for ox in 0..ow {
+                                    let iy = (oy * s.sh + ky * s.dh) as isize - s.pad[0] as isize;
+                                    let ix = (ox * s.sw + kx * s.dw) as isize - s.pad[1] as isize;
+                                    if iy < 0 || ix < 0 || iy as usize >= s.h || ix as usize >= s.w {
+                                        continue;
+                                    }
+                                    let xv = x[((b * s.c_in + ci) * s.h + iy as usize) * s.w + ix as usize];
+                                    acc += xv as f64 * dy[((b * s.c_out + co) * oh + oy) * ow + ox] as f64;
+                                }
+                            }
+                            dw[((co * s.c_in + ci) * s.kh + ky) * s.kw + kx] += acc;
+                        }
+                    }
+                }
+            }
+        }
+        dw
+    }
+
+    #[test]
+    fn the_direct_weight_gradient_matches_the_definition_on_every_table_and_thread_count() {
+        let shape = |c_in, side, c_out, k, stride, pad| ConvShape {
+            c_in,
+            h: side,
+            w: side,
+            c_out,
+            kh: k,
+            kw: k,
+            sh: stride,
+            sw: stride,
+            pad: [pad; 4],
+            dh: 1,
+            dw: 1,
+            groups: 1,
+        };
+        let shapes = [
+            // Channels not a multiple of the row panel, outputs not a multiple of the lanes.
+            shape(7, 9, 17, 3, 1, 1),
+            shape(8, 17, 20, 3, 2, 1),
+            shape(13, 10, 5, 5, 1, 2),
+            shape(6, 25, 9, 3, 3, 0),
+            shape(9, 8, 33, 1, 1, 0),
+            ConvShape { dh: 2, dw: 2, pad: [2; 4], ..shape(6, 10, 7, 3, 1, 0) },
+            ConvShape { pad: [0, 1, 2, 0], h: 11, ..shape(8, 9, 6, 3, 1, 0) },
+            ConvShape { pad: [3, 1, 2, 2], sh: 2, h: 19, ..shape(6, 16, 4, 3, 1, 0) },
+        ];
+        let mut r = SplitMix64::new(21);
+        let mut tables = vec![Kernels::generic(true)];
+        tables.extend(Kernels::available());
+        for s in shapes {
+            let batch = 5;
+            let x = rand(&mut r, batch * s.c_in * s.h * s.w);
+            let dy = rand(&mut r, batch * s.c_out * s.oh() * s.ow());
+            let want = naive_dw(&s, &x, &dy, batch);
+            for k in &tables {
+                assert!(weight_grad_supported(&s, k.micro.mr), "{s:?} on {}", k.micro.name);
+                let mut bits: Option<Vec<f32>> = None;
+                for (threads, nb) in [(1, 2), (2, 2), (2, 1)] {
+                    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                    // Added onto what the buffer holds.
+                    let mut dw = vec![1.0f32; want.len()];
+                    pool.install(|| weight_grad(k, &s, &x, &dy, batch, nb, &mut dw));
+                    for (i, (&g, &w)) in dw.iter().zip(&want).enumerate() {
+                        let w = w + 1.0;
+                        assert!((g as f64 - w).abs() <= 1e-4 * (1.0 + w.abs()), "{s:?} {} [{i}]: {g} vs {w}", k.micro.name);
+                    }
+                    if nb == 2 {
+                        match &bits {
+                            None => bits = Some(dw),
+                            Some(b) => assert_eq!(b, &dw, "{s:?}: the thread count changes no bit"),
+                        }
+                    }
+                }
+            }
+        }
+        // Too few channels or positions: im2col's path.
+        let k = Kernels::generic(true);
+        assert!(!weight_grad_supported(&shape(3, 16, 8, 3, 1, 1), k.micro.mr));
+        assert!(!weight_grad_supported(&shape(8, 6, 8, 3, 1, 1), k.micro.mr));
+    }
 }
