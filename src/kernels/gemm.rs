@@ -15,11 +15,21 @@ use super::{Kernels, MicroKernel, PostOp, TileEpilogue, Weights, MAX_MR};
 pub const MAX_TILE: usize = 192;
 
 /// The portable micro-kernel, 4 × 8: written so that the compiler keeps the tile in registers.
-pub const GENERIC_MICRO: MicroKernel = MicroKernel { name: "generic 4x8", mr: 4, nr: 8, run: micro_4x8 };
+pub const GENERIC_MICRO: MicroKernel = MicroKernel { name: "generic 4x8", mr: 4, nr: 8, run: micro_4xn::<8> };
 
-fn micro_4x8(k: usize, a: &[f32], lda: usize, b: &[f32], ep: &TileEpilogue, c: &mut [f32], ldc: usize) {
+/// Its narrow twin ([`super::Kernels::micro_narrow`]), 4 × 4.
+pub const GENERIC_NARROW: MicroKernel = MicroKernel { name: "generic 4x4", mr: 4, nr: 4, run: micro_4xn::<4> };
+
+fn micro_4xn<const NR: usize>(
+    k: usize,
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    ep: &TileEpilogue,
+    c: &mut [f32],
+    ldc: usize,
+) {
     const MR: usize = 4;
-    const NR: usize = 8;
     let mut t = [[0.0f32; NR]; MR];
     let rows: [&[f32]; MR] = core::array::from_fn(|i| &a[i * lda..i * lda + k]);
     for (p, bp) in b[..k * NR].chunks_exact(NR).enumerate() {

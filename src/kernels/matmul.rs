@@ -444,4 +444,44 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn a_narrow_micro_kernel_gives_the_first_lanes_of_its_full_one() {
+        let mut r = crate::rng::SplitMix64::new(8);
+        let mut tables = std::vec![Kernels::generic(true)];
+        tables.extend(Kernels::available());
+        let mut tested = 0;
+        for kern in tables {
+            let (full, Some(narrow)) = (kern.micro, kern.micro_narrow) else { continue };
+            assert_eq!((narrow.mr, 2 * narrow.nr), (full.mr, full.nr), "{}", narrow.name);
+            let (mr, nr) = (full.mr, full.nr);
+            for k in [1, 7, 64, 131] {
+                let lda = k + 3;
+                let a: Vec<f32> = (0..mr * lda).map(|_| r.uniform(-1.0, 1.0)).collect();
+                let bn: Vec<f32> = (0..k * narrow.nr).map(|_| r.uniform(-1.0, 1.0)).collect();
+                // The same columns in the full kernel's panel, the other lanes zero.
+                let mut bf = vec![0.0f32; k * nr];
+                for p in 0..k {
+                    bf[p * nr..p * nr + narrow.nr].copy_from_slice(&bn[p * narrow.nr..(p + 1) * narrow.nr]);
+                }
+                let mut ep = TileEpilogue { mul: [1.0; MAX_MR], add: [0.0; MAX_MR], lo: -0.5, hi: 2.0 };
+                for i in 0..mr {
+                    (ep.mul[i], ep.add[i]) = (1.0 + i as f32 / 8.0, i as f32 / 16.0);
+                }
+                let (mut cf, mut cn) = (vec![f32::NAN; mr * nr], vec![f32::NAN; mr * (narrow.nr + 1)]);
+                (full.run)(k, &a, lda, &bf, &ep, &mut cf, nr);
+                (narrow.run)(k, &a, lda, &bn, &ep, &mut cn, narrow.nr + 1);
+                for i in 0..mr {
+                    assert_eq!(
+                        &cn[i * (narrow.nr + 1)..][..narrow.nr],
+                        &cf[i * nr..][..narrow.nr],
+                        "{} k {k}",
+                        narrow.name
+                    );
+                }
+            }
+            tested += 1;
+        }
+        assert!(tested >= 1, "the generic table has a narrow kernel");
+    }
 }

@@ -421,6 +421,10 @@ pub struct Kernels {
     /// What the fast path's portable code was compiled for, e.g. `baseline` or `avx2+fma`.
     pub isa: &'static str,
     pub micro: MicroKernel,
+    /// A micro-kernel with `micro`'s rows and half its lanes, for a product whose last panel
+    /// has at most that many columns: 20 output channels in 16-lane panels leave 12 of 32
+    /// lanes unused, and 4 of 24 with it. Its B panels are `nr`-wide in its own `nr`.
+    pub micro_narrow: Option<MicroKernel>,
     /// Drivers (im2col, packing) and the leaf kernels that threads run. Each ISA compiles
     /// the same portable code with its own features, so every slot is vectorised for it.
     pub conv2d: ConvFn,
@@ -450,6 +454,7 @@ impl Kernels {
             fast,
             isa: "baseline",
             micro: gemm::GENERIC_MICRO,
+            micro_narrow: Some(gemm::GENERIC_NARROW),
             conv2d: fast::conv2d,
             linear: fast::linear,
             gemm_rows: gemm::gemm_rows,

@@ -63,6 +63,8 @@ fn neon_table() -> Kernels {
         fast: true,
         isa: ISA,
         micro: NEON_MICRO,
+        // Its 8 lanes are narrow already.
+        micro_narrow: None,
         conv2d: fast::conv2d,
         linear: fast::linear,
         gemm_rows,

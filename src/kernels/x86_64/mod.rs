@@ -20,20 +20,21 @@ pub fn detect() -> Option<Kernels> {
 pub fn available() -> Vec<Kernels> {
     let mut out = Vec::new();
     if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        out.push(avx2(AVX2_MICRO));
+        out.push(avx2(AVX2_MICRO, Some(AVX2_NARROW)));
         if std::arch::is_x86_feature_detected!("avx512f") {
-            out.push(avx2(AVX512_MICRO));
+            out.push(avx2(AVX512_MICRO, None));
         }
     }
     out
 }
 
-fn avx2(micro: MicroKernel) -> Kernels {
+fn avx2(micro: MicroKernel, micro_narrow: Option<MicroKernel>) -> Kernels {
     {
         Kernels {
             fast: true,
             isa: "x86_64 avx2+fma",
             micro,
+            micro_narrow,
             conv2d,
             linear,
             gemm_rows,
@@ -402,6 +403,49 @@ unsafe fn micro_6x16_avx2(
                 let y = _mm256_min_ps(hi, _mm256_max_ps(lo, _mm256_fmadd_ps(*v, mul, add)));
                 _mm256_storeu_ps(c.add(i * ldc + h * 8), y);
             }
+        }
+    }
+}
+
+/// Only reachable through [`detect`], which checked AVX2 and FMA.
+const AVX2_NARROW: MicroKernel = MicroKernel { name: "x86_64 avx2+fma 6x8", mr: 6, nr: 8, run: micro_6x8 };
+
+fn micro_6x8(k: usize, a: &[f32], lda: usize, b: &[f32], ep: &TileEpilogue, c: &mut [f32], ldc: usize) {
+    assert!(lda >= k && a.len() >= 5 * lda + k && b.len() >= k * 8 && ldc >= 8 && c.len() >= 5 * ldc + 8);
+    // SAFETY: the slices hold what the kernel reads and writes (asserted above), and this
+    // function is only reachable through `detect`, which confirmed AVX2 and FMA.
+    unsafe { micro_6x8_avx2(k, a.as_ptr(), lda, b.as_ptr(), ep, c.as_mut_ptr(), ldc) }
+}
+
+/// [`micro_6x16_avx2`] with one ymm of B: 6 accumulators, one B load and 6 broadcasts a step.
+#[target_feature(enable = "avx2,fma")]
+unsafe fn micro_6x8_avx2(
+    k: usize,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    ep: &TileEpilogue,
+    c: *mut f32,
+    ldc: usize,
+) {
+    use core::arch::x86_64::*;
+    // SAFETY (whole body): the caller guarantees 6 rows of `k` floats at stride `lda` in `a`,
+    // 8k floats in `b` and 6 rows of 8 at stride `ldc` in `c`; every load and store below
+    // stays inside them.
+    unsafe {
+        let mut acc = [_mm256_setzero_ps(); 6];
+        let rows: [*const f32; 6] = core::array::from_fn(|i| a.add(i * lda));
+        for p in 0..k {
+            let bv = _mm256_loadu_ps(b.add(p * 8));
+            for (i, v) in acc.iter_mut().enumerate() {
+                *v = _mm256_fmadd_ps(_mm256_broadcast_ss(&*rows[i].add(p)), bv, *v);
+            }
+        }
+        let (lo, hi) = (_mm256_set1_ps(ep.lo), _mm256_set1_ps(ep.hi));
+        for (i, v) in acc.iter().enumerate() {
+            let (mul, add) = (_mm256_set1_ps(ep.mul[i]), _mm256_set1_ps(ep.add[i]));
+            let y = _mm256_min_ps(hi, _mm256_max_ps(lo, _mm256_fmadd_ps(*v, mul, add)));
+            _mm256_storeu_ps(c.add(i * ldc), y);
         }
     }
 }

@@ -15,10 +15,10 @@
 
 use super::conv::for_each_chunk;
 use super::sparse::SparseW;
-use crate::kernels::gemm::{packed_b_len, MAX_TILE};
+use crate::kernels::gemm::MAX_TILE;
 use crate::kernels::matmul::{copy_short, zero_short};
 use crate::kernels::sparse::SparseRows;
-use crate::kernels::{ConvShape, Kernels, Store, TileEpilogue, MAX_MR};
+use crate::kernels::{ConvShape, Kernels, MicroKernel, Store, TileEpilogue, MAX_MR};
 
 /// Zeros past a phase buffer's end: the product runs over a multiple of 8 columns, up to 7
 /// past the last one used.
@@ -263,6 +263,8 @@ pub(super) fn weight_grad(k: &Kernels, s: &ConvShape, x: &[f32], dy: &[f32], bat
     let chunks = batch.div_ceil(nb);
     let mut partial = vec![0.0f32; chunks * part_len];
     let ep = TileEpilogue { mul: [1.0; MAX_MR], add: [0.0; MAX_MR], lo: f32::NEG_INFINITY, hi: f32::INFINITY };
+    let panels = panels(k, cout);
+    let b_len: usize = panels.iter().map(|p| nq * p.micro.nr).sum();
     let work = 2 * batch * s.macs();
     for_each_chunk(batch, nb, work, None, 0, Some(&mut partial), part_len, |_, b0, nbs, _, part| {
         let part = part.expect("the chunk's partial");
@@ -272,19 +274,20 @@ pub(super) fn weight_grad(k: &Kernels, s: &ConvShape, x: &[f32], dy: &[f32], bat
             for b in b0..b0 + nbs {
                 ph.fill(&x[b * xl..(b + 1) * xl], s.h, s.w, s.pad[0], s.pad[1], xq);
                 xq.resize(xq_len, 0.0);
-                bp.resize(packed_b_len(nq, cout, nr), 0.0);
-                pack_dy(&dy[b * yl..(b + 1) * yl], cout, (oh, ow, ph.wq), nq, nr, bp);
+                bp.resize(b_len, 0.0);
+                pack_dy(&dy[b * yl..(b + 1) * yl], (oh, ow, ph.wq), nq, &panels, bp);
                 for (t, &o) in off.iter().enumerate() {
                     for ci0 in (0..cin).step_by(mr) {
                         let m_eff = mr.min(cin - ci0);
                         let a = &xq[o + ci0 * plane..];
-                        for (q, bq) in bp.chunks_exact(nq * nr).enumerate() {
-                            let c0 = q * nr;
-                            let n_eff = nr.min(cout - c0);
-                            (k.micro.run)(nq, a, plane, bq, &ep, tile, nr);
+                        let mut bq = &bp[..];
+                        for p in &panels {
+                            let pnr = p.micro.nr;
+                            (p.micro.run)(nq, a, plane, bq, &ep, tile, pnr);
+                            bq = &bq[nq * pnr..];
                             for i in 0..m_eff {
-                                let d = &mut part[(t * cin + ci0 + i) * cout + c0..][..n_eff];
-                                for (d, &v) in d.iter_mut().zip(&tile[i * nr..][..n_eff]) {
+                                let d = &mut part[(t * cin + ci0 + i) * cout + p.c0..][..p.n];
+                                for (d, &v) in d.iter_mut().zip(&tile[i * pnr..][..p.n]) {
                                     *d += v;
                                 }
                             }
@@ -308,13 +311,39 @@ pub(super) fn weight_grad(k: &Kernels, s: &ConvShape, x: &[f32], dy: &[f32], bat
     }
 }
 
+/// One B panel of [`weight_grad`]: output channels `c0 .. c0 + n`, in `micro.nr` lanes.
+struct Panel {
+    micro: MicroKernel,
+    c0: usize,
+    n: usize,
+}
+
+/// `c` output channels as B panels: full panels of the table's micro-kernel, and a last
+/// partial one of its narrow twin where that holds it.
+fn panels(k: &Kernels, c: usize) -> Vec<Panel> {
+    let nr = k.micro.nr;
+    (0..c)
+        .step_by(nr)
+        .map(|c0| {
+            let n = nr.min(c - c0);
+            let micro = match k.micro_narrow {
+                Some(m) if n <= m.nr && m.mr == k.micro.mr => m,
+                _ => k.micro,
+            };
+            Panel { micro, c0, n }
+        })
+        .collect()
+}
+
 /// Packs one sample's output gradient (`c × oh × ow`) as [`weight_grad`]'s B operand: row
-/// `oy·wq + ox` of `nq`, column `co`, in `nr`-wide panels (`[panel][nq][nr]`); the rows of
-/// unused columns (`ox ≥ ow`) and the lanes past `c` are zero.
-fn pack_dy(dy: &[f32], c: usize, (oh, ow, wq): (usize, usize, usize), nq: usize, nr: usize, bp: &mut [f32]) {
-    for (q, panel) in bp.chunks_exact_mut(nq * nr).enumerate() {
-        let c0 = q * nr;
-        let w = nr.min(c - c0);
+/// `oy·wq + ox` of `nq`, column `co`, panel after panel (`[nq][lanes]` each); the rows of
+/// unused columns (`ox ≥ ow`) and the lanes past a panel's channels are zero.
+fn pack_dy(dy: &[f32], (oh, ow, wq): (usize, usize, usize), nq: usize, panels: &[Panel], bp: &mut [f32]) {
+    let mut rest = bp;
+    for p in panels {
+        let (nr, c0, w) = (p.micro.nr, p.c0, p.n);
+        let (panel, tail) = rest.split_at_mut(nq * nr);
+        rest = tail;
         if w < nr {
             panel.fill(0.0);
         } else {
@@ -411,6 +440,12 @@ mod tests {
             let want = naive_dw(&s, &x, &dy, batch);
             for k in &tables {
                 assert!(weight_grad_supported(&s, k.micro.mr), "{s:?} on {}", k.micro.name);
+                if s.c_out == 17 {
+                    // 16 + 1 (or 8 + 8 + 1) channels: the last panel is the narrow kernel's.
+                    let last = &panels(k, 17)[17 / k.micro.nr];
+                    assert_eq!((last.c0, last.n), (17 / k.micro.nr * k.micro.nr, 1));
+                    assert_eq!(last.micro.nr, k.micro_narrow.map_or(k.micro.nr, |m| m.nr));
+                }
                 let mut bits: Option<Vec<f32>> = None;
                 for (threads, nb) in [(1, 2), (2, 2), (2, 1)] {
                     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
@@ -419,7 +454,11 @@ mod tests {
                     pool.install(|| weight_grad(k, &s, &x, &dy, batch, nb, &mut dw));
                     for (i, (&g, &w)) in dw.iter().zip(&want).enumerate() {
                         let w = w + 1.0;
-                        assert!((g as f64 - w).abs() <= 1e-4 * (1.0 + w.abs()), "{s:?} {} [{i}]: {g} vs {w}", k.micro.name);
+                        assert!(
+                            (g as f64 - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                            "{s:?} {} [{i}]: {g} vs {w}",
+                            k.micro.name
+                        );
                     }
                     if nb == 2 {
                         match &bits {
