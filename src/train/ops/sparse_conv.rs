@@ -26,7 +26,8 @@ const TAIL: usize = 8;
 
 /// One sample's tensor (`c × h × w`), zero-padded and split into stride phases: padded row `r`,
 /// column `q` of channel `ch` lives in phase `(r mod sh, q mod sw)` at row `r / sh`, column
-/// `q / sw` of a `hq × wq` plane.
+/// `q / sw` of a `hq × wq` plane. Only the phases some tap reads are filled (`taps`: the
+/// kernel's `(kh, dh)` and `(kw, dw)`; a 1 × 1 stride-2 conv reads one phase of four).
 #[derive(Clone, Copy)]
 struct Phases {
     c: usize,
@@ -34,6 +35,7 @@ struct Phases {
     wq: usize,
     sh: usize,
     sw: usize,
+    taps: [(usize, usize); 2],
 }
 
 impl Phases {
@@ -45,6 +47,7 @@ impl Phases {
             wq: (s.w + s.pad[1] + s.pad[3]).div_ceil(s.sw),
             sh: s.sh,
             sw: s.sw,
+            taps: [(s.kh, s.dh), (s.kw, s.dw)],
         }
     }
 
@@ -57,53 +60,61 @@ impl Phases {
         ((phase * self.c + ch) * self.hq + r / self.sh) * self.wq + q / self.sw
     }
 
-    /// `out` ← `x` (`c × h × w`) placed at padded row `top`, column `left`; zeros elsewhere.
+    /// `out` ← `x` (`c × h × w`) placed at padded row `top`, column `left`, zeros around it,
+    /// in the phases a tap reads; each of their elements is written once. The others keep
+    /// what they held: nothing reads them except product columns that are never used.
     fn fill(&self, x: &[f32], h: usize, w: usize, top: usize, left: usize, out: &mut Vec<f32>) {
-        if self.sh == 1 && self.sw == 1 {
-            // One phase: each padded row is written once, zeros around the copied run.
-            out.resize(self.len(), 0.0);
-            let (hq, wq) = (self.hq, self.wq);
-            for (ch, dst) in out.chunks_exact_mut(hq * wq).take(self.c).enumerate() {
-                for (r, row) in dst.chunks_exact_mut(wq).enumerate() {
-                    match r.checked_sub(top).filter(|&iy| iy < h) {
-                        Some(iy) => {
-                            zero_short(&mut row[..left]);
-                            copy_short(&mut row[left..left + w], &x[(ch * h + iy) * w..][..w]);
-                            zero_short(&mut row[left + w..]);
-                        }
-                        None => zero_short(row),
-                    }
-                }
-            }
-            out[self.c * hq * wq..].fill(0.0);
-            return;
-        }
-        out.clear();
+        let (c, hq, wq, sh, sw) = (self.c, self.hq, self.wq, self.sh, self.sw);
+        let plane = hq * wq;
         out.resize(self.len(), 0.0);
-        let sw = self.sw;
-        for ch in 0..self.c {
-            for iy in 0..h {
-                let row = &x[(ch * h + iy) * w..][..w];
-                // The columns of one phase, `ix0, ix0 + sw, …`, are one run of its plane.
-                for px in 0..sw {
-                    let ix0 = (px + sw - left % sw) % sw;
-                    if ix0 >= w {
-                        continue;
-                    }
-                    let o = self.at(ch, iy + top, ix0 + left);
-                    let run = &mut out[o..o + (w - ix0).div_ceil(sw)];
-                    for (d, &v) in run.iter_mut().zip(row[ix0..].iter().step_by(sw)) {
-                        *d = v;
+        let read = |p: usize, (k, d): (usize, usize), s: usize| (0..k).any(|t| (t * d) % s == p);
+        for py in (0..sh).filter(|&py| read(py, self.taps[0], sh)) {
+            for px in (0..sw).filter(|&px| read(px, self.taps[1], sw)) {
+                // Plane columns `lo .. hi` hold input columns `ix0, ix0 + sw, …`.
+                let lo = left.saturating_sub(px).div_ceil(sw).min(wq);
+                let hi = (w + left).saturating_sub(px).div_ceil(sw).clamp(lo, wq);
+                let ix0 = (lo * sw + px).wrapping_sub(left);
+                for ch in 0..c {
+                    let dst = &mut out[((py * sw + px) * c + ch) * plane..][..plane];
+                    for (rq, row) in dst.chunks_exact_mut(wq).enumerate() {
+                        match (rq * sh + py).checked_sub(top).filter(|&iy| iy < h && lo < hi) {
+                            Some(iy) => {
+                                let src = &x[(ch * h + iy) * w + ix0..];
+                                zero_short(&mut row[..lo]);
+                                if sw == 1 {
+                                    copy_short(&mut row[lo..hi], src);
+                                } else {
+                                    for (d, &v) in row[lo..hi].iter_mut().zip(src.iter().step_by(sw)) {
+                                        *d = v;
+                                    }
+                                }
+                                zero_short(&mut row[hi..]);
+                            }
+                            None => zero_short(row),
+                        }
                     }
                 }
             }
         }
+        out[sh * sw * c * plane..].fill(0.0);
     }
 }
 
 std::thread_local! {
     /// A sample's phases and the product's result, kept between calls.
     static BUFS: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// Fills this thread's kept buffers with NaN: what a call leaves unwritten must not reach a
+/// result (the phases no tap reads, for one).
+#[cfg(test)]
+pub(super) fn poison_buffers() {
+    BUFS.with_borrow_mut(|(a, b)| {
+        for v in [a, b] {
+            v.clear();
+            v.resize(1 << 20, f32::NAN);
+        }
+    })
 }
 
 /// `y = conv(x) + bias` for `batch` samples of a one-group conv with sparse weights; samples in
@@ -176,7 +187,7 @@ pub(super) fn backward_dx(
     let (oh, ow) = (s.oh(), s.ow());
     let (xl, yl) = (s.c_in * s.h * s.w, s.c_out * oh * ow);
     let (rh, rw) = ((s.kh - 1) * s.dh, (s.kw - 1) * s.dw);
-    let ph = Phases { c: s.c_out, hq: s.h + rh, wq: s.w + rw, sh: 1, sw: 1 };
+    let ph = Phases { c: s.c_out, hq: s.h + rh, wq: s.w + rw, sh: 1, sw: 1, taps: [(1, 1); 2] };
     let n = ((s.h - 1) * ph.wq + s.w).next_multiple_of(8);
     // W's entries regrouped by input channel (a counting sort; output channels ascending
     // within each), each with its flipped tap's offset.
@@ -425,6 +436,10 @@ mod tests {
             shape(8, 17, 20, 3, 2, 1),
             shape(13, 10, 5, 5, 1, 2),
             shape(20, 12, 20, 3, 1, 1),
+            // Phases no tap reads: one of four for a 1 × 1 stride-2 conv, and for a dilation
+            // equal to the stride.
+            shape(8, 17, 12, 1, 2, 1),
+            ConvShape { dh: 2, dw: 2, sh: 2, sw: 2, pad: [2; 4], ..shape(6, 20, 7, 3, 1, 0) },
             shape(6, 25, 9, 3, 3, 0),
             shape(9, 8, 33, 1, 1, 0),
             ConvShape { dh: 2, dw: 2, pad: [2; 4], ..shape(6, 10, 7, 3, 1, 0) },
@@ -458,6 +473,7 @@ mod tests {
                     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
                     // Added onto what the buffer holds.
                     let mut dw = vec![1.0f32; want.len()];
+                    pool.broadcast(|_| poison_buffers());
                     pool.install(|| weight_grad(k, &s, &x, &dy, batch, nb, &mut dw));
                     for (i, (&g, &w)) in dw.iter().zip(&want).enumerate() {
                         let w = w + 1.0;
