@@ -359,17 +359,24 @@ fn linear_rows_avx2(first: usize, i: usize, w: Weights, x: &[f32], ys: &mut [f32
 }
 
 /// Only reachable through [`detect`], which checked AVX2 and FMA.
-const AVX2_MICRO: MicroKernel = MicroKernel { name: "x86_64 avx2+fma 6x16", mr: 6, nr: 16, run: micro_6x16 };
+const AVX2_MICRO: MicroKernel = MicroKernel { name: "x86_64 avx2+fma 6x16", mr: 6, nr: 16, run: micro_6xn::<2> };
 
-fn micro_6x16(k: usize, a: &[f32], lda: usize, b: &[f32], ep: &TileEpilogue, c: &mut [f32], ldc: usize) {
-    assert!(lda >= k && a.len() >= 5 * lda + k && b.len() >= k * 16 && ldc >= 16 && c.len() >= 5 * ldc + 16);
+/// Its narrow twin ([`Kernels::micro_narrow`]), one ymm of B wide. Only reachable through
+/// [`detect`], which checked AVX2 and FMA.
+const AVX2_NARROW: MicroKernel = MicroKernel { name: "x86_64 avx2+fma 6x8", mr: 6, nr: 8, run: micro_6xn::<1> };
+
+/// 6 × `8·V`: `6·V` ymm accumulators (12 for the full kernel, the classic blocking for 16
+/// registers), `V` ymm of B and one broadcast of A per row and step.
+fn micro_6xn<const V: usize>(k: usize, a: &[f32], lda: usize, b: &[f32], ep: &TileEpilogue, c: &mut [f32], ldc: usize) {
+    let nr = 8 * V;
+    assert!(lda >= k && a.len() >= 5 * lda + k && b.len() >= k * nr && ldc >= nr && c.len() >= 5 * ldc + nr);
     // SAFETY: the slices hold what the kernel reads and writes (asserted above), and this
     // function is only reachable through `detect`, which confirmed AVX2 and FMA.
-    unsafe { micro_6x16_avx2(k, a.as_ptr(), lda, b.as_ptr(), ep, c.as_mut_ptr(), ldc) }
+    unsafe { micro_6xn_avx2::<V>(k, a.as_ptr(), lda, b.as_ptr(), ep, c.as_mut_ptr(), ldc) }
 }
 
 #[target_feature(enable = "avx2,fma")]
-unsafe fn micro_6x16_avx2(
+unsafe fn micro_6xn_avx2<const V: usize>(
     k: usize,
     a: *const f32,
     lda: usize,
@@ -380,21 +387,21 @@ unsafe fn micro_6x16_avx2(
 ) {
     use core::arch::x86_64::*;
     // SAFETY (whole body): the caller guarantees 6 rows of `k` floats at stride `lda` in `a`,
-    // 16k floats in `b` and 6 rows of 16 at stride `ldc` in `c`; every load and store below
-    // stays inside them.
+    // `8·V·k` floats in `b` and 6 rows of `8·V` at stride `ldc` in `c`; every load and store
+    // below stays inside them.
     unsafe {
-        let mut acc = [[_mm256_setzero_ps(); 2]; 6];
+        let mut acc = [[_mm256_setzero_ps(); V]; 6];
         let rows: [*const f32; 6] = core::array::from_fn(|i| a.add(i * lda));
         let mut bp = b;
         for p in 0..k {
-            let b0 = _mm256_loadu_ps(bp);
-            let b1 = _mm256_loadu_ps(bp.add(8));
+            let bv: [__m256; V] = core::array::from_fn(|h| _mm256_loadu_ps(bp.add(h * 8)));
             for (i, row) in acc.iter_mut().enumerate() {
                 let av = _mm256_broadcast_ss(&*rows[i].add(p));
-                row[0] = _mm256_fmadd_ps(av, b0, row[0]);
-                row[1] = _mm256_fmadd_ps(av, b1, row[1]);
+                for (r, &bh) in row.iter_mut().zip(&bv) {
+                    *r = _mm256_fmadd_ps(av, bh, *r);
+                }
             }
-            bp = bp.add(16);
+            bp = bp.add(8 * V);
         }
         let (lo, hi) = (_mm256_set1_ps(ep.lo), _mm256_set1_ps(ep.hi));
         for (i, row) in acc.iter().enumerate() {
@@ -403,49 +410,6 @@ unsafe fn micro_6x16_avx2(
                 let y = _mm256_min_ps(hi, _mm256_max_ps(lo, _mm256_fmadd_ps(*v, mul, add)));
                 _mm256_storeu_ps(c.add(i * ldc + h * 8), y);
             }
-        }
-    }
-}
-
-/// Only reachable through [`detect`], which checked AVX2 and FMA.
-const AVX2_NARROW: MicroKernel = MicroKernel { name: "x86_64 avx2+fma 6x8", mr: 6, nr: 8, run: micro_6x8 };
-
-fn micro_6x8(k: usize, a: &[f32], lda: usize, b: &[f32], ep: &TileEpilogue, c: &mut [f32], ldc: usize) {
-    assert!(lda >= k && a.len() >= 5 * lda + k && b.len() >= k * 8 && ldc >= 8 && c.len() >= 5 * ldc + 8);
-    // SAFETY: the slices hold what the kernel reads and writes (asserted above), and this
-    // function is only reachable through `detect`, which confirmed AVX2 and FMA.
-    unsafe { micro_6x8_avx2(k, a.as_ptr(), lda, b.as_ptr(), ep, c.as_mut_ptr(), ldc) }
-}
-
-/// [`micro_6x16_avx2`] with one ymm of B: 6 accumulators, one B load and 6 broadcasts a step.
-#[target_feature(enable = "avx2,fma")]
-unsafe fn micro_6x8_avx2(
-    k: usize,
-    a: *const f32,
-    lda: usize,
-    b: *const f32,
-    ep: &TileEpilogue,
-    c: *mut f32,
-    ldc: usize,
-) {
-    use core::arch::x86_64::*;
-    // SAFETY (whole body): the caller guarantees 6 rows of `k` floats at stride `lda` in `a`,
-    // 8k floats in `b` and 6 rows of 8 at stride `ldc` in `c`; every load and store below
-    // stays inside them.
-    unsafe {
-        let mut acc = [_mm256_setzero_ps(); 6];
-        let rows: [*const f32; 6] = core::array::from_fn(|i| a.add(i * lda));
-        for p in 0..k {
-            let bv = _mm256_loadu_ps(b.add(p * 8));
-            for (i, v) in acc.iter_mut().enumerate() {
-                *v = _mm256_fmadd_ps(_mm256_broadcast_ss(&*rows[i].add(p)), bv, *v);
-            }
-        }
-        let (lo, hi) = (_mm256_set1_ps(ep.lo), _mm256_set1_ps(ep.hi));
-        for (i, v) in acc.iter().enumerate() {
-            let (mul, add) = (_mm256_set1_ps(ep.mul[i]), _mm256_set1_ps(ep.add[i]));
-            let y = _mm256_min_ps(hi, _mm256_max_ps(lo, _mm256_fmadd_ps(*v, mul, add)));
-            _mm256_storeu_ps(c.add(i * ldc), y);
         }
     }
 }
