@@ -6,6 +6,7 @@
 use super::conv::dense;
 use super::sparse::{spmm, SparseW};
 use crate::kernels::matmul::{matmul, Mat};
+use crate::kernels::sparse::SparseRows;
 use crate::kernels::{Kernels, Store, Weights};
 
 std::thread_local! {
@@ -29,6 +30,31 @@ fn transpose(m: &[f32], rows: usize, cols: usize, out: &mut Vec<f32>) {
     }
 }
 
+/// `put(&mut out[b][r], (m · a[b])[r], r)` for the `batch` rows of `a` (`batch × cols`) and
+/// the sparse `m` (`rows × cols`): one sparse product over the transposed batch,
+/// `m · aᵀ`, in buffers kept between calls.
+fn sparse_rows(
+    k: &Kernels,
+    m: SparseRows,
+    a: &[f32],
+    cols: usize,
+    batch: usize,
+    out: &mut [f32],
+    put: impl Fn(&mut f32, f32, usize),
+) {
+    let rows = m.rows();
+    let (mut at, mut prod) = T.take();
+    transpose(&a[..batch * cols], batch, cols, &mut at);
+    prod.resize(rows * batch, 0.0);
+    spmm(k, m, &at, batch, batch, &mut prod, Store::Set);
+    for (b, row) in out[..batch * rows].chunks_exact_mut(rows).enumerate() {
+        for (r, v) in row.iter_mut().enumerate() {
+            put(v, prod[r * batch + b], r);
+        }
+    }
+    T.set((at, prod));
+}
+
 /// `x` is `batch × in_f`, `y` is `batch × out_f`.
 #[allow(clippy::too_many_arguments)]
 pub fn forward(
@@ -43,16 +69,7 @@ pub fn forward(
     sp: Option<&SparseW>,
 ) {
     if let Some(sp) = sp.filter(|sp| sp.dims() == (out_f, in_f)) {
-        let (mut xt, mut yt) = T.take();
-        transpose(&x[..batch * in_f], batch, in_f, &mut xt);
-        yt.resize(out_f * batch, 0.0);
-        spmm(k, sp.w(), &xt, batch, batch, &mut yt, Store::Set);
-        for (b, row) in y[..batch * out_f].chunks_exact_mut(out_f).enumerate() {
-            for (o, v) in row.iter_mut().enumerate() {
-                *v = yt[o * batch + b] + bias.map_or(0.0, |bs| bs[o]);
-            }
-        }
-        T.set((xt, yt));
+        sparse_rows(k, sp.w(), x, in_f, batch, y, |v, s, o| *v = s + bias.map_or(0.0, |bs| bs[o]));
         return;
     }
     let wf = dense(w);
@@ -105,16 +122,7 @@ pub fn backward(
     }
     if let Some(dx) = dx {
         if let Some(sp) = sp.filter(|sp| sp.dims() == (out_f, in_f)) {
-            let (mut dyt, mut dxt) = T.take();
-            transpose(&dy[..batch * out_f], batch, out_f, &mut dyt);
-            dxt.resize(in_f * batch, 0.0);
-            spmm(k, sp.wt(), &dyt, batch, batch, &mut dxt, Store::Set);
-            for (b, row) in dx[..batch * in_f].chunks_exact_mut(in_f).enumerate() {
-                for (i, v) in row.iter_mut().enumerate() {
-                    *v += dxt[i * batch + b];
-                }
-            }
-            T.set((dyt, dxt));
+            sparse_rows(k, sp.wt(), dy, out_f, batch, dx, |v, s, _| *v += s);
             return;
         }
         let wf = dense(w);
