@@ -9,7 +9,7 @@
 
 use super::gemm::MAX_TILE;
 use super::gemm::{a_scratch_len, gemm_packed, packed_b_len};
-use super::{Kernels, PostOp, TileEpilogue, Weights, MAX_MR};
+use super::{Kernels, PostOp, TileEpilogue, Weights};
 use std::cell::RefCell;
 use std::vec::Vec;
 
@@ -287,7 +287,7 @@ pub fn gemm_cols(
     const BLOCK: usize = 4;
     let mut tile = [0.0f32; MAX_TILE];
     let tile = &mut tile[..mr * nr];
-    let mut ep = TileEpilogue { mul: [1.0; MAX_MR], add: [0.0; MAX_MR], lo: f32::NEG_INFINITY, hi: f32::INFINITY };
+    let mut ep = TileEpilogue::IDENTITY;
     let panels = n.div_ceil(nr);
     GEMM_PAD.with(|cell| {
         let mut pad = cell.borrow_mut();
@@ -351,6 +351,7 @@ std::thread_local! {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::MAX_MR;
 
     use std::vec;
 

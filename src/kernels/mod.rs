@@ -309,6 +309,13 @@ pub struct ConvShape {
 }
 
 impl ConvShape {
+    /// A one-group `k × k` conv of `c_in` channels of `h × w` to `c_out`, with the same stride
+    /// and padding on every side and no dilation: the tests' shape, varied by struct update.
+    #[cfg(test)]
+    pub(crate) fn square(c_in: usize, h: usize, w: usize, c_out: usize, k: usize, stride: usize, pad: usize) -> Self {
+        ConvShape { c_in, h, w, c_out, kh: k, kw: k, sh: stride, sw: stride, pad: [pad; 4], dh: 1, dw: 1, groups: 1 }
+    }
+
     /// Output height and width, or `None` if the window does not fit even once.
     pub fn out_hw(&self) -> Option<(usize, usize)> {
         let eh = self.dh * (self.kh - 1) + 1;
@@ -360,6 +367,10 @@ pub struct TileEpilogue {
 }
 
 impl TileEpilogue {
+    /// Stores the plain sum: scale 1, no offset, no clamp.
+    pub const IDENTITY: TileEpilogue =
+        TileEpilogue { mul: [1.0; MAX_MR], add: [0.0; MAX_MR], lo: f32::NEG_INFINITY, hi: f32::INFINITY };
+
     #[inline(always)]
     pub fn apply(&self, i: usize, acc: f32) -> f32 {
         clamp(acc * self.mul[i] + self.add[i], self.lo, self.hi)

@@ -450,12 +450,7 @@ fn backward_batched(
     WT.set(wt_buf);
     if let Some(dw) = dw {
         // Chunk partials summed in chunk order, then transposed into dW.
-        let (first, rest) = partial.split_at_mut(part_len);
-        for pc in rest.chunks_exact(part_len) {
-            for (a, &v) in first.iter_mut().zip(pc) {
-                *a += v;
-            }
-        }
+        let first = sum_chunks(&mut partial, part_len);
         for g in 0..groups {
             let pg = &first[g * kk * cout_g..(g + 1) * kk * cout_g];
             let dwg = &mut dw[g * cout_g * kk..(g + 1) * cout_g * kk];
@@ -466,6 +461,18 @@ fn backward_batched(
             }
         }
     }
+}
+
+/// The per-chunk partials (`len` floats each) summed in chunk order into the first, which is
+/// returned: a weight gradient's sum that does not depend on which thread ran which chunk.
+pub(super) fn sum_chunks(partial: &mut [f32], len: usize) -> &[f32] {
+    let (first, rest) = partial.split_at_mut(len);
+    for pc in rest.chunks_exact(len) {
+        for (a, &v) in first.iter_mut().zip(pc) {
+            *a += v;
+        }
+    }
+    first
 }
 
 /// The unfolded input of group `g` of `nbs` samples `x` (`[nbs][c_in][h][w]`): `col` is

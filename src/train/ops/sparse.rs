@@ -324,20 +324,7 @@ mod tests {
         // Whatever earlier calls left in the direct conv's buffers must not matter.
         rayon::broadcast(|_| crate::train::ops::sparse_conv::poison_buffers());
         crate::train::ops::sparse_conv::poison_buffers();
-        let shape = |c_in, h, w, c_out, k, stride, pad| ConvShape {
-            c_in,
-            h,
-            w,
-            c_out,
-            kh: k,
-            kw: k,
-            sh: stride,
-            sw: stride,
-            pad: [pad; 4],
-            dh: 1,
-            dw: 1,
-            groups: 1,
-        };
+        let shape = ConvShape::square;
         let dilated = ConvShape { dh: 2, dw: 2, pad: [2; 4], ..shape(4, 9, 10, 6, 3, 1, 0) };
         let lopsided = ConvShape { pad: [0, 1, 1, 0], ..shape(3, 7, 6, 5, 3, 1, 0) };
         let wide = ConvShape { pad: [3, 3, 3, 3], ..shape(3, 5, 6, 5, 3, 1, 0) };

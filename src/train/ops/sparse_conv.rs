@@ -13,12 +13,12 @@
 //! gradient padded by `(k − 1)·d − pad`, with the kernel flipped and its rows indexed by the
 //! input channel.
 
-use super::conv::for_each_chunk;
+use super::conv::{for_each_chunk, sum_chunks};
 use super::sparse::SparseW;
 use crate::kernels::gemm::MAX_TILE;
 use crate::kernels::matmul::{copy_short, zero_short};
 use crate::kernels::sparse::SparseRows;
-use crate::kernels::{ConvShape, Kernels, MicroKernel, Store, TileEpilogue, MAX_MR};
+use crate::kernels::{ConvShape, Kernels, MicroKernel, Store, TileEpilogue};
 
 /// Zeros past a phase buffer's end: the product runs over a multiple of 8 columns, up to 7
 /// past the last one used.
@@ -273,7 +273,7 @@ pub(super) fn weight_grad(k: &Kernels, s: &ConvShape, x: &[f32], dy: &[f32], bat
     let part_len = taps * cin * cout;
     let chunks = batch.div_ceil(nb);
     let mut partial = vec![0.0f32; chunks * part_len];
-    let ep = TileEpilogue { mul: [1.0; MAX_MR], add: [0.0; MAX_MR], lo: f32::NEG_INFINITY, hi: f32::INFINITY };
+    let ep = TileEpilogue::IDENTITY;
     let panels = panels(k, cout);
     let b_len: usize = panels.iter().map(|p| nq * p.micro.nr).sum();
     let work = 2 * batch * s.macs();
@@ -308,13 +308,7 @@ pub(super) fn weight_grad(k: &Kernels, s: &ConvShape, x: &[f32], dy: &[f32], bat
             }
         })
     });
-    let (first, rest) = partial.split_at_mut(part_len);
-    for pc in rest.chunks_exact(part_len) {
-        for (a, &v) in first.iter_mut().zip(pc) {
-            *a += v;
-        }
-    }
-    for (r, row) in first.chunks_exact(cout).enumerate() {
+    for (r, row) in sum_chunks(&mut partial, part_len).chunks_exact(cout).enumerate() {
         let (t, ci) = (r / cin, r % cin);
         for (co, &v) in row.iter().enumerate() {
             dw[(co * cin + ci) * taps + t] += v;
@@ -416,20 +410,7 @@ mod tests {
 
     #[test]
     fn the_direct_weight_gradient_matches_the_definition_on_every_table_and_thread_count() {
-        let shape = |c_in, side, c_out, k, stride, pad| ConvShape {
-            c_in,
-            h: side,
-            w: side,
-            c_out,
-            kh: k,
-            kw: k,
-            sh: stride,
-            sw: stride,
-            pad: [pad; 4],
-            dh: 1,
-            dw: 1,
-            groups: 1,
-        };
+        let shape = |c_in, side, c_out, k, stride, pad| ConvShape::square(c_in, side, side, c_out, k, stride, pad);
         let shapes = [
             // Channels not a multiple of the row panel, outputs not a multiple of the lanes.
             shape(7, 9, 17, 3, 1, 1),

@@ -78,20 +78,7 @@ fn conv_case(s: ConvShape, batch: usize, bias: bool) {
 }
 
 fn shape(c_in: usize, c_out: usize, hw: usize, k: usize, stride: usize, pad: usize, groups: usize) -> ConvShape {
-    ConvShape {
-        c_in,
-        h: hw,
-        w: hw + 1,
-        c_out,
-        kh: k,
-        kw: k,
-        sh: stride,
-        sw: stride,
-        pad: [pad, pad, pad, pad],
-        dh: 1,
-        dw: 1,
-        groups,
-    }
+    ConvShape { groups, ..ConvShape::square(c_in, hw, hw + 1, c_out, k, stride, pad) }
 }
 
 #[test]
