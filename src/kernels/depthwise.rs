@@ -462,11 +462,12 @@ pub fn backward_supported(s: &ConvShape) -> bool {
 }
 
 /// Scratch floats [`backward_inline`] needs: the output gradient (padded for the gather at
-/// stride 1) and two padded planes of [`LANES`] channels, and one input row of each.
+/// stride 1, with [`GATHER_SLACK`]), two padded planes of [`LANES`] channels, and a staging area of one whole input
+/// or output plane.
 pub fn backward_scratch_len(s: &ConvShape) -> usize {
     let (ph, pw) = (s.h + s.pad[0] + s.pad[2], s.w + s.pad[1] + s.pad[3]);
     let g = gather_plane(s).map_or(0, |(gh, gw)| gh * gw).max(s.oh() * s.ow());
-    (g + 2 * ph * pw + s.w) * LANES
+    (g + GATHER_SLACK + 2 * ph * pw + (s.h * s.w).max(s.oh() * s.ow())) * LANES
 }
 
 /// Height and width of the output gradient padded for the stride-1 gather: `(k − 1)·d` zero
@@ -517,22 +518,34 @@ pub fn backward_inline<M: DwInner>(
         Some((gh, gw)) => (gh * gw, top * gw + left, gw),
         None => (oplane, 0, ow),
     };
-    let (g, rest) = scratch[..backward_scratch_len(s)].split_at_mut(g_len * LANES);
-    let (xp, rest) = rest.split_at_mut(ph * pw * LANES);
-    let (dxp, row) = rest.split_at_mut(ph * pw * LANES);
+    let scratch = scratch[..backward_scratch_len(s)].as_chunks_mut::<LANES>().0;
+    let (g, rest) = scratch.split_at_mut(g_len + GATHER_SLACK);
+    let (xp, rest) = rest.split_at_mut(ph * pw);
+    let (dxp, stage) = rest.split_at_mut(ph * pw);
     // The padding stays zero: the interiors of `g` and `xp` are rewritten for every block,
     // and `dxp` is cleared after each block.
     if gather.is_some() {
-        g.fill(0.0);
+        g.fill(ZERO);
     }
     if dw.is_some() {
-        xp.fill(0.0);
+        xp.fill(ZERO);
     }
     if dx.is_some() && gather.is_none() {
-        dxp.fill(0.0);
+        dxp.fill(ZERO);
     }
     // Rows and columns of `dy` the gather reads (the others lie beyond every input position).
     let (g_rows, g_cols) = gather.map_or((oh, ow), |(gh, gw)| (oh.min(gh - top), ow.min(gw - left)));
+    // Where tap t's reads start in `g` for input row 0, taps in order (row `iy` adds
+    // `iy · g_ld`).
+    let mut from = [0usize; 49];
+    for ky in 0..s.kh {
+        for kx in 0..s.kw {
+            from[ky * s.kw + kx] = (s.pad[0] + (s.kh - 1 - ky) * s.dh) * g_ld + s.pad[1] + (s.kw - 1 - kx) * s.dw;
+        }
+    }
+    // Per block: the kernel gradient's sums and the kernels as lanes (outside the loop, so
+    // that these 3 KB are not zeroed for every block).
+    let (mut sums, mut wv) = ([ZERO; 49], [ZERO; 49]);
     for c0 in (0..s.c_in).step_by(LANES) {
         let n = LANES.min(s.c_in - c0);
         // Lanes past `n` repeat channel `n − 1`; what they compute is never stored, and in
@@ -542,27 +555,19 @@ pub fn backward_inline<M: DwInner>(
         if gather.is_some() {
             // Rows and columns of `dy` past the gather's plane meet only the padding of `x`
             // below and right of it, so they add nothing to either gradient.
-            for oy in 0..g_rows {
-                M::interleave(&planes, oy * ow, g_cols, &mut g[(g_at + oy * g_ld) * LANES..][..g_cols * LANES]);
-            }
+            interleave_rows::<M>(&planes, ow, g_rows, g_cols, &mut g[g_at..], g_ld, stage);
         } else {
-            M::interleave(&planes, 0, oplane, g);
+            M::interleave(&planes, 0, oplane, g.as_flattened_mut());
         }
-        let (gv, _) = g.as_chunks::<LANES>();
         if let Some(dw) = dw.as_deref_mut() {
             let planes: [&[f32]; LANES] = core::array::from_fn(|l| &x[first(l, plane)..][..plane]);
-            for iy in 0..s.h {
-                let at = ((iy + s.pad[0]) * pw + s.pad[1]) * LANES;
-                M::interleave(&planes, iy * s.w, s.w, &mut xp[at..][..s.w * LANES]);
-            }
-            let mut sums = [ZERO; 49];
-            let (xv, _) = xp.as_chunks::<LANES>();
-            let gd = GradPlane { v: &gv[g_at..], ld: g_ld, rows: g_rows, cols: g_cols };
+            interleave_rows::<M>(&planes, s.w, s.h, s.w, &mut xp[s.pad[0] * pw + s.pad[1]..], pw, stage);
+            let gd = GradPlane { v: &g[g_at..], ld: g_ld, rows: g_rows, cols: g_cols };
             match s.kw {
-                1 => backward_kernel_grad::<1>(s, xv, &gd, pw, &mut sums),
-                3 => backward_kernel_grad::<3>(s, xv, &gd, pw, &mut sums),
-                5 => backward_kernel_grad::<5>(s, xv, &gd, pw, &mut sums),
-                _ => backward_kernel_grad::<7>(s, xv, &gd, pw, &mut sums),
+                1 => backward_kernel_grad::<1>(s, xp, &gd, pw, &mut sums),
+                3 => backward_kernel_grad::<3>(s, xp, &gd, pw, &mut sums),
+                5 => backward_kernel_grad::<5>(s, xp, &gd, pw, &mut sums),
+                _ => backward_kernel_grad::<7>(s, xp, &gd, pw, &mut sums),
             }
             for l in 0..n {
                 for t in 0..taps {
@@ -571,96 +576,128 @@ pub fn backward_inline<M: DwInner>(
             }
         }
         if let Some((dx, store)) = dx.as_mut() {
-            let (dx, store) = (&mut **dx, *store);
-            let mut wv = [ZERO; 49];
             for (t, wt) in wv[..taps].iter_mut().enumerate() {
-                for l in 0..n {
-                    wt[l] = w[(c0 + l) * taps + t];
+                for (l, v) in wt.iter_mut().enumerate() {
+                    *v = if l < n { w[(c0 + l) * taps + t] } else { 0.0 };
                 }
             }
             if gather.is_some() {
-                for iy in 0..s.h {
-                    // Where tap t's reads start for this input row, taps in order.
-                    let mut from = [0usize; 49];
-                    for (t, f) in from[..taps].iter_mut().enumerate() {
-                        let (ky, kx) = (t / s.kw, t % s.kw);
-                        *f = (iy + s.pad[0] + (s.kh - 1 - ky) * s.dh) * g_ld + s.pad[1] + (s.kw - 1 - kx) * s.dw;
-                    }
-                    gather_row(gv, &from[..taps], &wv[..taps], dxp[..s.w * LANES].as_chunks_mut::<LANES>().0);
-                    add_row::<M>(&dxp[..s.w * LANES], &mut row[..n * s.w], dx, store, c0, plane, iy * s.w, s.w);
+                // Row `iy` of the block's input gradient at `dxp[iy · w ..]`.
+                for (iy, out) in dxp[..plane].chunks_exact_mut(s.w).enumerate() {
+                    gather_row(g, &from[..taps], iy * g_ld, &wv[..taps], out);
                 }
             } else {
-                let (dv, _) = dxp.as_chunks_mut::<LANES>();
                 for ky in 0..s.kh {
                     for kx in 0..s.kw {
                         let wv = &wv[ky * s.kw + kx];
                         for oy in 0..oh {
                             let at = (oy * s.sh + ky * s.dh) * pw + kx * s.dw;
-                            let gr = &gv[oy * ow..][..ow];
-                            for (d, g) in dv[at..].iter_mut().step_by(s.sw).zip(gr) {
+                            let gr = &g[oy * ow..][..ow];
+                            for (d, g) in dxp[at..].iter_mut().step_by(s.sw).zip(gr) {
                                 *d = madd(*d, g, wv);
                             }
                         }
                     }
                 }
-                // The interior, row by row, back to channel planes, added into `dx`.
+                // The interior, row by row, moved to the front (each row moves towards it,
+                // never over a row still to be read).
                 for iy in 0..s.h {
-                    let at = ((iy + s.pad[0]) * pw + s.pad[1]) * LANES;
-                    add_row::<M>(&dxp[at..][..s.w * LANES], &mut row[..n * s.w], dx, store, c0, plane, iy * s.w, s.w);
+                    let at = (iy + s.pad[0]) * pw + s.pad[1];
+                    dxp.copy_within(at..at + s.w, iy * s.w);
                 }
-                dxp.fill(0.0);
+            }
+            store_planes::<M>(&dxp[..plane], stage.as_flattened_mut(), dx, *store, c0 * plane, n);
+            if gather.is_none() {
+                dxp.fill(ZERO);
             }
         }
     }
 }
 
-/// `dx[c0 + l][at .. at + len] += src[pos · LANES + l]` (or `=`, by `store`) for the
-/// `out.len() / len` lanes of `out` (scratch).
-#[allow(clippy::too_many_arguments)]
+/// Interleaves `rows × cols` of `LANES` planes (row stride `ld`) into `dst`, row `r` at
+/// `dst[r · dst_ld ..]`. Rows shorter than two vectors are interleaved as one run through
+/// `stage` (the per-row tail is scalar) and copied from there.
 #[inline(always)]
-fn add_row<M: DwInner>(
-    src: &[f32],
-    out: &mut [f32],
-    dx: &mut [f32],
-    store: Store,
-    c0: usize,
-    plane: usize,
-    at: usize,
-    len: usize,
+fn interleave_rows<M: DwInner>(
+    planes: &[&[f32]; LANES],
+    ld: usize,
+    rows: usize,
+    cols: usize,
+    dst: &mut [V],
+    dst_ld: usize,
+    stage: &mut [V],
 ) {
-    M::deinterleave(src, out, len);
-    for (l, r) in out.chunks_exact(len).enumerate() {
-        for (d, v) in dx[(c0 + l) * plane + at..][..len].iter_mut().zip(r) {
-            store.put(d, *v);
+    if rows == 0 || cols == 0 {
+        return;
+    }
+    if cols >= 2 * LANES {
+        for r in 0..rows {
+            M::interleave(planes, r * ld, cols, dst[r * dst_ld..][..cols].as_flattened_mut());
+        }
+    } else {
+        let run = (rows - 1) * ld + cols;
+        M::interleave(planes, 0, run, stage[..run].as_flattened_mut());
+        for r in 0..rows {
+            dst[r * dst_ld..][..cols].copy_from_slice(&stage[r * ld..][..cols]);
         }
     }
 }
 
-/// `acc[i] = Σ_t g[from[t] + i] · w[t]`, taps in order from zero, four positions at a time
-/// in registers.
+/// `dx[at + l · plane + pos] += src[pos][l]` (or `=`, by `store`) for the `n` lanes, with
+/// `plane = src.len()`; `out` is scratch of `n · plane` floats. `src` must not hold −0
+/// (a sum that starts from +0 never does), so that setting it directly gives the bits of
+/// adding it onto zeros.
 #[inline(always)]
-fn gather_row(g: &[V], from: &[usize], w: &[V], acc: &mut [V]) {
-    let mut blocks = acc.chunks_exact_mut(4);
-    let mut i = 0;
-    for out in &mut blocks {
-        let mut a = [ZERO; 4];
-        for (&f, wt) in from.iter().zip(w) {
-            let src = &g[f + i..][..4];
-            for j in 0..4 {
-                a[j] = madd(a[j], &src[j], wt);
+fn store_planes<M: DwInner>(src: &[V], out: &mut [f32], dx: &mut [f32], store: Store, at: usize, n: usize) {
+    let plane = src.len();
+    let dst = &mut dx[at..][..n * plane];
+    match store {
+        Store::Set => M::deinterleave(src.as_flattened(), dst, plane),
+        Store::Add => {
+            let out = &mut out[..n * plane];
+            M::deinterleave(src.as_flattened(), out, plane);
+            for (d, v) in dst.iter_mut().zip(out.iter()) {
+                *d += v;
             }
         }
-        out.copy_from_slice(&a);
+    }
+}
+
+/// `acc[i] = Σ_t g[from[t] + at + i] · w[t]`, taps in order from zero, four positions at a
+/// time in registers. The last one to three positions are a block of four too, so `g` must
+/// hold [`GATHER_SLACK`] vectors past the last position read (a single chain of dependent adds
+/// ran at a quarter of the speed; blocks of two and three, which LLVM's SLP vectoriser
+/// reshuffles across lanes, at about a third).
+#[inline(always)]
+fn gather_row(g: &[V], from: &[usize], at: usize, w: &[V], acc: &mut [V]) {
+    let mut blocks = acc.chunks_exact_mut(4);
+    let mut i = at;
+    for out in &mut blocks {
+        gather_block::<4>(g, from, i, w, out);
         i += 4;
     }
-    for out in blocks.into_remainder() {
-        let mut a = ZERO;
-        for (&f, wt) in from.iter().zip(w) {
-            a = madd(a, &g[f + i], wt);
-        }
-        *out = a;
-        i += 1;
+    let rest = blocks.into_remainder();
+    if !rest.is_empty() {
+        let mut out = [ZERO; 4];
+        gather_block::<4>(g, from, i, w, &mut out);
+        rest.copy_from_slice(&out[..rest.len()]);
     }
+}
+
+/// Vectors [`gather_row`] may read past the gather's plane.
+const GATHER_SLACK: usize = 3;
+
+/// `N` positions of [`gather_row`] from `at`.
+#[inline(always)]
+fn gather_block<const N: usize>(g: &[V], from: &[usize], at: usize, w: &[V], out: &mut [V]) {
+    let mut a = [ZERO; N];
+    for (&f, wt) in from.iter().zip(w) {
+        let src = &g[f + at..][..N];
+        for j in 0..N {
+            a[j] = madd(a[j], &src[j], wt);
+        }
+    }
+    out.copy_from_slice(&a);
 }
 
 /// The output gradient as the kernel gradient reads it: `rows × cols` vectors, row `oy` at
