@@ -352,6 +352,57 @@ pub trait DwInner: MulAdd {
         }
     }
 
+    /// `R` positions of the backward's gather (see "Backward"): `out[j] = Σ_t g[from[t] + at + j]
+    /// · w[t]` lane by lane, taps in order from zero, each a multiply and then an add.
+    #[inline(always)]
+    fn gather_strip<const R: usize>(
+        g: &[[f32; LANES]],
+        from: &[usize],
+        at: usize,
+        w: &[[f32; LANES]],
+        out: &mut [[f32; LANES]; R],
+    ) {
+        let mut a = [[0.0f32; LANES]; R];
+        for (&f, wt) in from.iter().zip(w) {
+            let src = &g[f + at..][..R];
+            for j in 0..R {
+                for l in 0..LANES {
+                    a[j][l] += src[j][l] * wt[l];
+                }
+            }
+        }
+        *out = a;
+    }
+
+    /// One output row of the kernel gradient (see "Backward"): `acc[ox % 2][kx] += g[ox] ·
+    /// row[ox·sw + kx·dw]` lane by lane for `ox` in order, each a multiply and then an add.
+    #[inline(always)]
+    fn grad_row<const KW: usize>(
+        row: &[[f32; LANES]],
+        g: &[[f32; LANES]],
+        sw: usize,
+        dw: usize,
+        acc: &mut [[[f32; LANES]; KW]; 2],
+    ) {
+        let step = |a: &mut [[f32; LANES]; KW], ox: usize| {
+            for kx in 0..KW {
+                let xv = &row[ox * sw + kx * dw];
+                for l in 0..LANES {
+                    a[kx][l] += g[ox][l] * xv[l];
+                }
+            }
+        };
+        let [a0, a1] = acc;
+        let pairs = g.len() / 2 * 2;
+        for ox in (0..pairs).step_by(2) {
+            step(a0, ox);
+            step(a1, ox + 1);
+        }
+        if pairs < g.len() {
+            step(a0, pairs);
+        }
+    }
+
     /// `dst[x * LANES + l] = planes[l][from + x]` for `x < len`.
     #[inline(always)]
     fn interleave(planes: &[&[f32]; LANES], from: usize, len: usize, dst: &mut [f32]) {
@@ -564,10 +615,10 @@ pub fn backward_inline<M: DwInner>(
             interleave_rows::<M>(&planes, s.w, s.h, s.w, &mut xp[s.pad[0] * pw + s.pad[1]..], pw, stage);
             let gd = GradPlane { v: &g[g_at..], ld: g_ld, rows: g_rows, cols: g_cols };
             match s.kw {
-                1 => backward_kernel_grad::<1>(s, xp, &gd, pw, &mut sums),
-                3 => backward_kernel_grad::<3>(s, xp, &gd, pw, &mut sums),
-                5 => backward_kernel_grad::<5>(s, xp, &gd, pw, &mut sums),
-                _ => backward_kernel_grad::<7>(s, xp, &gd, pw, &mut sums),
+                1 => backward_kernel_grad::<M, 1>(s, xp, &gd, pw, &mut sums),
+                3 => backward_kernel_grad::<M, 3>(s, xp, &gd, pw, &mut sums),
+                5 => backward_kernel_grad::<M, 5>(s, xp, &gd, pw, &mut sums),
+                _ => backward_kernel_grad::<M, 7>(s, xp, &gd, pw, &mut sums),
             }
             for l in 0..n {
                 for t in 0..taps {
@@ -584,7 +635,7 @@ pub fn backward_inline<M: DwInner>(
             if gather.is_some() {
                 // Row `iy` of the block's input gradient at `dxp[iy · w ..]`.
                 for (iy, out) in dxp[..plane].chunks_exact_mut(s.w).enumerate() {
-                    gather_row(g, &from[..taps], iy * g_ld, &wv[..taps], out);
+                    gather_row::<M>(g, &from[..taps], iy * g_ld, &wv[..taps], out);
                 }
             } else {
                 for ky in 0..s.kh {
@@ -663,42 +714,32 @@ fn store_planes<M: DwInner>(src: &[V], out: &mut [f32], dx: &mut [f32], store: S
     }
 }
 
-/// `acc[i] = Σ_t g[from[t] + at + i] · w[t]`, taps in order from zero, four positions at a
-/// time in registers. The last one to three positions are a block of four too, so `g` must
-/// hold [`GATHER_SLACK`] vectors past the last position read (a single chain of dependent adds
-/// ran at a quarter of the speed; blocks of two and three, which LLVM's SLP vectoriser
-/// reshuffles across lanes, at about a third).
+/// `acc[i] = Σ_t g[from[t] + at + i] · w[t]`: eight positions at a time in registers
+/// ([`DwInner::gather_strip`]). The last one to seven positions are a strip of four or eight
+/// too, so `g` must hold [`GATHER_SLACK`] vectors past the last position read (one chain of
+/// dependent adds ran at a quarter of the speed; strips of two and three, which LLVM's SLP
+/// vectoriser reshuffles across lanes, at about a third).
 #[inline(always)]
-fn gather_row(g: &[V], from: &[usize], at: usize, w: &[V], acc: &mut [V]) {
-    let mut blocks = acc.chunks_exact_mut(4);
+fn gather_row<M: DwInner>(g: &[V], from: &[usize], at: usize, w: &[V], acc: &mut [V]) {
+    let (strips, rest) = acc.as_chunks_mut::<8>();
     let mut i = at;
-    for out in &mut blocks {
-        gather_block::<4>(g, from, i, w, out);
-        i += 4;
+    for out in strips {
+        M::gather_strip::<8>(g, from, i, w, out);
+        i += 8;
     }
-    let rest = blocks.into_remainder();
-    if !rest.is_empty() {
+    if rest.len() > 4 {
+        let mut out = [ZERO; 8];
+        M::gather_strip::<8>(g, from, i, w, &mut out);
+        rest.copy_from_slice(&out[..rest.len()]);
+    } else if !rest.is_empty() {
         let mut out = [ZERO; 4];
-        gather_block::<4>(g, from, i, w, &mut out);
+        M::gather_strip::<4>(g, from, i, w, &mut out);
         rest.copy_from_slice(&out[..rest.len()]);
     }
 }
 
 /// Vectors [`gather_row`] may read past the gather's plane.
 const GATHER_SLACK: usize = 3;
-
-/// `N` positions of [`gather_row`] from `at`.
-#[inline(always)]
-fn gather_block<const N: usize>(g: &[V], from: &[usize], at: usize, w: &[V], out: &mut [V]) {
-    let mut a = [ZERO; N];
-    for (&f, wt) in from.iter().zip(w) {
-        let src = &g[f + at..][..N];
-        for j in 0..N {
-            a[j] = madd(a[j], &src[j], wt);
-        }
-    }
-    out.copy_from_slice(&a);
-}
 
 /// The output gradient as the kernel gradient reads it: `rows × cols` vectors, row `oy` at
 /// `v[oy · ld ..]` (`rows`, `cols` may stop short of the output plane, where the rest of `dy`
@@ -716,38 +757,22 @@ fn madd(d: V, g: &V, w: &V) -> V {
     core::array::from_fn(|k| d[k] + g[k] * w[k])
 }
 
-/// `sums[ky·KW + kx] = Σ_{oy, ox} g[oy][ox] · xpad[oy·sh + ky·dh][ox·sw + kx·dw]`, lane-wise.
+/// `sums[ky·KW + kx] = Σ_{oy, ox} g[oy][ox] · xpad[oy·sh + ky·dh][ox·sw + kx·dw]`, lane-wise,
+/// with two sets of accumulators (even and odd output columns) so that the adds do not wait
+/// on each other.
 #[inline(always)]
-fn backward_kernel_grad<const KW: usize>(s: &ConvShape, xp: &[V], g: &GradPlane, pw: usize, sums: &mut [V; 49]) {
+fn backward_kernel_grad<M: DwInner, const KW: usize>(
+    s: &ConvShape,
+    xp: &[V],
+    g: &GradPlane,
+    pw: usize,
+    sums: &mut [V; 49],
+) {
     for ky in 0..s.kh {
-        // Two sets of accumulators, for even and odd output columns.
         let mut a = [[ZERO; KW]; 2];
         for oy in 0..g.rows {
             let row = &xp[(oy * s.sh + ky * s.dh) * pw..][..pw];
-            let gr = &g.v[oy * g.ld..][..g.cols];
-            let mut pairs = gr.chunks_exact(2);
-            let mut ox = 0;
-            for gp in &mut pairs {
-                for (h, gv) in gp.iter().enumerate() {
-                    let base = (ox + h) * s.sw;
-                    for kx in 0..KW {
-                        let xv = &row[base + kx * s.dw];
-                        for l in 0..LANES {
-                            a[h][kx][l] += gv[l] * xv[l];
-                        }
-                    }
-                }
-                ox += 2;
-            }
-            if let [gv] = pairs.remainder() {
-                let base = ox * s.sw;
-                for kx in 0..KW {
-                    let xv = &row[base + kx * s.dw];
-                    for l in 0..LANES {
-                        a[0][kx][l] += gv[l] * xv[l];
-                    }
-                }
-            }
+            M::grad_row::<KW>(row, &g.v[oy * g.ld..][..g.cols], s.sw, s.dw, &mut a);
         }
         for kx in 0..KW {
             for l in 0..LANES {

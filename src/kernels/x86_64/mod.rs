@@ -183,6 +183,36 @@ impl depthwise::DwInner for Avx2Fma {
         unsafe { dw_lanes_strip_avx2::<K, S, R>(rows, wk, ox, ep, dst) }
     }
     #[inline(always)]
+    fn gather_strip<const R: usize>(
+        g: &[[f32; 8]],
+        from: &[usize],
+        at: usize,
+        w: &[[f32; 8]],
+        out: &mut [[f32; 8]; R],
+    ) {
+        let reach = from.iter().max().map_or(0, |&f| f) + at + R;
+        assert!(g.len() >= reach && w.len() >= from.len());
+        // SAFETY: every load reads g[from[t] + at + j] with j < R, or w[t] with t < from.len(),
+        // in bounds by the assertion; AVX2: see `Avx2Fma`.
+        unsafe { gather_strip_avx2::<R>(g, from, at, w, out) }
+    }
+
+    #[inline(always)]
+    fn grad_row<const KW: usize>(
+        row: &[[f32; 8]],
+        g: &[[f32; 8]],
+        sw: usize,
+        dw: usize,
+        acc: &mut [[[f32; 8]; KW]; 2],
+    ) {
+        let reach = g.len().saturating_sub(1) * sw + (KW - 1) * dw + 1;
+        assert!(row.len() >= reach);
+        // SAFETY: every load reads g[ox] with ox < g.len(), or row[ox * sw + kx * dw] with
+        // kx < KW, in bounds by the assertion; AVX2: see `Avx2Fma`.
+        unsafe { grad_row_avx2::<KW>(row, g, sw, dw, acc) }
+    }
+
+    #[inline(always)]
     fn interleave(planes: &[&[f32]; depthwise::LANES], from: usize, len: usize, dst: &mut [f32]) {
         assert!(planes.iter().all(|p| p.len() >= from + len) && dst.len() >= len * 8);
         // SAFETY: reads planes[l][from..from + len], writes dst[..len * 8], in bounds by the
@@ -234,6 +264,77 @@ fn transpose8(r: [core::arch::x86_64::__m256; 8]) -> [core::arch::x86_64::__m256
         _mm256_permute2f128_ps::<0x31>(s[2], s[6]),
         _mm256_permute2f128_ps::<0x31>(s[3], s[7]),
     ]
+}
+
+/// See [`depthwise::DwInner::gather_strip`]: the `R` sums in registers, each tap a multiply
+/// and an add (not fused, so that every table gives the same bits); the caller checks the
+/// bounds.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn gather_strip_avx2<const R: usize>(
+    g: &[[f32; 8]],
+    from: &[usize],
+    at: usize,
+    w: &[[f32; 8]],
+    out: &mut [[f32; 8]; R],
+) {
+    use core::arch::x86_64::*;
+    // SAFETY (whole body): the caller checked the bounds of every access below.
+    unsafe {
+        let mut acc = [_mm256_setzero_ps(); R];
+        let base = g.as_ptr().add(at).cast::<f32>();
+        for (t, &f) in from.iter().enumerate() {
+            let wv = _mm256_loadu_ps(w.as_ptr().add(t).cast());
+            let p = base.add(f * 8);
+            for (j, a) in acc.iter_mut().enumerate() {
+                *a = _mm256_add_ps(*a, _mm256_mul_ps(_mm256_loadu_ps(p.add(j * 8)), wv));
+            }
+        }
+        for (o, a) in out.iter_mut().zip(acc) {
+            _mm256_storeu_ps(o.as_mut_ptr(), a);
+        }
+    }
+}
+
+/// See [`depthwise::DwInner::grad_row`]: the `2 · KW` sums in registers for the row, each
+/// product a multiply and an add (not fused); the caller checks the bounds.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn grad_row_avx2<const KW: usize>(
+    row: &[[f32; 8]],
+    g: &[[f32; 8]],
+    sw: usize,
+    dw: usize,
+    acc: &mut [[[f32; 8]; KW]; 2],
+) {
+    use core::arch::x86_64::*;
+    // SAFETY (whole body): the caller checked the bounds of every access below.
+    unsafe {
+        let mut a: [[__m256; KW]; 2] =
+            core::array::from_fn(|h| core::array::from_fn(|kx| _mm256_loadu_ps(acc[h][kx].as_ptr())));
+        let x = row.as_ptr().cast::<f32>();
+        let step = |a: &mut [__m256; KW], ox: usize| {
+            let gv = _mm256_loadu_ps(g.as_ptr().add(ox).cast());
+            let p = x.add(ox * sw * 8);
+            for (kx, ak) in a.iter_mut().enumerate() {
+                *ak = _mm256_add_ps(*ak, _mm256_mul_ps(gv, _mm256_loadu_ps(p.add(kx * dw * 8))));
+            }
+        };
+        // Pairs of columns, so that the two sets stay in registers.
+        let pairs = g.len() / 2 * 2;
+        for ox in (0..pairs).step_by(2) {
+            step(&mut a[0], ox);
+            step(&mut a[1], ox + 1);
+        }
+        if pairs < g.len() {
+            step(&mut a[0], pairs);
+        }
+        for h in 0..2 {
+            for kx in 0..KW {
+                _mm256_storeu_ps(acc[h][kx].as_mut_ptr(), a[h][kx]);
+            }
+        }
+    }
 }
 
 /// See [`depthwise::DwInner::interleave`]: 8 positions of 8 planes per transpose; the caller
