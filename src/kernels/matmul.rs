@@ -10,6 +10,7 @@
 use super::gemm::MAX_TILE;
 use super::gemm::{a_scratch_len, gemm_packed, packed_b_len};
 use super::{Kernels, PostOp, TileEpilogue, Weights};
+use core::ops::Range;
 use std::cell::RefCell;
 use std::vec::Vec;
 
@@ -211,7 +212,12 @@ pub fn zero_short(d: &mut [f32]) {
 /// (`[panel][k][nr]`, zero-padded; the layout [`gemm_cols`] reads). Runs of a panel row that
 /// lie in one sample are copied as slices.
 pub fn pack_b_cols(src: &[f32], k: usize, n: usize, cols: Cols, nr: usize, dst: &mut [f32]) {
-    for (q, panel) in dst[..packed_b_len(k, n, nr)].chunks_exact_mut(k * nr).enumerate() {
+    pack_b_panels(src, k, n, cols, nr, 0..n.div_ceil(nr), dst);
+}
+
+/// Panels `panels` of [`pack_b_cols`], the first at `dst[0]`.
+fn pack_b_panels(src: &[f32], k: usize, n: usize, cols: Cols, nr: usize, panels: Range<usize>, dst: &mut [f32]) {
+    for (q, panel) in panels.clone().zip(dst[..panels.len() * k * nr].chunks_exact_mut(k * nr)) {
         let c0 = q * nr;
         let w = nr.min(n - c0);
         let (b, p0) = (c0 / cols.per, c0 % cols.per);
@@ -279,11 +285,58 @@ pub fn gemm_cols(
     bias: Option<&[f32]>,
     accumulate: bool,
 ) {
+    assert!(bp.len() >= packed_b_len(k, n, kern.micro.nr));
+    gemm_cols_from(kern, m, n, k, a, lda, B::Packed(bp), out, cols, bias, accumulate)
+}
+
+/// [`gemm_cols`] with B as it lies (`k × n`, element `(r, j)` at `b[bcols.at(r, j)]`), packed
+/// block by block just before the block is used, into a buffer of `4 · nr · k` floats that
+/// stays in cache: packing all of B first wrote and read back a copy of a layer's whole input
+/// through memory (10 % of a Lite0 CLR step went to that packing).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_cols_unpacked(
+    kern: &Kernels,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    bcols: Cols,
+    out: &mut [f32],
+    cols: Cols,
+    bias: Option<&[f32]>,
+    accumulate: bool,
+) {
+    gemm_cols_from(kern, m, n, k, a, lda, B::Cols(b, bcols), out, cols, bias, accumulate)
+}
+
+/// Where [`gemm_cols_from`] finds B.
+#[derive(Clone, Copy)]
+enum B<'a> {
+    Packed(&'a [f32]),
+    Cols(&'a [f32], Cols),
+}
+
+#[allow(clippy::too_many_arguments)]
+fn gemm_cols_from(
+    kern: &Kernels,
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    lda: usize,
+    b: B,
+    out: &mut [f32],
+    cols: Cols,
+    bias: Option<&[f32]>,
+    accumulate: bool,
+) {
     if m == 0 || n == 0 {
         return;
     }
     let (mr, nr) = (kern.micro.mr, kern.micro.nr);
-    assert!(k > 0 && lda >= k && a.len() >= (m - 1) * lda + k && bp.len() >= packed_b_len(k, n, nr));
+    assert!(k > 0 && lda >= k && a.len() >= (m - 1) * lda + k);
     const BLOCK: usize = 4;
     let mut tile = [0.0f32; MAX_TILE];
     let tile = &mut tile[..mr * nr];
@@ -291,14 +344,25 @@ pub fn gemm_cols(
     let panels = n.div_ceil(nr);
     GEMM_PAD.with(|cell| {
         let mut pad = cell.borrow_mut();
+        let (pad, block) = &mut *pad;
         for q0 in (0..panels).step_by(BLOCK) {
+            let q1 = (q0 + BLOCK).min(panels);
+            // The block's panels, the first at `bb[0]`.
+            let bb = match b {
+                B::Packed(bp) => &bp[q0 * k * nr..q1 * k * nr],
+                B::Cols(src, bcols) => {
+                    let dst = sized(block, (q1 - q0) * k * nr);
+                    pack_b_panels(src, k, n, bcols, nr, q0..q1, dst);
+                    &dst[..]
+                }
+            };
             for r0 in (0..m).step_by(mr) {
                 let m_eff = mr.min(m - r0);
                 // A partial row panel is copied and zero-padded: the micro-kernel reads `mr` rows.
                 let (ap, ald) = if m_eff == mr {
                     (&a[r0 * lda..], lda)
                 } else {
-                    let p = sized(&mut pad, mr * k);
+                    let p = sized(pad, mr * k);
                     p.fill(0.0);
                     for i in 0..m_eff {
                         p[i * k..(i + 1) * k].copy_from_slice(&a[(r0 + i) * lda..][..k]);
@@ -308,8 +372,8 @@ pub fn gemm_cols(
                 if let Some(bias) = bias {
                     ep.add[..m_eff].copy_from_slice(&bias[r0..r0 + m_eff]);
                 }
-                for q in q0..(q0 + BLOCK).min(panels) {
-                    let bq = &bp[q * k * nr..][..k * nr];
+                for q in q0..q1 {
+                    let bq = &bb[(q - q0) * k * nr..][..k * nr];
                     let c0 = q * nr;
                     let n_eff = nr.min(n - c0);
                     let (b, p0) = (c0 / cols.per, c0 % cols.per);
@@ -344,8 +408,9 @@ pub fn gemm_cols(
 }
 
 std::thread_local! {
-    /// [`gemm_cols`]' copy of a partial row panel of A.
-    static GEMM_PAD: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    /// [`gemm_cols`]' copy of a partial row panel of A, and the block of B that
+    /// [`gemm_cols_unpacked`] packs.
+    static GEMM_PAD: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
 #[cfg(test)]
@@ -400,8 +465,11 @@ mod tests {
         let mut r = crate::rng::SplitMix64::new(6);
         for kern in Kernels::available() {
             let nr = kern.micro.nr;
-            // (m, k, per, samples): columns of C and of B are `samples` runs of `per`.
-            for &(m, k, per, samples) in &[(1, 1, 1, 1), (7, 5, 9, 3), (13, 20, 16, 2), (6, 3, 40, 1), (19, 33, 5, 7)] {
+            // (m, k, per, samples): columns of C and of B are `samples` runs of `per`; the
+            // last has more panels than one block of gemm_cols.
+            for &(m, k, per, samples) in
+                &[(1, 1, 1, 1), (7, 5, 9, 3), (13, 20, 16, 2), (6, 3, 40, 1), (19, 33, 5, 7), (8, 6, 50, 4)]
+            {
                 let n = per * samples;
                 let a: Vec<f32> = (0..m * (k + 2)).map(|_| r.uniform(-1.0, 1.0)).collect();
                 let lda = k + 2;
@@ -430,6 +498,11 @@ mod tests {
                     let got = out[ocols.at(i, j)];
                     assert!((got - 2.0 * w - i as f32).abs() < 1e-4 * (1.0 + w.abs()));
                 }
+                // Packed block by block as it goes: the same bits, set and added.
+                let mut out2 = vec![0.5f32; out.len()];
+                gemm_cols_unpacked(&kern, m, n, k, &a, lda, &bsrc, bcols, &mut out2, ocols, Some(&bias), false);
+                gemm_cols_unpacked(&kern, m, n, k, &a, lda, &bsrc, bcols, &mut out2, ocols, None, true);
+                assert!(out.iter().zip(&out2).all(|(u, v)| u.to_bits() == v.to_bits()), "{m}x{k}x{n} unpacked");
                 // Transposed packing: C' = A' · Mᵀ with M the same `k × n` matrix.
                 let mut bt = vec![f32::NAN; packed_b_len(n, k, nr)];
                 pack_bt_cols(&bsrc, k, n, bcols, nr, &mut bt);

@@ -21,7 +21,7 @@ use super::dot8;
 use super::sparse::SparseW;
 use super::sparse_conv;
 use crate::kernels::gemm::packed_b_len;
-use crate::kernels::matmul::{copy_short, gemm_cols, pack_b_cols, pack_bt_cols, zero_short, Cols};
+use crate::kernels::matmul::{copy_short, gemm_cols, gemm_cols_unpacked, pack_bt_cols, zero_short, Cols};
 use crate::kernels::{depthwise, reference, ConvShape, Kernels, PostOp, Store, Weights};
 
 /// `y = conv(x) + bias` for `batch` samples. Depthwise convs (and the reference kernels) run
@@ -142,7 +142,6 @@ fn forward_batched(
     let kk = cin_g * s.kh * s.kw;
     let plane = s.h * s.w;
     let nb = chunk_samples(s, batch);
-    let nr = k.micro.nr;
     let pointwise = is_pointwise(s);
     let work = batch * s.macs();
     for_each_chunk(batch, nb, work, Some(y), yl, None, 0, |_, b0, nbs, yc, _| {
@@ -151,24 +150,24 @@ fn forward_batched(
         let n = nbs * p;
         COLS.with(|cell| {
             let mut bufs = cell.borrow_mut();
-            let Bufs { col, packed, .. } = &mut *bufs;
-            let bpk = sized(packed, packed_b_len(kk, n, nr));
+            let Bufs { col, .. } = &mut *bufs;
             for g in 0..s.groups {
-                if pointwise {
-                    pack_b_cols(&xc[g * cin_g * plane..], kk, n, Cols { per: p, bs: xl, rs: p }, nr, bpk);
+                let (b, bcols) = if pointwise {
+                    (&xc[g * cin_g * plane..], Cols { per: p, bs: xl, rs: p })
                 } else {
                     let colm = sized(col, kk * n);
                     im2col_chunk(s, xc, g, nbs, colm);
-                    pack_b_cols(colm, kk, n, Cols::plain(n, n), nr, bpk);
-                }
-                gemm_cols(
+                    (&colm[..], Cols::plain(n, n))
+                };
+                gemm_cols_unpacked(
                     k,
                     cout_g,
                     n,
                     kk,
                     &wf[g * cout_g * kk..(g + 1) * cout_g * kk],
                     kk,
-                    bpk,
+                    b,
+                    bcols,
                     &mut yc[g * cout_g * p..],
                     Cols { per: p, bs: yl, rs: p },
                     bias.map(|b| &b[g * cout_g..(g + 1) * cout_g]),
@@ -419,19 +418,18 @@ fn backward_batched(
                         (k.spmm)(sp.wt(), dym, n, n, dcolm, n, Store::Set);
                         col2im_chunk(s, dcolm, g, nbs, dxc);
                     } else if let Some(dxc) = dxc.as_deref_mut() {
-                        let bpk = sized(packed, packed_b_len(cout_g, n, nr));
-                        pack_b_cols(dyg, cout_g, n, dyc_cols, nr, bpk);
                         let wtg = &wt[g * kk * cout_g..(g + 1) * kk * cout_g];
                         if pointwise {
                             let out = &mut dxc[g * cin_g * plane..];
-                            gemm_cols(
+                            gemm_cols_unpacked(
                                 k,
                                 kk,
                                 n,
                                 cout_g,
                                 wtg,
                                 cout_g,
-                                bpk,
+                                dyg,
+                                dyc_cols,
                                 out,
                                 Cols { per: p, bs: xl, rs: p },
                                 None,
@@ -439,7 +437,8 @@ fn backward_batched(
                             );
                         } else {
                             let dcolm = sized(dcol, kk * n);
-                            gemm_cols(k, kk, n, cout_g, wtg, cout_g, bpk, dcolm, Cols::plain(n, n), None, false);
+                            let out = Cols::plain(n, n);
+                            gemm_cols_unpacked(k, kk, n, cout_g, wtg, cout_g, dyg, dyc_cols, dcolm, out, None, false);
                             col2im_chunk(s, dcolm, g, nbs, dxc);
                         }
                     }
