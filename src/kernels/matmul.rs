@@ -173,10 +173,28 @@ impl Cols {
     pub fn plain(n: usize, ld: usize) -> Self {
         Cols { per: n.max(1), bs: 0, rs: ld }
     }
-    #[inline(always)]
+    /// Where element `(i, j)` lies (the tests' reading; the kernels go by [`Cols::runs`]).
+    #[cfg(test)]
     fn at(&self, i: usize, j: usize) -> usize {
         let (b, p) = (j / self.per, j % self.per);
         b * self.bs + i * self.rs + p
+    }
+
+    /// Columns `c0 .. c0 + n` of row `i` as contiguous runs, each `(offset from c0, index of
+    /// its first element, length)`: one division per run, not per element (per element, the
+    /// tiles that straddle samples of a 6 × 6 or 3 × 3 plane cost more than their product).
+    #[inline(always)]
+    fn runs(&self, i: usize, c0: usize, n: usize) -> impl Iterator<Item = (usize, usize, usize)> + use<> {
+        let (per, bs, rs) = (self.per, self.bs, self.rs);
+        let (mut b, mut p, mut jj) = (c0 / per, c0 % per, 0);
+        core::iter::from_fn(move || {
+            (jj < n).then(|| {
+                let len = (per - p).min(n - jj);
+                let run = (jj, b * bs + i * rs + p, len);
+                (jj, b, p) = (jj + len, b + 1, 0);
+                run
+            })
+        })
     }
 }
 
@@ -230,8 +248,8 @@ fn pack_b_panels(src: &[f32], k: usize, n: usize, cols: Cols, nr: usize, panels:
             }
         } else {
             for (r, d) in panel.chunks_exact_mut(nr).enumerate() {
-                for (jj, v) in d[..w].iter_mut().enumerate() {
-                    *v = src[cols.at(r, c0 + jj)];
+                for (jj, at, len) in cols.runs(r, c0, w) {
+                    copy_short(&mut d[jj..jj + len], &src[at..at + len]);
                 }
                 d[w..].fill(0.0);
             }
@@ -385,19 +403,14 @@ fn gemm_cols_from(
                     (kern.micro.run)(k, ap, ald, bq, &ep, tile, nr);
                     for i in 0..m_eff {
                         let row = &tile[i * nr..i * nr + n_eff];
-                        if p0 + n_eff <= cols.per {
-                            let d = &mut out[b * cols.bs + (r0 + i) * cols.rs + p0..][..n_eff];
+                        for (jj, at, len) in cols.runs(r0 + i, c0, n_eff) {
+                            let (d, row) = (&mut out[at..at + len], &row[jj..jj + len]);
                             if accumulate {
                                 for (d, &v) in d.iter_mut().zip(row) {
                                     *d += v;
                                 }
                             } else {
-                                d.copy_from_slice(row);
-                            }
-                        } else {
-                            for (jj, &v) in row.iter().enumerate() {
-                                let d = &mut out[cols.at(r0 + i, c0 + jj)];
-                                *d = if accumulate { *d + v } else { v };
+                                copy_short(d, row);
                             }
                         }
                     }
