@@ -38,18 +38,12 @@ pub fn depthwise_channels_inline<M: DwInner>(
     let square = s.dh == 1 && s.dw == 1 && s.kh == s.kw && s.sh == s.sw && matches!((s.kh, s.sh), (3 | 5, 1 | 2));
     // Direct calls below, not function pointers, so each instance is compiled with the
     // enclosing ISA's features.
-    if square && ph * pw <= DW_LANES_MAX {
-        let mut buf = [0.0f32; DW_LANES_MAX * LANES];
-        let mut obuf = [0.0f32; DW_LANES_MAX * LANES];
-        for (g, o) in out.chunks_mut(plane_out * LANES).enumerate() {
-            let c = c0 + g * LANES;
-            match (s.kh, s.sh) {
-                (3, 1) => dw_lanes::<3, 1, M>(s, w, c, x, &mut buf, &mut obuf, o, post),
-                (3, 2) => dw_lanes::<3, 2, M>(s, w, c, x, &mut buf, &mut obuf, o, post),
-                (5, 1) => dw_lanes::<5, 1, M>(s, w, c, x, &mut buf, &mut obuf, o, post),
-                _ => dw_lanes::<5, 2, M>(s, w, c, x, &mut buf, &mut obuf, o, post),
-            }
-        }
+    if square && ph * pw <= DW_LANES_MAX / 16 {
+        dw_lanes_channels::<{ DW_LANES_MAX / 16 }, M>(s, w, c0, x, out, post);
+    } else if square && ph * pw <= DW_LANES_MAX / 4 {
+        dw_lanes_channels::<{ DW_LANES_MAX / 4 }, M>(s, w, c0, x, out, post);
+    } else if square && ph * pw <= DW_LANES_MAX {
+        dw_lanes_channels::<DW_LANES_MAX, M>(s, w, c0, x, out, post);
     } else if square && ph * pw <= DW_PAD_MAX / 4 {
         dw_padded_channels::<{ DW_PAD_MAX / 4 }, M>(s, w, c0, x, out, post);
     } else if square && ph * pw <= DW_PAD_MAX {
@@ -58,6 +52,32 @@ pub fn depthwise_channels_inline<M: DwInner>(
         for (i, o) in out.chunks_exact_mut(plane_out).enumerate() {
             let c = c0 + i;
             dw_rows::<M>(s, w, c, &x[c * plane_in..(c + 1) * plane_in], o, post);
+        }
+    }
+}
+
+/// Channels `c0 ..` through [`dw_lanes`], blocks of [`LANES`], with stack buffers of `N`
+/// positions (sized to the plane: zeroing two buffers for 32 × 32 took a third of a 3 × 3
+/// layer's time).
+#[inline(always)]
+fn dw_lanes_channels<const N: usize, M: DwInner>(
+    s: &ConvShape,
+    w: Weights,
+    c0: usize,
+    x: &[f32],
+    out: &mut [f32],
+    post: &PostOp,
+) {
+    let mut buf = [[0.0f32; LANES]; N];
+    let mut obuf = [[0.0f32; LANES]; N];
+    for (g, o) in out.chunks_mut(s.oh() * s.ow() * LANES).enumerate() {
+        let c = c0 + g * LANES;
+        let (buf, obuf) = (buf.as_flattened_mut(), obuf.as_flattened_mut());
+        match (s.kh, s.sh) {
+            (3, 1) => dw_lanes::<3, 1, M>(s, w, c, x, buf, obuf, o, post),
+            (3, 2) => dw_lanes::<3, 2, M>(s, w, c, x, buf, obuf, o, post),
+            (5, 1) => dw_lanes::<5, 1, M>(s, w, c, x, buf, obuf, o, post),
+            _ => dw_lanes::<5, 2, M>(s, w, c, x, buf, obuf, o, post),
         }
     }
 }
@@ -129,8 +149,8 @@ fn dw_lanes<const K: usize, const S: usize, M: DwInner>(
     w: Weights,
     c0: usize,
     x: &[f32],
-    buf: &mut [f32; DW_LANES_MAX * LANES],
-    obuf: &mut [f32; DW_LANES_MAX * LANES],
+    buf: &mut [f32],
+    obuf: &mut [f32],
     out: &mut [f32],
     post: &PostOp,
 ) {
@@ -489,16 +509,17 @@ fn dw_rows<M: MulAdd>(s: &ConvShape, w: Weights, c: usize, xin: &[f32], out: &mu
 // - kernel gradient: `dw[c][t] = Σ_pos dy[c][pos] · xpad[c][pos·s + t·d]`, a row of `KW`
 //   taps at a time with two sets of accumulators (even and odd output columns), so the adds
 //   do not wait on each other;
-// - input gradient, stride 1: a gather, `dx[c][i] = Σ_t w[c][t] · dypad[c][i + pad − t·d]`
-//   over `dy` padded by `(k − 1)·d` (the forward conv of `dy` with the kernel flipped), four
-//   positions of a row at a time in registers with every tap inner, then added into `dx`;
-// - input gradient, larger strides: a scatter, `dxpad[c][pos·s + t·d] += dy[c][pos] · w[c][t]`,
-//   one tap at a time over the whole plane (tap-major, so no store feeds the next load), then
-//   the interior of `dxpad` is added into `dx`. (The scatter was also the stride-1 path; it
-//   loads and stores `dxpad` once per tap. The gather took this kernel from 26 % to 18 % of a
-//   Lite0 CLR training step.)
-// Either way each input position sums its taps in tap order from zero, so the two paths give
-// the same bits.
+// - input gradient: a gather, `dx[c][i] = Σ_t w[c][t] · dy[c][(i + pad − t·d) / s]` over the
+//   taps `t` for which the division is exact, eight positions of a row at a time in registers
+//   with every tap inner. With `p = i + pad`, tap `t` reaches `p` when `t·d ≡ p (mod s)`, from
+//   output `p / s − ⌊t·d / s⌋`; so the input positions fall into `s_h · s_w` phases by `p mod s`,
+//   each with its own taps, and along a row one phase's positions read consecutive outputs.
+//   `dy` is padded by `⌊(k − 1)·d / s⌋` zero rows above and columns to the left for that.
+//   At stride 1 there is one phase with every tap: the forward conv of `dy` with the kernel
+//   flipped. (Before the gather, a scatter `dxpad[pos·s + t·d] += dy[pos] · w[t]` loaded and
+//   stored the plane once per tap: 26 % of a Lite0 CLR training step at stride 1, where the
+//   gather took it to 18 %; at stride 2 it stayed until the phases came.)
+// Each input position sums its taps in tap order from zero, as the scatter did.
 // Plain multiplies and adds (no fused multiply-add), so every instance gives the same bits.
 // Sums run in another order than the row-wise loop's, so the last bits differ from it; it is
 // the reference in `train::ops::tests`.
@@ -512,21 +533,50 @@ pub fn backward_supported(s: &ConvShape) -> bool {
     s.cin_g() == 1 && s.cout_g() == 1 && matches!(s.kw, 1 | 3 | 5 | 7) && s.kh <= 7 && s.out_hw().is_some()
 }
 
-/// Scratch floats [`backward_inline`] needs: the output gradient (padded for the gather at
-/// stride 1, with [`GATHER_SLACK`]), two padded planes of [`LANES`] channels, and a staging area of one whole input
-/// or output plane.
+/// Scratch floats [`backward_inline`] needs, in vectors of [`LANES`]: the output gradient
+/// (padded for the gather, with [`GATHER_SLACK`]), the padded input plane, the input
+/// gradient's plane, a staging area of one whole input or output plane, and one input row.
 pub fn backward_scratch_len(s: &ConvShape) -> usize {
     let (ph, pw) = (s.h + s.pad[0] + s.pad[2], s.w + s.pad[1] + s.pad[3]);
-    let g = gather_plane(s).map_or(0, |(gh, gw)| gh * gw).max(s.oh() * s.ow());
-    (g + GATHER_SLACK + 2 * ph * pw + (s.h * s.w).max(s.oh() * s.ow())) * LANES
+    let g = GatherPlane::of(s).len().max(s.oh() * s.ow());
+    let (plane, oplane) = (s.h * s.w, s.oh() * s.ow());
+    (g + GATHER_SLACK + ph * pw + plane + plane.max(oplane) + s.w) * LANES
 }
 
-/// Height and width of the output gradient padded for the stride-1 gather: `(k − 1)·d` zero
-/// rows above and columns to the left of `dy`, and as many below and to the right as the
-/// input positions reach (`None` at larger strides). Row `iy + pad_top + (kh − 1 − ky)·dh`,
-/// column `ix + pad_left + (kw − 1 − kx)·dw` holds what tap `(ky, kx)` adds to input `(iy, ix)`.
-fn gather_plane(s: &ConvShape) -> Option<(usize, usize)> {
-    (s.sh == 1 && s.sw == 1).then(|| (s.h + s.pad[0] + (s.kh - 1) * s.dh, s.w + s.pad[1] + (s.kw - 1) * s.dw))
+/// The output gradient padded for the gather: `top` zero rows above and `left` columns to
+/// the left of `dy`, `rows × cols` of `dy` (the rest lies beyond every input position, so it
+/// meets only the zero padding of `x`), as far below and to the right as the input positions
+/// reach. Input position `(py, px)` (padded coordinates) reads tap `(ky, kx)` at row
+/// `py / sh − ⌊ky·dh / sh⌋ + top`, column `px / sw − ⌊kx·dw / sw⌋ + left`.
+struct GatherPlane {
+    top: usize,
+    left: usize,
+    rows: usize,
+    cols: usize,
+    /// Row length (the leading dimension).
+    ld: usize,
+    /// Rows.
+    height: usize,
+}
+
+impl GatherPlane {
+    fn of(s: &ConvShape) -> Self {
+        let (top, left) = ((s.kh - 1) * s.dh / s.sh, (s.kw - 1) * s.dw / s.sw);
+        // Outputs up to the last input position's `p / s` are read.
+        let (reach_y, reach_x) = ((s.pad[0] + s.h - 1) / s.sh + 1, (s.pad[1] + s.w - 1) / s.sw + 1);
+        GatherPlane {
+            top,
+            left,
+            rows: s.oh().min(reach_y),
+            cols: s.ow().min(reach_x),
+            ld: left + reach_x,
+            height: top + reach_y,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.ld * self.height
+    }
 }
 
 /// [`backward_inline`] compiled for the baseline ISA.
@@ -560,42 +610,44 @@ pub fn backward_inline<M: DwInner>(
     let (oh, ow) = (s.oh(), s.ow());
     let (ph, pw) = (s.h + s.pad[0] + s.pad[2], s.w + s.pad[1] + s.pad[3]);
     let (plane, oplane, taps) = (s.h * s.w, oh * ow, s.kh * s.kw);
-    // The gather takes the input gradient at stride 1. Then `g` is `dy` inside its padded
-    // plane (`gh × gw`, `dy` from row `top`, column `left`) and the kernel gradient reads it
-    // there too; otherwise `g` is `dy` as it is.
-    let gather = if dx.is_some() { gather_plane(s) } else { None };
-    let (top, left) = ((s.kh - 1) * s.dh, (s.kw - 1) * s.dw);
-    let (g_len, g_at, g_ld) = match gather {
-        Some((gh, gw)) => (gh * gw, top * gw + left, gw),
-        None => (oplane, 0, ow),
-    };
+    // With the input gradient, `g` is `dy` inside its padded gather plane and the kernel
+    // gradient reads it there too; otherwise `g` is `dy` as it is.
+    let gp = GatherPlane::of(s);
+    let gather = dx.is_some();
+    let (g_len, g_at, g_ld, g_rows, g_cols) =
+        if gather { (gp.len(), gp.top * gp.ld + gp.left, gp.ld, gp.rows, gp.cols) } else { (oplane, 0, ow, oh, ow) };
     let scratch = scratch[..backward_scratch_len(s)].as_chunks_mut::<LANES>().0;
     let (g, rest) = scratch.split_at_mut(g_len + GATHER_SLACK);
     let (xp, rest) = rest.split_at_mut(ph * pw);
-    let (dxp, stage) = rest.split_at_mut(ph * pw);
-    // The padding stays zero: the interiors of `g` and `xp` are rewritten for every block,
-    // and `dxp` is cleared after each block.
-    if gather.is_some() {
+    let (dxp, rest) = rest.split_at_mut(plane);
+    let (stage, rest) = rest.split_at_mut(plane.max(oplane));
+    let row = &mut rest[..s.w];
+    // The padding stays zero: the interiors of `g` and `xp` are rewritten for every block.
+    if gather {
         g.fill(ZERO);
     }
     if dw.is_some() {
         xp.fill(ZERO);
     }
-    if dx.is_some() && gather.is_none() {
-        dxp.fill(ZERO);
-    }
-    // Rows and columns of `dy` the gather reads (the others lie beyond every input position).
-    let (g_rows, g_cols) = gather.map_or((oh, ow), |(gh, gw)| (oh.min(gh - top), ow.min(gw - left)));
-    // Where tap t's reads start in `g` for input row 0, taps in order (row `iy` adds
-    // `iy · g_ld`).
-    let mut from = [0usize; 49];
-    for ky in 0..s.kh {
-        for kx in 0..s.kw {
-            from[ky * s.kw + kx] = (s.pad[0] + (s.kh - 1 - ky) * s.dh) * g_ld + s.pad[1] + (s.kw - 1 - kx) * s.dw;
+    // The taps grouped by phase (`(ky·dh mod sh, kx·dw mod sw)`, row-major), in tap order
+    // within each: `order[phase[q]..phase[q + 1]]`, each with its read offset in `g` relative
+    // to the position's `(py / sh, px / sw)`.
+    let (mut order, mut from, mut phase) = ([0usize; 49], [0usize; 49], [0usize; 50]);
+    let mut at = 0;
+    for (q, (ry, rx)) in (0..s.sh).flat_map(|ry| (0..s.sw).map(move |rx| (ry, rx))).enumerate() {
+        phase[q] = at;
+        for ky in (0..s.kh).filter(|ky| ky * s.dh % s.sh == ry) {
+            for kx in (0..s.kw).filter(|kx| kx * s.dw % s.sw == rx) {
+                order[at] = ky * s.kw + kx;
+                from[at] = (gp.top - ky * s.dh / s.sh) * gp.ld + gp.left - kx * s.dw / s.sw;
+                at += 1;
+            }
         }
     }
-    // Per block: the kernel gradient's sums and the kernels as lanes (outside the loop, so
-    // that these 3 KB are not zeroed for every block).
+    let phases = s.sh * s.sw;
+    phase[phases] = at;
+    // Per block: the kernel gradient's sums and the kernels as lanes in phase order (outside
+    // the loop, so that these 3 KB are not zeroed for every block).
     let (mut sums, mut wv) = ([ZERO; 49], [ZERO; 49]);
     for c0 in (0..s.c_in).step_by(LANES) {
         let n = LANES.min(s.c_in - c0);
@@ -603,9 +655,7 @@ pub fn backward_inline<M: DwInner>(
         // the input gradient their kernel is zero.
         let first = |l: usize, len: usize| (c0 + l.min(n - 1)) * len;
         let planes: [&[f32]; LANES] = core::array::from_fn(|l| &dy[first(l, oplane)..][..oplane]);
-        if gather.is_some() {
-            // Rows and columns of `dy` past the gather's plane meet only the padding of `x`
-            // below and right of it, so they add nothing to either gradient.
+        if gather {
             interleave_rows::<M>(&planes, ow, g_rows, g_cols, &mut g[g_at..], g_ld, stage);
         } else {
             M::interleave(&planes, 0, oplane, g.as_flattened_mut());
@@ -627,40 +677,36 @@ pub fn backward_inline<M: DwInner>(
             }
         }
         if let Some((dx, store)) = dx.as_mut() {
-            for (t, wt) in wv[..taps].iter_mut().enumerate() {
+            for (&t, wt) in order[..taps].iter().zip(&mut wv) {
                 for (l, v) in wt.iter_mut().enumerate() {
                     *v = if l < n { w[(c0 + l) * taps + t] } else { 0.0 };
                 }
             }
-            if gather.is_some() {
-                // Row `iy` of the block's input gradient at `dxp[iy · w ..]`.
-                for (iy, out) in dxp[..plane].chunks_exact_mut(s.w).enumerate() {
-                    gather_row::<M>(g, &from[..taps], iy * g_ld, &wv[..taps], out);
-                }
-            } else {
-                for ky in 0..s.kh {
-                    for kx in 0..s.kw {
-                        let wv = &wv[ky * s.kw + kx];
-                        for oy in 0..oh {
-                            let at = (oy * s.sh + ky * s.dh) * pw + kx * s.dw;
-                            let gr = &g[oy * ow..][..ow];
-                            for (d, g) in dxp[at..].iter_mut().step_by(s.sw).zip(gr) {
-                                *d = madd(*d, g, wv);
-                            }
+            // Row `iy` of the block's input gradient at `dxp[iy · w ..]`, phase by phase.
+            for (iy, out) in dxp.chunks_exact_mut(s.w).enumerate() {
+                let py = iy + s.pad[0];
+                for rx in 0..s.sw {
+                    // The row's positions in this column phase: `ix0, ix0 + sw, …`.
+                    let ix0 = (rx + s.sw - s.pad[1] % s.sw) % s.sw;
+                    if ix0 >= s.w {
+                        continue;
+                    }
+                    let q = py % s.sh * s.sw + rx;
+                    let (t0, t1) = (phase[q], phase[q + 1]);
+                    let count = (s.w - ix0).div_ceil(s.sw);
+                    let at = py / s.sh * g_ld + (ix0 + s.pad[1]) / s.sw;
+                    if s.sw == 1 {
+                        gather_row::<M>(g, &from[t0..t1], at, &wv[t0..t1], out);
+                    } else {
+                        let part = &mut row[..count];
+                        gather_row::<M>(g, &from[t0..t1], at, &wv[t0..t1], part);
+                        for (d, v) in out[ix0..].iter_mut().step_by(s.sw).zip(part.iter()) {
+                            *d = *v;
                         }
                     }
                 }
-                // The interior, row by row, moved to the front (each row moves towards it,
-                // never over a row still to be read).
-                for iy in 0..s.h {
-                    let at = (iy + s.pad[0]) * pw + s.pad[1];
-                    dxp.copy_within(at..at + s.w, iy * s.w);
-                }
             }
-            store_planes::<M>(&dxp[..plane], stage.as_flattened_mut(), dx, *store, c0 * plane, n);
-            if gather.is_none() {
-                dxp.fill(ZERO);
-            }
+            store_planes::<M>(dxp, stage.as_flattened_mut(), dx, *store, c0 * plane, n);
         }
     }
 }
@@ -749,12 +795,6 @@ struct GradPlane<'a> {
     ld: usize,
     rows: usize,
     cols: usize,
-}
-
-/// `d + g · w`, lane by lane (one vector multiply and add).
-#[inline(always)]
-fn madd(d: V, g: &V, w: &V) -> V {
-    core::array::from_fn(|k| d[k] + g[k] * w[k])
 }
 
 /// `sums[ky·KW + kx] = Σ_{oy, ox} g[oy][ox] · xpad[oy·sh + ky·dh][ox·sw + kx·dw]`, lane-wise,
