@@ -363,6 +363,17 @@ fn gemm_cols_from(
     GEMM_PAD.with(|cell| {
         let mut pad = cell.borrow_mut();
         let (pad, block) = &mut *pad;
+        // A partial last row panel is copied and zero-padded once: the micro-kernel reads `mr`
+        // rows.
+        let tail = m % mr;
+        if tail > 0 {
+            let p = sized(pad, mr * k);
+            p.fill(0.0);
+            for i in 0..tail {
+                p[i * k..(i + 1) * k].copy_from_slice(&a[(m - tail + i) * lda..][..k]);
+            }
+        }
+        let pad = &pad[..];
         for q0 in (0..panels).step_by(BLOCK) {
             let q1 = (q0 + BLOCK).min(panels);
             // The block's panels, the first at `bb[0]`.
@@ -376,17 +387,7 @@ fn gemm_cols_from(
             };
             for r0 in (0..m).step_by(mr) {
                 let m_eff = mr.min(m - r0);
-                // A partial row panel is copied and zero-padded: the micro-kernel reads `mr` rows.
-                let (ap, ald) = if m_eff == mr {
-                    (&a[r0 * lda..], lda)
-                } else {
-                    let p = sized(pad, mr * k);
-                    p.fill(0.0);
-                    for i in 0..m_eff {
-                        p[i * k..(i + 1) * k].copy_from_slice(&a[(r0 + i) * lda..][..k]);
-                    }
-                    (&p[..], k)
-                };
+                let (ap, ald) = if m_eff == mr { (&a[r0 * lda..], lda) } else { (pad, k) };
                 if let Some(bias) = bias {
                     ep.add[..m_eff].copy_from_slice(&bias[r0..r0 + m_eff]);
                 }
