@@ -66,11 +66,13 @@ pub enum NodeOp<'a> {
         gamma: Option<usize>,
         beta: Option<usize>,
     },
+    /// A per-channel affine, with the ReLU or ReLU6 that alone reads it fused in (`clamp`).
     Affine {
         c: usize,
         plane: usize,
         gamma: usize,
         beta: usize,
+        clamp: Option<(f32, f32)>,
     },
     /// CLR: depthwise 3×3, stride 1, padding 1, kernel param `k`.
     Reprogram {
@@ -182,10 +184,28 @@ impl<'a> Net<'a> {
         let kept = if replace_last { layers.len() - 1 } else { layers.len() };
         // Backbone value id -> training-graph value id.
         let mut map = vec![0usize; layers.len() + 1];
+        // Readers of each backbone value.
+        let mut readers = vec![0usize; layers.len() + 1];
+        for layer in layers {
+            readers[layer.input as usize] += 1;
+            if let Op::Add { other } = layer.op {
+                readers[other as usize] += 1;
+            }
+        }
         for (i, layer) in layers.iter().enumerate().take(kept) {
             let input = map[layer.input as usize];
             let x = bb.shape(layer.input);
             let out = bb.shape(i as u32 + 1);
+            // A ReLU or ReLU6 that alone reads a reprogrammed conv's affine is fused into it.
+            if let (Op::Relu | Op::Relu6, true) = (&layer.op, readers[layer.input as usize] == 1) {
+                if let Some(NodeOp::Affine { clamp: clamp @ None, .. }) =
+                    input.checked_sub(1).map(|a| &mut net.nodes[a].op)
+                {
+                    *clamp = Some((0.0, if matches!(layer.op, Op::Relu6) { 6.0 } else { f32::INFINITY }));
+                    map[i + 1] = input;
+                    continue;
+                }
+            }
             let op = match &layer.op {
                 Op::Conv2d(c) => {
                     let s = bb.conv_shape(i).expect("conv layer");
@@ -285,7 +305,8 @@ impl<'a> Net<'a> {
             let g = self.param(vec![1.0; c]);
             let b = self.param(vec![0.0; c]);
             self.affines.push((g, b));
-            self.nodes.push(Node { op: NodeOp::Affine { c, plane: out.plane(), gamma: g, beta: b }, input: last, out });
+            let op = NodeOp::Affine { c, plane: out.plane(), gamma: g, beta: b, clamp: None };
+            self.nodes.push(Node { op, input: last, out });
             last = self.nodes.len();
         }
         last
@@ -410,8 +431,8 @@ impl<'a> Net<'a> {
                         )
                     }
                 }
-                NodeOp::Affine { c, plane, gamma, beta } => {
-                    norm::affine_forward(*c, *plane, batch, x, &params[*gamma].value, &params[*beta].value, y)
+                NodeOp::Affine { c, plane, gamma, beta, clamp } => {
+                    norm::affine_forward(*c, *plane, batch, x, &params[*gamma].value, &params[*beta].value, *clamp, y)
                 }
                 NodeOp::Reprogram { s, k: kp } => {
                     conv::forward(k, s, Weights::F32(&params[*kp].value), None, x, batch, y, None)

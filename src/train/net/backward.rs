@@ -150,8 +150,9 @@ impl Net<'_> {
                         params[p].grad = v;
                     }
                 }
-                NodeOp::Affine { c, plane, gamma, beta } => {
+                NodeOp::Affine { c, plane, gamma, beta, clamp } => {
                     let (gp, bp) = pair(params, *gamma, *beta);
+                    let clamped = clamp.map(|(lo, hi)| norm::Clamped { y: &self.values[i + 1], lo, hi });
                     norm::affine_backward(
                         *c,
                         *plane,
@@ -159,6 +160,7 @@ impl Net<'_> {
                         x,
                         &gp.value,
                         &dy,
+                        clamped,
                         dx.as_deref_mut().map(|d| (d, store)),
                         &mut gp.grad,
                         &mut bp.grad,

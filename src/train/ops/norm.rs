@@ -246,18 +246,43 @@ pub fn eval_backward(
     }
 }
 
-/// `y = x · γ[c] + β[c]`.
-pub fn affine_forward(ch: usize, plane: usize, batch: usize, x: &[f32], gamma: &[f32], beta: &[f32], y: &mut [f32]) {
+/// `y = x · γ[c] + β[c]`, clamped to `[lo, hi]` when `clamp` is `Some((lo, hi))` (a ReLU or
+/// ReLU6 that reads only this op's output, fused into it: one pass over the activations
+/// instead of two, and one tensor fewer kept).
+#[allow(clippy::too_many_arguments)]
+pub fn affine_forward(
+    ch: usize,
+    plane: usize,
+    batch: usize,
+    x: &[f32],
+    gamma: &[f32],
+    beta: &[f32],
+    clamp: Option<(f32, f32)>,
+    y: &mut [f32],
+) {
+    let (lo, hi) = clamp.unwrap_or((f32::NEG_INFINITY, f32::INFINITY));
     per_sample(&mut y[..batch * ch * plane], ch * plane, |b, ys| {
         for (c, yc) in ys.chunks_exact_mut(plane).enumerate() {
             for (o, &v) in yc.iter_mut().zip(channel(x, b, c, ch, plane)) {
-                *o = v * gamma[c] + beta[c];
+                // Clamping to ±∞ leaves every value as it is, NaN included.
+                *o = crate::kernels::clamp(v * gamma[c] + beta[c], lo, hi);
             }
         }
     });
 }
 
-/// Gradients of [`affine_forward`]: added into `dgamma`, `dbeta`; stored into `dx`.
+/// The clamp fused into an [`affine_forward`]: its bounds and the op's output `y`.
+#[derive(Clone, Copy)]
+pub struct Clamped<'a> {
+    pub y: &'a [f32],
+    pub lo: f32,
+    pub hi: f32,
+}
+
+/// Gradients of [`affine_forward`]: added into `dgamma`, `dbeta`; stored into `dx`. With a
+/// fused clamp (`clamped`), `dy` is the gradient of the clamped output and passes where
+/// `lo < y < hi` (where the input to the clamp was inside the bounds), with the bits of the
+/// clamp's own backward.
 #[allow(clippy::too_many_arguments)]
 pub fn affine_backward(
     ch: usize,
@@ -266,6 +291,7 @@ pub fn affine_backward(
     x: &[f32],
     gamma: &[f32],
     dy: &[f32],
+    clamped: Option<Clamped>,
     dx: Option<(&mut [f32], Store)>,
     dgamma: &mut [f32],
     dbeta: &mut [f32],
@@ -277,19 +303,30 @@ pub fn affine_backward(
     // The sums are then added in sample order, as one thread would.
     let mut sums = vec![(0.0f32, 0.0f32); batch * ch];
     let store = dx.as_ref().map_or(Store::Add, |d| d.1);
-    let one = |b: usize, sums: &mut [(f32, f32)], dxs: Option<&mut [f32]>| {
+    let one = |b: usize, sums: &mut [(f32, f32)], mut dxs: Option<&mut [f32]>| {
+        // The clamp's gradient for one channel, kept in L1 for its three uses.
+        let mut passed = vec![0.0f32; if clamped.is_some() { plane } else { 0 }];
         for (c, s) in sums.iter_mut().enumerate() {
             let (dyc, xc) = (channel(dy, b, c, ch, plane), channel(x, b, c, ch, plane));
+            let g = match clamped {
+                Some(Clamped { y, lo, hi }) => {
+                    let yc = channel(y, b, c, ch, plane);
+                    for ((p, &d), &v) in passed.iter_mut().zip(dyc).zip(yc) {
+                        // As `act::clamp_backward` stores it (a −0 becomes +0).
+                        *p = 0.0 + if (v > lo) & (v < hi) { d } else { 0.0 };
+                    }
+                    &passed[..]
+                }
+                None => dyc,
+            };
             // Eight partial sums each (a single running sum is a chain of dependent adds
             // that does not vectorise: it was 5 % of a Lite0 CLR step).
             let (mut sg, mut sb) = ([0.0f32; 8], [0.0f32; 8]);
-            super::dot8(&mut sg, dyc, xc);
-            super::sum8(&mut sb, dyc);
+            super::dot8(&mut sg, g, xc);
+            super::sum8(&mut sb, g);
             *s = (sg.iter().sum::<f32>(), sb.iter().sum::<f32>());
-        }
-        if let Some(dxs) = dxs {
-            for (c, dxc) in dxs.chunks_exact_mut(plane).enumerate() {
-                for (d, &g) in dxc.iter_mut().zip(channel(dy, b, c, ch, plane)) {
+            if let Some(dxs) = dxs.as_deref_mut() {
+                for (d, &g) in dxs[c * plane..(c + 1) * plane].iter_mut().zip(g) {
                     store.put(d, g * gamma[c]);
                 }
             }

@@ -181,11 +181,11 @@ fn batch_norm_gradients_in_both_modes() {
     check("bn eval dbeta", &mut bt, &db, |b| fe(&x0, &g0, b));
     let fa = |x: &[f32], g: &[f32], bt: &[f32]| {
         let mut y = vec![0.0; n];
-        norm::affine_forward(ch, plane, batch, x, g, bt, &mut y);
+        norm::affine_forward(ch, plane, batch, x, g, bt, None, &mut y);
         dot(&y, &rr)
     };
     let (mut dx, mut dg, mut db) = (vec![0.0; n], vec![0.0; ch], vec![0.0; ch]);
-    norm::affine_backward(ch, plane, batch, &x, &g, &rr, Some((&mut dx, Store::Add)), &mut dg, &mut db);
+    norm::affine_backward(ch, plane, batch, &x, &g, &rr, None, Some((&mut dx, Store::Add)), &mut dg, &mut db);
     let (g0, b0, x0) = (g.clone(), bt.clone(), x.clone());
     check("affine dx", &mut x, &dx, |x| fa(x, &g0, &b0));
     check("affine dgamma", &mut g, &dg, |g| fa(&x0, g, &b0));
@@ -481,6 +481,38 @@ fn depthwise_lanes_match_the_row_wise_backward() {
     assert!(cases > 150, "only {cases} supported shapes drawn");
 }
 
+/// An affine with a fused clamp gives the bits of the affine followed by the clamp, forward
+/// and backward (values at the bounds, past them and a −0 gradient included).
+#[test]
+fn fused_affine_clamp_equals_the_two_ops() {
+    let (ch, plane, batch) = (3, 7, 2);
+    let n = ch * plane * batch;
+    let mut r = SplitMix64::new(31);
+    let x: Vec<f32> = (0..n).map(|i| if i % 5 == 0 { 0.0 } else { r.uniform(-4.0, 9.0) }).collect();
+    let (g, b) = (rand(&mut r, ch), rand(&mut r, ch));
+    let mut dy = rand(&mut r, n);
+    dy[3] = -0.0;
+    for (lo, hi) in [(0.0, 6.0), (0.0, f32::INFINITY)] {
+        let (mut a, mut want, mut got) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
+        norm::affine_forward(ch, plane, batch, &x, &g, &b, None, &mut a);
+        act::clamp_forward(&a, &mut want, lo, hi);
+        norm::affine_forward(ch, plane, batch, &x, &g, &b, Some((lo, hi)), &mut got);
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<u32>>();
+        assert_eq!(bits(&got), bits(&want));
+        assert!(want.contains(&lo) && (hi.is_infinite() || want.contains(&hi)));
+        for store in [Store::Set, Store::Add] {
+            let mut da = vec![0.0; n];
+            act::clamp_backward(&a, &dy, &mut da, lo, hi, Store::Set);
+            let (mut dxw, mut dgw, mut dbw) = (vec![0.5; n], vec![0.25; ch], vec![0.0; ch]);
+            norm::affine_backward(ch, plane, batch, &x, &g, &da, None, Some((&mut dxw, store)), &mut dgw, &mut dbw);
+            let (mut dxg, mut dgg, mut dbg) = (vec![0.5; n], vec![0.25; ch], vec![0.0; ch]);
+            let cl = norm::Clamped { y: &got, lo, hi };
+            norm::affine_backward(ch, plane, batch, &x, &g, &dy, Some(cl), Some((&mut dxg, store)), &mut dgg, &mut dbg);
+            assert_eq!((bits(&dxg), bits(&dgg), bits(&dbg)), (bits(&dxw), bits(&dgw), bits(&dbw)), "{lo} {hi}");
+        }
+    }
+}
+
 /// `Store::Set` over a buffer of garbage gives the bits of `Store::Add` onto zeros, for
 /// every op that can set (a −0 gradient included), and `Add` adds onto what is there.
 #[test]
@@ -498,7 +530,7 @@ fn stored_gradients_set_as_adding_onto_zeros() {
         match op {
             0 => act::clamp_backward(&x, &dy, &mut dx, 0.0, 6.0, store),
             1 => act::accumulate(&dy, &mut dx, store),
-            2 => norm::affine_backward(ch, plane, batch, &x, &g, &dy, Some((&mut dx, store)), &mut dg, &mut db),
+            2 => norm::affine_backward(ch, plane, batch, &x, &g, &dy, None, Some((&mut dx, store)), &mut dg, &mut db),
             _ => norm::train_backward(ch, plane, batch, &x, &saved, Some(&g), &dy, Some((&mut dx, store)), None, None),
         }
         dx.iter().map(|v| v.to_bits()).collect::<Vec<u32>>()
@@ -566,8 +598,19 @@ fn split_ops_are_thread_independent() {
             let dxs = Some((&mut dx[..], Store::Set));
             norm::train_backward(ch, plane, batch, &x, &saved, Some(&g), &dy, dxs, Some(&mut dg), Some(&mut db));
             let (mut ay, mut adx, mut adg, mut adb) = (vec![0.0; n], vec![0.0; n], vec![0.5; ch], vec![0.5; ch]);
-            norm::affine_forward(ch, plane, batch, &x, &g, &b, &mut ay);
-            norm::affine_backward(ch, plane, batch, &x, &g, &dy, Some((&mut adx, Store::Add)), &mut adg, &mut adb);
+            norm::affine_forward(ch, plane, batch, &x, &g, &b, None, &mut ay);
+            norm::affine_backward(
+                ch,
+                plane,
+                batch,
+                &x,
+                &g,
+                &dy,
+                None,
+                Some((&mut adx, Store::Add)),
+                &mut adg,
+                &mut adb,
+            );
             let (mut cy, mut cdx, mut sum) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
             act::clamp_forward(&x, &mut cy, 0.0, 0.5);
             act::clamp_backward(&x, &dy, &mut cdx, 0.0, 0.5, Store::Set);
