@@ -147,6 +147,9 @@ pub struct Net<'a> {
     pub momentum: f32,
     /// Dequantised frozen weights ([`WSrc::Dense`]).
     frozen: Vec<Vec<f32>>,
+    /// Per node: the transpose of a frozen conv's weights ([`conv::transpose_groups`]),
+    /// made on its first input gradient and kept (empty until then).
+    transposed: Vec<Vec<f32>>,
     values: Vec<Vec<f32>>,
     /// Gradient buffers per value, kept between steps (empty = no gradient yet).
     grads: Vec<Vec<f32>>,
@@ -171,6 +174,7 @@ impl<'a> Net<'a> {
             train_mode: false,
             momentum: 0.1,
             frozen: Vec::new(),
+            transposed: Vec::new(),
             values: Vec::new(),
             grads: Vec::new(),
             saved: Vec::new(),

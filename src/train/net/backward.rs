@@ -87,7 +87,22 @@ impl Net<'_> {
                 NodeOp::Conv { s, w, .. } => {
                     let sp = sparse_of(&self.sparse, params, *w);
                     let (wt, dw) = split_w(params, &self.frozen, *w);
-                    conv::backward(k, s, wt, x, &dy, batch, dx.as_deref_mut().map(|d| (d, store)), dw, None, sp)
+                    // Frozen weights never change: their transpose is kept from the first use.
+                    let frozen = matches!(w, WSrc::Frozen(_) | WSrc::Dense(_));
+                    let kept = if frozen && dx.is_some() && sp.is_none() && !s.is_depthwise() {
+                        self.transposed.resize(n, Vec::new());
+                        let t = &mut self.transposed[i];
+                        if t.is_empty() {
+                            let wf = conv::dense(wt);
+                            t.resize(wf.len(), 0.0);
+                            conv::transpose_groups(s, &wf, t);
+                        }
+                        Some(&t[..])
+                    } else {
+                        None
+                    };
+                    let dx = dx.as_deref_mut().map(|d| (d, store));
+                    conv::backward(k, s, wt, x, &dy, batch, dx, dw, None, sp, kept)
                 }
                 NodeOp::Linear { in_f, out_f, w, .. } => {
                     let sp = sparse_of(&self.sparse, params, *w);
@@ -178,6 +193,7 @@ impl Net<'_> {
                         batch,
                         dx.as_deref_mut().map(|d| (d, store)),
                         dk,
+                        None,
                         None,
                         None,
                     )

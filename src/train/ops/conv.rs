@@ -197,6 +197,19 @@ fn sized(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
     &mut v[..n]
 }
 
+/// `Wᵀ` per group (`cin_g·kh·kw × cout_g` each): the A operand of the input gradient's
+/// product, written into `out` (`w.len()` floats).
+pub fn transpose_groups(s: &ConvShape, w: &[f32], out: &mut [f32]) {
+    let (cout_g, kk) = (s.cout_g(), s.cin_g() * s.kh * s.kw);
+    for (wg, tg) in w.chunks_exact(cout_g * kk).zip(out.chunks_exact_mut(cout_g * kk)) {
+        for (o, row) in wg.chunks_exact(kk).enumerate() {
+            for (r, &v) in row.iter().enumerate() {
+                tg[r * cout_g + o] = v;
+            }
+        }
+    }
+}
+
 /// The weights as f32 (a copy for int8).
 pub fn dense(w: Weights<'_>) -> std::borrow::Cow<'_, [f32]> {
     match w {
@@ -219,6 +232,8 @@ pub fn dense(w: Weights<'_>) -> std::borrow::Cow<'_, [f32]> {
 
 /// Gradients of [`forward`]: stores `∂L/∂x` into `dx` (added or set, by its [`Store`]), adds
 /// `∂L/∂W` into `dw` and `∂L/∂b` into `db` (each only when asked for) given `dy = ∂L/∂y`.
+/// `kept_t` is [`transpose_groups`] of the weights, when the caller keeps it (frozen weights:
+/// transposing them on every step was 2 % of a Lite0 CLR step).
 /// Depthwise convs through the kernel table and pointwise ones set `dx` as they compute it;
 /// the others zero it first and add.
 #[allow(clippy::too_many_arguments)]
@@ -233,6 +248,7 @@ pub fn backward(
     dw: Option<&mut [f32]>,
     db: Option<&mut [f32]>,
     sp: Option<&SparseW>,
+    kept_t: Option<&[f32]>,
 ) {
     let (p, xl, yl) = (s.oh() * s.ow(), s.c_in * s.h * s.w, s.c_out * s.oh() * s.ow());
     if let Some(db) = db {
@@ -289,7 +305,7 @@ pub fn backward(
             sparse_conv::backward_dx(k, s, sp, dy, batch, dx, store);
         }
         if dw.is_some() {
-            backward_batched(k, s, &wf, x, dy, batch, None, Store::Add, dw, None);
+            backward_batched(k, s, &wf, x, dy, batch, None, Store::Add, dw, None, None);
         }
         return;
     }
@@ -297,7 +313,7 @@ pub fn backward(
         return;
     }
     let (dx, store) = added(dx, is_pointwise(s) && sp.is_none());
-    backward_batched(k, s, &wf, x, dy, batch, dx, store, dw, sp);
+    backward_batched(k, s, &wf, x, dy, batch, dx, store, dw, sp, kept_t);
 }
 
 /// `dx` and how to store into it, for a path that can set it (`sets`) or only add: a buffer
@@ -349,6 +365,7 @@ fn backward_batched(
     store: Store,
     dw: Option<&mut [f32]>,
     sp: Option<&SparseW>,
+    kept_t: Option<&[f32]>,
 ) {
     let (p, xl, yl) = (s.oh() * s.ow(), s.c_in * s.h * s.w, s.c_out * s.oh() * s.ow());
     let (cin_g, cout_g, groups) = (s.cin_g(), s.cout_g(), s.groups);
@@ -361,18 +378,17 @@ fn backward_batched(
     let want_dx = dx.is_some();
     // Wᵀ per group (`K × cout_g`), transposed once per call into a buffer kept between calls
     // (collected from iterators, with a fresh allocation, it was 2.5 % of a Lite0 CLR step).
+    // A caller whose weights do not change between steps keeps it (`kept_t`).
     let mut wt_buf = WT.take();
-    if want_dx && sp.is_none() {
-        let wt = sized(&mut wt_buf, wf.len());
-        for (wg, tg) in wf.chunks_exact(cout_g * kk).zip(wt.chunks_exact_mut(cout_g * kk)) {
-            for (o, row) in wg.chunks_exact(kk).enumerate() {
-                for (r, &v) in row.iter().enumerate() {
-                    tg[r * cout_g + o] = v;
-                }
-            }
+    let wt = match kept_t {
+        Some(t) if want_dx && sp.is_none() => t,
+        _ if want_dx && sp.is_none() => {
+            let wt = sized(&mut wt_buf, wf.len());
+            transpose_groups(s, wf, wt);
+            &wt_buf[..wf.len()]
         }
-    }
-    let wt = &wt_buf[..if want_dx && sp.is_none() { wf.len() } else { 0 }];
+        _ => &[],
+    };
     // Per chunk, per group: dWᵀ (`K × cout_g`).
     let part_len = groups * kk * cout_g;
     let mut partial = if dw.is_some() { vec![0.0f32; chunks * part_len] } else { Vec::new() };

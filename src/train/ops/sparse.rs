@@ -368,6 +368,7 @@ mod tests {
                     Some(&mut dw),
                     None,
                     sp,
+                    None,
                 );
                 (y, dx, dw)
             };

@@ -66,7 +66,15 @@ fn conv_case(s: ConvShape, batch: usize, bias: bool) {
             Some(&mut dw),
             Some(&mut db),
             None,
+            None,
         );
+        // A kept transpose of the weights (a frozen layer's) gives the same input gradient.
+        let mut wt = vec![f32::NAN; wl];
+        conv::transpose_groups(&s, &w, &mut wt);
+        let mut dx_kept = vec![0.0; xl];
+        let dxk = Some((&mut dx_kept[..], Store::Add));
+        conv::backward(&k, &s, Weights::F32(&w), &x, &rr, batch, dxk, None, None, None, Some(&wt));
+        assert!(dx.iter().zip(&dx_kept).all(|(u, v)| u.to_bits() == v.to_bits()), "{s:?}: kept transpose");
         let (w0, b0) = (w.clone(), b.clone());
         check("conv dx", &mut x, &dx, |x| f(x, &w0, &b0));
         let x0 = x.clone();
@@ -303,6 +311,7 @@ fn depthwise_backward_is_the_same_on_one_and_two_threads() {
                 Some(&mut dw),
                 None,
                 None,
+                None,
             );
             (dx, dw)
         })
@@ -382,6 +391,7 @@ fn batched_conv_matches_direct_loops_and_is_thread_independent() {
                         batch,
                         Some((&mut dx, Store::Add)),
                         Some(&mut dw),
+                        None,
                         None,
                         None,
                     );
@@ -567,6 +577,7 @@ fn stored_gradients_set_as_adding_onto_zeros() {
                     &dy,
                     batch,
                     Some((&mut dx, store)),
+                    None,
                     None,
                     None,
                     None,
