@@ -57,8 +57,8 @@ pub fn depthwise_channels_inline<M: DwInner>(
 }
 
 /// Channels `c0 ..` through [`dw_lanes`], blocks of [`LANES`], with stack buffers of `N`
-/// positions (sized to the plane: zeroing two buffers for 32 × 32 took a third of a 3 × 3
-/// layer's time).
+/// positions, sized to the plane (two buffers of 32 × 32 positions, 64 KB, were zeroed per
+/// call for planes of 25).
 #[inline(always)]
 fn dw_lanes_channels<const N: usize, M: DwInner>(
     s: &ConvShape,
@@ -527,10 +527,11 @@ fn dw_rows<M: MulAdd>(s: &ConvShape, w: Weights, c: usize, xin: &[f32], out: &mu
 type V = [f32; LANES];
 const ZERO: V = [0.0; LANES];
 
-/// Whether [`backward_inline`] takes this shape: depthwise, `kh ≤ 7`, `kw ∈ {1, 3, 5, 7}`
-/// (any stride, dilation and padding).
+/// Whether [`backward_inline`] takes this shape: depthwise, `kh ≤ 7`, `kw ∈ {1, 3, 5, 7}`,
+/// strides up to 7 (at most 49 phases), any dilation and padding.
 pub fn backward_supported(s: &ConvShape) -> bool {
-    s.cin_g() == 1 && s.cout_g() == 1 && matches!(s.kw, 1 | 3 | 5 | 7) && s.kh <= 7 && s.out_hw().is_some()
+    let (depthwise, strides) = (s.cin_g() == 1 && s.cout_g() == 1, s.sh <= 7 && s.sw <= 7);
+    depthwise && strides && matches!(s.kw, 1 | 3 | 5 | 7) && s.kh <= 7 && s.out_hw().is_some()
 }
 
 /// Scratch floats [`backward_inline`] needs, in vectors of [`LANES`]: the output gradient
