@@ -310,7 +310,7 @@ pub fn gemm_cols(
 /// [`gemm_cols`] with B as it lies (`k × n`, element `(r, j)` at `b[bcols.at(r, j)]`), packed
 /// block by block just before the block is used, into a buffer of `4 · nr · k` floats that
 /// stays in cache: packing all of B first wrote and read back a copy of a layer's whole input
-/// through memory (10 % of a Lite0 CLR step went to that packing).
+/// through memory (4–10 % of a Lite0 CLR step in profiles).
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_cols_unpacked(
     kern: &Kernels,
