@@ -268,15 +268,10 @@ pub fn pack_bt_cols(src: &[f32], n: usize, k: usize, cols: Cols, nr: usize, dst:
             panel.fill(0.0);
         }
         for lane in 0..w {
-            let mut j = 0;
-            while j < k {
-                let (b, p) = (j / cols.per, j % cols.per);
-                let run = (cols.per - p).min(k - j);
-                let s = &src[b * cols.bs + (c0 + lane) * cols.rs + p..][..run];
-                for (t, &v) in s.iter().enumerate() {
+            for (j, at, run) in cols.runs(c0 + lane, 0, k) {
+                for (t, &v) in src[at..at + run].iter().enumerate() {
                     panel[(j + t) * nr + lane] = v;
                 }
-                j += run;
             }
         }
     }
