@@ -226,14 +226,16 @@ pub fn zero_short(d: &mut [f32]) {
     }
 }
 
-/// Packs `k × n` of B, element `(r, j)` at `src[cols.at(r, j)]`, into `nr`-wide panels
-/// (`[panel][k][nr]`, zero-padded; the layout [`gemm_cols`] reads). Runs of a panel row that
-/// lie in one sample are copied as slices.
-pub fn pack_b_cols(src: &[f32], k: usize, n: usize, cols: Cols, nr: usize, dst: &mut [f32]) {
+/// Packs all of `k × n` of B at once with [`pack_b_panels`]: the tests' packing for
+/// [`gemm_cols`] (the products pack block by block, through [`gemm_cols_unpacked`]).
+#[cfg(test)]
+fn pack_b_cols(src: &[f32], k: usize, n: usize, cols: Cols, nr: usize, dst: &mut [f32]) {
     pack_b_panels(src, k, n, cols, nr, 0..n.div_ceil(nr), dst);
 }
 
-/// Panels `panels` of [`pack_b_cols`], the first at `dst[0]`.
+/// Packs panels `panels` of `k × n` of B, element `(r, j)` in row `r`, column `j` of `cols`,
+/// into `nr`-wide panels (`[panel][k][nr]`, zero-padded; the layout [`gemm_cols`] reads), the
+/// first at `dst[0]`. Rows of a panel that lie in one sample are copied as one slice.
 fn pack_b_panels(src: &[f32], k: usize, n: usize, cols: Cols, nr: usize, panels: Range<usize>, dst: &mut [f32]) {
     for (q, panel) in panels.clone().zip(dst[..panels.len() * k * nr].chunks_exact_mut(k * nr)) {
         let c0 = q * nr;
@@ -279,7 +281,7 @@ pub fn pack_bt_cols(src: &[f32], n: usize, k: usize, cols: Cols, nr: usize, dst:
 
 /// `C = A · B (+ bias per row)` on the calling thread, for drivers that split work
 /// themselves (training convs split the batch). `a` holds `m` rows of `k` at stride `lda`;
-/// `bp` is B packed by [`pack_b_cols`] or [`pack_bt_cols`]; element `(i, j)` of C is written
+/// `bp` is B packed in [`pack_b_panels`]' layout (e.g. by [`pack_bt_cols`]); element `(i, j)` of C is written
 /// to (or, with `accumulate`, added to) `out[cols.at(i, j)]`. Every element is one
 /// micro-kernel sum over the whole `k`, so results do not depend on how callers split `n`.
 /// Tiles are visited in blocks of a few B panels, each block against every row panel, so the
