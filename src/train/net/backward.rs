@@ -50,6 +50,7 @@ impl Net<'_> {
         // buffer is zeroed first and they add.
         let mut grads = core::mem::take(&mut self.grads);
         grads.resize(n + 1, Vec::new());
+        self.transposed.resize(n, Vec::new());
         let mut written = vec![false; n + 1];
         grads[n].clear();
         grads[n].extend_from_slice(&dout[..batch * self.out_shape().len()]);
@@ -90,7 +91,6 @@ impl Net<'_> {
                     // Frozen weights never change: their transpose is kept from the first use.
                     let frozen = matches!(w, WSrc::Frozen(_) | WSrc::Dense(_));
                     let kept = if frozen && dx.is_some() && sp.is_none() && !s.is_depthwise() {
-                        self.transposed.resize(n, Vec::new());
                         let t = &mut self.transposed[i];
                         if t.is_empty() {
                             let wf = conv::dense(wt);

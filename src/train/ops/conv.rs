@@ -380,14 +380,14 @@ fn backward_batched(
     // (collected from iterators, with a fresh allocation, it was 2.5 % of a Lite0 CLR step).
     // A caller whose weights do not change between steps keeps it (`kept_t`).
     let mut wt_buf = WT.take();
-    let wt = match kept_t {
-        Some(t) if want_dx && sp.is_none() => t,
-        _ if want_dx && sp.is_none() => {
+    let wt = match (want_dx && sp.is_none(), kept_t) {
+        (false, _) => &[][..],
+        (true, Some(t)) => t,
+        (true, None) => {
             let wt = sized(&mut wt_buf, wf.len());
             transpose_groups(s, wf, wt);
-            &wt_buf[..wf.len()]
+            &wt[..]
         }
-        _ => &[],
     };
     // Per chunk, per group: dWᵀ (`K × cout_g`).
     let part_len = groups * kk * cout_g;
