@@ -55,8 +55,14 @@ pub fn top_k(scores: &[f32], density: f64, mask: &mut BitVec<u32, Lsb0>) {
     if ties == equal {
         // Usually one entry holds the threshold and it goes: keep exactly those above it,
         // without a branch per entry.
-        for (word, chunk) in words.iter_mut().zip(scores.chunks(32)) {
-            *word = chunk.iter().enumerate().fold(0, |w, (j, v)| w | u32::from(v.abs().to_bits() > t) << j);
+        // Fixed-size chunks: each bit's shift is a constant, so the compares vectorise.
+        let (chunks, rest) = scores.as_chunks::<32>();
+        let above = |w: u32, (j, v): (usize, &f32)| w | u32::from(bits(v) > t) << j;
+        for (word, chunk) in words.iter_mut().zip(chunks) {
+            *word = chunk.iter().enumerate().fold(0, above);
+        }
+        if !rest.is_empty() {
+            words[chunks.len()] = rest.iter().enumerate().fold(0, above);
         }
         return;
     }
@@ -79,54 +85,132 @@ pub fn top_k(scores: &[f32], density: f64, mask: &mut BitVec<u32, Lsb0>) {
 }
 
 /// The bits `t` of the `drop`-th smallest `|s|` (1-based), how many `|s|` are below `t` and
-/// how many equal it. For non-negative floats the bit patterns order as the values do, so this is a
-/// radix select: a histogram of the top 16 bits finds the bucket that holds the answer, and
-/// only that bucket's entries are selected among (a quickselect over all of a layer's `|s|`
-/// was a sixth of an fc1024 step).
+/// how many equal it. For non-negative floats the bit patterns order as the values do, so
+/// bits stand for values throughout.
 fn threshold_bits(scores: &[f32], drop: usize) -> (u32, usize, usize) {
     debug_assert!(drop >= 1 && drop <= scores.len());
-    let bits = |s: &f32| s.abs().to_bits();
     BUCKETS.with(|cell| {
-        let (hist, bucket) = &mut *cell.borrow_mut();
-        // |s| has the sign bit clear: 15 high bits remain. Four counts per bucket, entry `i`
-        // into count `i mod 4`: scores crowd into a few buckets, and with one count per bucket
-        // each increment waits for the one before.
-        hist.clear();
-        hist.resize(4 << 15, 0);
-        let (quads, rest) = scores.as_chunks::<4>();
-        for q in quads {
-            for (l, s) in q.iter().enumerate() {
-                hist[(bits(s) >> 16) as usize * 4 + l] += 1;
-            }
-        }
-        for s in rest {
-            hist[(bits(s) >> 16) as usize * 4] += 1;
-        }
-        let count = |b: usize| hist[b * 4..b * 4 + 4].iter().map(|&c| c as usize).sum::<usize>();
-        let mut below = 0usize;
-        let mut b = 0;
-        while below + count(b) < drop {
-            below += count(b);
-            b += 1;
-        }
-        // The bucket's entries, eight scores at a time: a test per entry with a branch was
-        // two fifths of `top_k`, and few entries are in the bucket.
-        bucket.clear();
-        let (blocks, rest) = scores.as_chunks::<8>();
-        for block in blocks {
-            if block.iter().fold(false, |any, s| any | ((bits(s) >> 16) as usize == b)) {
-                bucket.extend(block.iter().map(bits).filter(|&x| (x >> 16) as usize == b));
-            }
-        }
-        bucket.extend(rest.iter().map(bits).filter(|&x| (x >> 16) as usize == b));
-        let t = *bucket.select_nth_unstable(drop - below - 1).1;
-        let (lt, eq) = bucket.iter().fold((0, 0), |(lt, eq), &x| (lt + usize::from(x < t), eq + usize::from(x == t)));
-        (t, below + lt, eq)
+        let (spare, bucket) = &mut *cell.borrow_mut();
+        band_select(scores, drop, spare, bucket).unwrap_or_else(|| radix_select(scores, drop, spare, bucket))
     })
 }
 
+fn bits(s: &f32) -> u32 {
+    s.abs().to_bits()
+}
+
+/// Scores [`band_select`] samples.
+const SAMPLE: usize = 1 << 14;
+
+/// Layers smaller than this go straight to [`radix_select`].
+const BAND_MIN: usize = 4 * SAMPLE;
+
+/// Select by a sampled band: a strided sample of [`SAMPLE`] scores gives bounds `lo ≤ hi` that
+/// hold the answer's rank with a margin of four standard deviations of a sample quantile;
+/// one pass then counts the scores below `lo` and gathers the few in `[lo, hi]`, and the
+/// answer is selected among those. `None` when the band missed the rank (a layer whose
+/// scores the stride samples badly); the caller then selects exactly another way. This pass
+/// compares and counts eight scores at a time, where the radix select's histogram was a
+/// dependent scatter per score: 4 ms of a 27 ms fc1024 step.
+fn band_select(scores: &[f32], drop: usize, sample: &mut Vec<u32>, band: &mut Vec<u32>) -> Option<(u32, usize, usize)> {
+    let n = scores.len();
+    if n < BAND_MIN {
+        return None;
+    }
+    sample.clear();
+    sample.extend(scores.iter().step_by(n / SAMPLE).map(bits));
+    let m = sample.len();
+    let q = drop as f64 / n as f64;
+    let spread = 4.0 * (m as f64 * q * (1.0 - q)).sqrt() + 4.0;
+    let (r_lo, r_hi) = (q * m as f64 - spread, q * m as f64 + spread);
+    let lo = if r_lo < 0.0 { 0 } else { *sample.select_nth_unstable(r_lo as usize).1 };
+    // Past the first select, ranks above `r_lo` lie after it.
+    let hi = match r_hi.ceil() as usize {
+        r if r >= m => u32::MAX,
+        r => {
+            let from = if r_lo < 0.0 { 0 } else { r_lo as usize + 1 };
+            *sample[from..].select_nth_unstable(r - from).1
+        }
+    };
+    // Signed compares (SSE2 has no unsigned ones): `|s|`'s bits are at most `i32::MAX`.
+    let (lo, hi) = (lo as i32, hi.min(i32::MAX as u32) as i32);
+    let mut lanes = [0u32; 8];
+    band.clear();
+    let (blocks, rest) = scores.as_chunks::<8>();
+    for block in blocks {
+        let a = block.map(|s| bits(&s) as i32);
+        let mut hit = false;
+        for l in 0..8 {
+            lanes[l] += u32::from(a[l] < lo);
+            hit |= lo <= a[l] && a[l] <= hi;
+        }
+        if hit {
+            // Without a branch per entry: each is written, and kept if in the band.
+            let (mut kept, mut k) = ([0u32; 8], 0);
+            for x in a {
+                kept[k & 7] = x as u32;
+                k += usize::from(lo <= x && x <= hi);
+            }
+            band.extend_from_slice(&kept[..k]);
+        }
+    }
+    let mut below = lanes.iter().map(|&c| c as usize).sum::<usize>();
+    below += rest.iter().filter(|s| (bits(s) as i32) < lo).count();
+    band.extend(rest.iter().map(bits).filter(|&a| lo <= a as i32 && a as i32 <= hi));
+    if below >= drop || below + band.len() < drop {
+        return None;
+    }
+    Some(select_in(band, drop - below, below))
+}
+
+/// `(t, below, equal)` of the `k`-th smallest of `bucket` (1-based), given that `below`
+/// scores outside it are smaller and none outside equal it.
+fn select_in(bucket: &mut [u32], k: usize, below: usize) -> (u32, usize, usize) {
+    let t = *bucket.select_nth_unstable(k - 1).1;
+    let (lt, eq) = bucket.iter().fold((0, 0), |(lt, eq), &x| (lt + usize::from(x < t), eq + usize::from(x == t)));
+    (t, below + lt, eq)
+}
+
+/// Exact select for any scores: a histogram of the top 16 bits finds the bucket that holds
+/// the answer, and only that bucket's entries are selected among (a quickselect over all of
+/// a layer's `|s|` was a sixth of an fc1024 step).
+fn radix_select(scores: &[f32], drop: usize, hist: &mut Vec<u32>, bucket: &mut Vec<u32>) -> (u32, usize, usize) {
+    // |s| has the sign bit clear: 15 high bits remain. Four counts per bucket, entry `i`
+    // into count `i mod 4`: scores crowd into a few buckets, and with one count per bucket
+    // each increment waits for the one before.
+    hist.clear();
+    hist.resize(4 << 15, 0);
+    let (quads, rest) = scores.as_chunks::<4>();
+    for q in quads {
+        for (l, s) in q.iter().enumerate() {
+            hist[(bits(s) >> 16) as usize * 4 + l] += 1;
+        }
+    }
+    for s in rest {
+        hist[(bits(s) >> 16) as usize * 4] += 1;
+    }
+    let count = |b: usize| hist[b * 4..b * 4 + 4].iter().map(|&c| c as usize).sum::<usize>();
+    let mut below = 0usize;
+    let mut b = 0;
+    while below + count(b) < drop {
+        below += count(b);
+        b += 1;
+    }
+    // The bucket's entries, eight scores at a time: a test per entry with a branch was
+    // two fifths of `top_k`, and few entries are in the bucket.
+    bucket.clear();
+    let (blocks, rest) = scores.as_chunks::<8>();
+    for block in blocks {
+        if block.iter().fold(false, |any, s| any | ((bits(s) >> 16) as usize == b)) {
+            bucket.extend(block.iter().map(bits).filter(|&x| (x >> 16) as usize == b));
+        }
+    }
+    bucket.extend(rest.iter().map(bits).filter(|&x| (x >> 16) as usize == b));
+    select_in(bucket, drop - below, below)
+}
+
 std::thread_local! {
-    /// A histogram of the top bits of `|S|` and the entries of one of its buckets, kept
+    /// A sample or histogram of `|S|`'s bits and the entries of a band or bucket, kept
     /// between calls.
     static BUCKETS: std::cell::RefCell<(Vec<u32>, Vec<u32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
 }
@@ -215,12 +299,14 @@ mod tests {
         assert_eq!(m.count_ones(), 48);
     }
 
-    /// The radix select against sorting, on scores with many ties, both signs, zeros,
+    /// Both selects against sorting, on scores with many ties, both signs, zeros,
     /// subnormals and values spread over many exponents.
     #[test]
     fn threshold_bits_equals_sorting() {
         let mut r = crate::rng::SplitMix64::new(5);
-        for n in [1usize, 2, 7, 100, 5000] {
+        let (mut spare, mut bucket) = (Vec::new(), Vec::new());
+        let mut banded = 0;
+        for n in [1usize, 2, 7, 100, 5000, BAND_MIN, 100_003] {
             let s: Vec<f32> = (0..n)
                 .map(|i| match i % 5 {
                     0 => 0.25,
@@ -233,10 +319,34 @@ mod tests {
             sorted.sort_unstable();
             for drop in (1..=n).step_by(n.div_ceil(37)).chain([n]) {
                 let t = sorted[drop - 1];
-                let below = sorted.iter().filter(|&&x| x < t).count();
-                let equal = sorted.iter().filter(|&&x| x == t).count();
+                let below = sorted.partition_point(|&x| x < t);
+                let equal = sorted.partition_point(|&x| x <= t) - below;
                 assert_eq!(threshold_bits(&s, drop), (t, below, equal), "n {n} drop {drop}");
+                assert_eq!(radix_select(&s, drop, &mut spare, &mut bucket), (t, below, equal), "n {n} drop {drop}");
+                if n >= BAND_MIN {
+                    let got = band_select(&s, drop, &mut spare, &mut bucket);
+                    assert_eq!(got, Some((t, below, equal)), "n {n} drop {drop}: the band holds the rank");
+                    banded += 1;
+                }
             }
+        }
+        assert!(banded >= 70);
+    }
+
+    /// A layer whose strided sample is unlike the rest: the band misses, and the radix
+    /// select answers.
+    #[test]
+    fn a_misleading_sample_falls_back_to_the_radix_select() {
+        let n = BAND_MIN + 1000;
+        let step = n / SAMPLE;
+        let s: Vec<f32> = (0..n).map(|i| if i % step == 0 { 1.0 + i as f32 * 1e-6 } else { -(i as f32) * 1e-7 }).collect();
+        let mut sorted: Vec<u32> = s.iter().map(|v| v.abs().to_bits()).collect();
+        sorted.sort_unstable();
+        let (mut spare, mut bucket) = (Vec::new(), Vec::new());
+        for drop in [n / 2, n / 10] {
+            assert_eq!(band_select(&s, drop, &mut spare, &mut bucket), None);
+            let t = sorted[drop - 1];
+            assert_eq!(threshold_bits(&s, drop), (t, drop - 1, 1));
         }
     }
 
@@ -244,7 +354,7 @@ mod tests {
     #[test]
     fn top_k_equals_sorting_by_magnitude_then_position() {
         let mut r = crate::rng::SplitMix64::new(11);
-        for n in [1usize, 31, 32, 33, 1000] {
+        for n in [1usize, 31, 32, 33, 1000, BAND_MIN + 7] {
             for levels in [3usize, 1 << 20] {
                 let s: Vec<f32> = (0..n).map(|_| (r.below(levels) as f32 - levels as f32 / 2.0) * 0.01).collect();
                 for density in [0.05, 0.3, 0.5, 0.97] {
