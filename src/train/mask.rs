@@ -249,33 +249,26 @@ pub fn apply_changed(w: &[f32], old: &[u32], mask: &BitVec<u32, Lsb0>, out: &mut
     }
 }
 
-/// Straight-through score gradient into `ds` (overwritten). Element-wise; a large layer is
-/// split over the kernel threads (any split gives the same bits).
+/// Straight-through score gradient into `ds` (overwritten); element-wise, so any piece of a
+/// layer can be made alone ([`crate::train::optim::Optimizer::update_with`] makes it as it
+/// steps).
 pub fn score_grad(rule: MaskRule, scores: &[f32], w: &[f32], dw_eff: &[f32], ds: &mut [f32]) {
-    let run = |ds: &mut [f32], scores: &[f32], w: &[f32], dw: &[f32]| {
-        for (((d, &s), &wv), &g) in ds.iter_mut().zip(scores).zip(w).zip(dw) {
-            let sign = match rule {
-                MaskRule::TopK => {
-                    if s > 0.0 {
-                        1.0
-                    } else if s < 0.0 {
-                        -1.0
-                    } else {
-                        0.0
-                    }
+    for (((d, &s), &wv), &g) in ds.iter_mut().zip(scores).zip(w).zip(dw_eff) {
+        let sign = match rule {
+            MaskRule::TopK => {
+                if s > 0.0 {
+                    1.0
+                } else if s < 0.0 {
+                    -1.0
+                } else {
+                    0.0
                 }
-                MaskRule::Threshold => 1.0,
-            };
-            // `0.0 +` turns a −0 into +0, as accumulating into zeroed gradients did.
-            *d = 0.0 + sign * wv * g;
-        }
-    };
-    const CHUNK: usize = 1 << 14;
-    let n = ds.len();
-    crate::kernels::for_each_chunk(ds, CHUNK, n, |i, d| {
-        let at = i * CHUNK..i * CHUNK + d.len();
-        run(d, &scores[at.clone()], &w[at.clone()], &dw_eff[at])
-    });
+            }
+            MaskRule::Threshold => 1.0,
+        };
+        // `0.0 +` turns a −0 into +0, as accumulating into zeroed gradients did.
+        *d = 0.0 + sign * wv * g;
+    }
 }
 
 #[cfg(test)]
@@ -339,7 +332,8 @@ mod tests {
     fn a_misleading_sample_falls_back_to_the_radix_select() {
         let n = BAND_MIN + 1000;
         let step = n / SAMPLE;
-        let s: Vec<f32> = (0..n).map(|i| if i % step == 0 { 1.0 + i as f32 * 1e-6 } else { -(i as f32) * 1e-7 }).collect();
+        let s: Vec<f32> =
+            (0..n).map(|i| if i % step == 0 { 1.0 + i as f32 * 1e-6 } else { -(i as f32) * 1e-7 }).collect();
         let mut sorted: Vec<u32> = s.iter().map(|v| v.abs().to_bits()).collect();
         sorted.sort_unstable();
         let (mut spare, mut bucket) = (Vec::new(), Vec::new());
@@ -418,17 +412,5 @@ mod tests {
         assert!(d[2].is_sign_positive());
         score_grad(MaskRule::Threshold, &s, &w, &g, &mut d);
         assert_eq!(d, [2.0, 3.0, 4.0]);
-        // A layer large enough to be split over threads: the same bits as on one thread.
-        let mut r = crate::rng::SplitMix64::new(2);
-        let n = 300_000;
-        let v = |r: &mut crate::rng::SplitMix64| (0..n).map(|_| r.uniform(-1.0, 1.0)).collect::<Vec<f32>>();
-        let (s, w, g) = (v(&mut r), v(&mut r), v(&mut r));
-        let run = |threads| {
-            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-            let mut d = vec![0.0; n];
-            pool.install(|| score_grad(MaskRule::TopK, &s, &w, &g, &mut d));
-            d.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
-        };
-        assert_eq!(run(1), run(2));
     }
 }

@@ -542,7 +542,6 @@ impl Trainer<'_> {
     ) -> Result<(), TrainError> {
         let (k, cfg, classes) = (*self.k, self.cfg.clone(), self.classes);
         let mut opt = Optimizer::new(cfg.optimizer, cfg.weight_decay);
-        let mut grads: Vec<Vec<f32>> = scores.iter().map(|s| vec![0.0; s.len()]).collect();
         // Layers are independent: each is thresholded and masked on its own thread, which
         // rewrites only the weights whose bit changed (`prev`: the last masks' words). A
         // sparse enough mask also gives the layer's sparse form, rebuilt in its old buffers,
@@ -586,8 +585,10 @@ impl Trainer<'_> {
             let (l, ok) = forward_backward(&k, net, x, labels, (classes, cfg.softmax), 0.0, &[]);
             opt.begin();
             for (li, &p) in wp.iter().enumerate() {
-                mask::score_grad(cfg.rule, &scores[li], &base[li], &net.params[p].grad, &mut grads[li]);
-                opt.update(li, &mut scores[li], &grads[li], lr);
+                let (w, dw) = (&base[li], &net.params[p].grad);
+                opt.update_with(li, &mut scores[li], lr, |at, s, ds| {
+                    mask::score_grad(cfg.rule, s, &w[at..at + s.len()], &dw[at..at + s.len()], ds)
+                });
             }
             (l, ok)
         })?;

@@ -65,6 +65,43 @@ impl Optimizer {
 
     /// Updates `value` from `grad` for parameter slot `slot`.
     pub fn update(&mut self, slot: usize, value: &mut [f32], grad: &[f32], lr: f32) {
+        let (kind, wd, t) = (self.kind, self.weight_decay, self.t);
+        self.each_chunk(slot, value, |at, p, m, v| step(kind, wd, t, lr, p, &grad[at..at + p.len()], m, v));
+    }
+
+    /// [`Optimizer::update`] with the gradient made a few hundred entries at a time, just
+    /// before their step, by `grad(at, values, g)`: `g` ← the gradient of `value[at ..]`,
+    /// given those values as they are before the step. The whole gradient is never stored,
+    /// which saves writing and reading back a buffer as large as the param (SupSup's
+    /// straight-through score gradient is made this way). The same bits as `update`.
+    pub fn update_with(
+        &mut self,
+        slot: usize,
+        value: &mut [f32],
+        lr: f32,
+        grad: impl Fn(usize, &[f32], &mut [f32]) + Sync,
+    ) {
+        const RUN: usize = 512;
+        let (kind, wd, t) = (self.kind, self.weight_decay, self.t);
+        self.each_chunk(slot, value, |at, p, m, v| {
+            let mut g = [0.0f32; RUN];
+            let runs = p.chunks_mut(RUN).zip(m.chunks_mut(RUN)).zip(v.chunks_mut(RUN));
+            for (i, ((p, m), v)) in runs.enumerate() {
+                let g = &mut g[..p.len()];
+                grad(at + i * RUN, p, g);
+                step(kind, wd, t, lr, p, g, m, v);
+            }
+        });
+    }
+
+    /// `f(at, value[at ..], m[at ..], v[at ..])` over chunks of the slot's param and state, in
+    /// parallel for a large param (the steps are element-wise: any split gives the same bits).
+    fn each_chunk(
+        &mut self,
+        slot: usize,
+        value: &mut [f32],
+        f: impl Fn(usize, &mut [f32], &mut [f32], &mut [f32]) + Sync,
+    ) {
         if self.state.len() <= slot {
             self.state.resize_with(slot + 1, Default::default);
         }
@@ -73,27 +110,21 @@ impl Optimizer {
             *m = vec![0.0; value.len()];
             *v = vec![0.0; value.len()];
         }
-        let (kind, wd, t) = (self.kind, self.weight_decay, self.t);
-        // Element-wise, so any split gives the same bits; large tensors (SupSup's scores are
-        // millions of values) are split over the kernel threads.
-        let run = |p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]| step(kind, wd, t, lr, p, g, m, v);
         const CHUNK: usize = 1 << 14;
         if value.len() >= 4 * CHUNK && rayon::current_num_threads() > 1 {
             use rayon::prelude::*;
             value
                 .par_chunks_mut(CHUNK)
-                .zip(grad.par_chunks(CHUNK))
                 .zip(m.par_chunks_mut(CHUNK))
                 .zip(v.par_chunks_mut(CHUNK))
-                .for_each(|(((p, g), m), v)| run(p, g, m, v));
+                .enumerate()
+                .for_each(|(i, ((p, m), v))| f(i * CHUNK, p, m, v));
         } else {
-            run(value, grad, m, v);
+            f(0, value, m, v);
         }
     }
 }
 
-/// One update of `value` from `grad` with the slot's state `m` (momentum or first moment,
-/// or RMSprop's mean square) and `v` (Adam's second moment), at step `t`.
 #[allow(clippy::too_many_arguments)]
 fn step(kind: Kind, wd: f32, t: i32, lr: f32, value: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32]) {
     match kind {
@@ -162,19 +193,36 @@ mod tests {
         let n = 200_000;
         let grads: Vec<Vec<f32>> = (0..3).map(|_| (0..n).map(|_| r.uniform(-1.0, 1.0)).collect()).collect();
         for name in ["sgd", "adam", "rmsprop"] {
-            let run = |threads| {
+            // A gradient that depends on the values, made whole (`update`) or as the steps
+            // go (`update_with`).
+            let grad_of = |g: &[f32], p: &[f32], out: &mut [f32]| {
+                for ((o, &g), &p) in out.iter_mut().zip(g).zip(p) {
+                    *o = g + 0.1 * p;
+                }
+            };
+            let run = |threads, fused: bool| {
                 let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
                 let mut o = Optimizer::new(Kind::from_name(name).unwrap(), 1e-4);
                 let mut p = vec![0.5f32; n];
                 pool.install(|| {
                     for g in &grads {
                         o.begin();
-                        o.update(0, &mut p, g, 0.01);
+                        if fused {
+                            o.update_with(0, &mut p, 0.01, |at, p, out| grad_of(&g[at..], p, out));
+                        } else {
+                            let mut whole = vec![0.0; n];
+                            grad_of(g, &p, &mut whole);
+                            o.update(0, &mut p, &whole, 0.01);
+                        }
                     }
                 });
                 p.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
             };
-            assert_eq!(run(1), run(2), "{name}");
+            let one = run(1, false);
+            assert_ne!(one, vec![0.5f32.to_bits(); n]);
+            for (threads, fused) in [(2, false), (1, true), (2, true)] {
+                assert_eq!(one, run(threads, fused), "{name} on {threads} threads, fused {fused}");
+            }
         }
     }
 
