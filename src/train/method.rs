@@ -679,14 +679,13 @@ fn forward_backward(
 ) -> (f32, usize) {
     let batch = labels.len();
     {
-        net.zero_grad();
         let width = net.out_shape().len();
         let out = net.forward(k, x, batch).to_vec();
         let mut d = vec![0.0f32; out.len()];
         let spans = if softmax == Softmax::All { width } else { classes };
         let mut l = loss::cross_entropy(&out, width, spans, labels, &mut d);
         let ok = (0..batch).filter(|&b| loss::argmax(&out[b * width..], classes) as u32 == labels[b]).count();
-        net.backward(k, &d);
+        net.backward_over(k, &d);
         if penalty > 0.0 {
             for &p in penalised {
                 let prm = &mut net.params[p];

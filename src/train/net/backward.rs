@@ -36,7 +36,20 @@ impl Net<'_> {
     /// Adds the gradients of the last forward's output (given `dout`) into every trained
     /// param's `grad`.
     pub fn backward(&mut self, k: &Kernels, dout: &[f32]) {
+        self.backward_pass(k, dout, false)
+    }
+
+    /// The gradients of the last forward's output written over every trained param's
+    /// `grad`: [`Net::zero_grad`] then [`Net::backward`], without first clearing the buffers
+    /// that a product then writes over (clearing fc1024's was 3 % of its step).
+    pub fn backward_over(&mut self, k: &Kernels, dout: &[f32]) {
+        self.backward_pass(k, dout, true)
+    }
+
+    fn backward_pass(&mut self, k: &Kernels, dout: &[f32], over: bool) {
         let n = self.nodes.len();
+        // fresh[p]: an overwriting pass has not yet stored into param p's gradient.
+        let mut fresh: Vec<bool> = self.params.iter().map(|p| over && p.trained).collect();
         let batch = self.batch;
         // need[v]: some trained parameter lies at or before value v.
         let mut need = vec![false; n + 1];
@@ -86,6 +99,9 @@ impl Net<'_> {
             let params = &mut self.params;
             match &node.op {
                 NodeOp::Conv { s, w, .. } => {
+                    if let WSrc::Param(p) = w {
+                        zero_fresh(&mut fresh, params, *p);
+                    }
                     let sp = sparse_of(&self.sparse, params, *w);
                     let (wt, dw) = split_w(params, &self.frozen, *w);
                     // Frozen weights never change: their transpose is kept from the first use.
@@ -105,11 +121,15 @@ impl Net<'_> {
                     conv::backward(k, s, wt, x, &dy, batch, dx, dw, None, sp, kept)
                 }
                 NodeOp::Linear { in_f, out_f, w, .. } => {
+                    let store = if let WSrc::Param(p) = w { first_store(&mut fresh, params, *p) } else { Store::Add };
                     let sp = sparse_of(&self.sparse, params, *w);
                     let (wt, dw) = split_w(params, &self.frozen, *w);
+                    let dw = dw.map(|d| (d, store));
                     linear::backward(k, *in_f, *out_f, wt, x, &dy, batch, dx.as_deref_mut(), dw, None, sp)
                 }
                 NodeOp::Head { in_f, out_f, w, b } => {
+                    let store = first_store(&mut fresh, params, *w);
+                    zero_fresh(&mut fresh, params, *b);
                     let (wp, bp) = pair(params, *w, *b);
                     linear::backward(
                         k,
@@ -120,12 +140,15 @@ impl Net<'_> {
                         &dy,
                         batch,
                         dx.as_deref_mut(),
-                        Some(&mut wp.grad),
+                        Some((&mut wp.grad, store)),
                         Some(&mut bp.grad),
                         None,
                     )
                 }
                 NodeOp::Norm { c, plane, eps, mean, var, gamma, beta } => {
+                    for p in gamma.iter().chain(beta) {
+                        zero_fresh(&mut fresh, params, *p);
+                    }
                     let g = gamma.map(|g| params[g].value.clone());
                     let mut dg = gamma.filter(|&g| params[g].trained).map(|g| core::mem::take(&mut params[g].grad));
                     let mut db = beta.filter(|&b| params[b].trained).map(|b| core::mem::take(&mut params[b].grad));
@@ -166,6 +189,8 @@ impl Net<'_> {
                     }
                 }
                 NodeOp::Affine { c, plane, gamma, beta, clamp } => {
+                    zero_fresh(&mut fresh, params, *gamma);
+                    zero_fresh(&mut fresh, params, *beta);
                     let (gp, bp) = pair(params, *gamma, *beta);
                     let clamped = clamp.map(|(lo, hi)| norm::Clamped { y: &self.values[i + 1], lo, hi });
                     norm::affine_backward(
@@ -182,6 +207,7 @@ impl Net<'_> {
                     )
                 }
                 NodeOp::Reprogram { s, k: kp } => {
+                    zero_fresh(&mut fresh, params, *kp);
                     let p = &mut params[*kp];
                     let dk = p.trained.then_some(&mut p.grad[..]);
                     conv::backward(
@@ -246,6 +272,31 @@ impl Net<'_> {
             grads[i + 1] = dy;
         }
         self.grads = grads;
+        // Trained params no node reached: zero, as after `zero_grad`.
+        for (p, _) in fresh.iter().enumerate().filter(|(_, &f)| f) {
+            self.params[p].grad.fill(0.0);
+        }
+    }
+}
+
+/// How the first op of a pass to reach param `p` stores its gradient: over the buffer when
+/// the pass overwrites and nothing has stored into it yet.
+fn first_store(fresh: &mut [bool], params: &mut [Param], p: usize) -> Store {
+    if !core::mem::replace(&mut fresh[p], false) {
+        return Store::Add;
+    }
+    // Debug builds poison the buffer, so that the tests catch an op that leaves some unwritten.
+    if cfg!(debug_assertions) {
+        params[p].grad.fill(f32::NAN);
+    }
+    Store::Set
+}
+
+/// Zeroes param `p`'s gradient before an op that only adds into it, when the pass
+/// overwrites and nothing has stored into it yet.
+fn zero_fresh(fresh: &mut [bool], params: &mut [Param], p: usize) {
+    if core::mem::replace(&mut fresh[p], false) {
+        params[p].grad.fill(0.0);
     }
 }
 

@@ -180,3 +180,81 @@ fn sparse_forms_give_the_dense_pass_and_are_checked() {
     let (out2, _) = pass(&mut net);
     assert_ne!(out2, out0, "dense again, with the changed weight");
 }
+
+/// `backward_over` gives `zero_grad` then `backward`, bit for bit, whatever the gradient
+/// buffers held: on the CLR net (head, affines, norms, CLR kernels) and on a materialised
+/// lenet (trained linear layers, one of them sparse, one left out of the pass).
+#[test]
+fn overwriting_backward_equals_zeroing_then_adding() {
+    let k = Kernels::detect();
+    let lenet = crate::import::init::random_backbone(crate::import::init::Arch::Lenet, 10, 3).emit(WeightFormat::F32);
+    let clr = tiny();
+    for (name, bytes) in [("clr", &clr), ("lenet", &lenet)] {
+        let bb = Backbone::open(bytes).unwrap();
+        let recipe = if name == "clr" {
+            Recipe { reprogram: true, head: Some(3), ..Recipe::default() }
+        } else {
+            Recipe { materialise: true, head: Some(3), ..Recipe::default() }
+        };
+        let mut net = Net::new(&bb, recipe);
+        let mut r = SplitMix64::new(6);
+        for p in &mut net.params {
+            for v in &mut p.value {
+                *v += r.uniform(-0.2, 0.2);
+            }
+        }
+        let wp: Vec<usize> = net.maskable.iter().filter_map(|&(_, p)| p).collect();
+        if name == "clr" {
+            let mut t = net.reprogram.clone();
+            t.extend(net.affines.iter().flat_map(|&(g, b)| [g, b]));
+            t.extend(net.norms.iter().flat_map(|n| n.gamma.into_iter().chain(n.beta)));
+            for p in t {
+                net.params[p].trained = true;
+            }
+        } else {
+            // Every linear layer trains, the first through its sparse form.
+            let (rows, cols, max_density) = net.weight_dims(wp[0]).unwrap();
+            let mask: bitvec::vec::BitVec<u32, bitvec::order::Lsb0> =
+                (0..net.params[wp[0]].value.len()).map(|i| i % 25 == 2).collect();
+            for (v, m) in net.params[wp[0]].value.iter_mut().zip(mask.iter()) {
+                if !*m {
+                    *v = 0.0;
+                }
+            }
+            let sp = SparseW::from_mask(&net.params[wp[0]].value, &mask, rows, cols, max_density);
+            assert!(sp.is_some());
+            net.set_sparse(wp[0], sp);
+            for &p in &wp {
+                net.params[p].trained = true;
+            }
+        }
+        let (hw, hb) = net.head.unwrap();
+        net.params[hw].trained = true;
+        net.params[hb].trained = true;
+        let trained: Vec<usize> = (0..net.params.len()).filter(|&p| net.params[p].trained).collect();
+        assert!(trained.len() >= 3, "{name}: {trained:?}");
+        net.train_mode = true;
+        let batch = 3;
+        let x: Vec<f32> = (0..batch * net.value_shape(0).len()).map(|_| r.uniform(-1.0, 1.0)).collect();
+        let mut pass = |net: &mut Net, over: bool| {
+            for p in &mut net.params {
+                p.grad.fill(7.0);
+            }
+            if !over {
+                net.zero_grad();
+            }
+            let out = net.forward(&k, &x, batch).to_vec();
+            let mut d = vec![0.0; out.len()];
+            loss::cross_entropy(&out, 3, 3, &[0, 2, 1], &mut d);
+            if over {
+                net.backward_over(&k, &d);
+            } else {
+                net.backward(&k, &d);
+            }
+            trained.iter().map(|&p| net.params[p].grad.iter().map(|g| g.to_bits()).collect()).collect::<Vec<Vec<u32>>>()
+        };
+        let (added, over) = (pass(&mut net, false), pass(&mut net, true));
+        assert!(added.iter().flatten().any(|&g| f32::from_bits(g) != 0.0), "{name}: gradients flow");
+        assert_eq!(added, over, "{name}");
+    }
+}

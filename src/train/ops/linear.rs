@@ -94,7 +94,8 @@ pub fn forward(
     }
 }
 
-/// Adds the gradients of [`forward`] into `dx`, `dw`, `db` (each only when asked for).
+/// Adds the gradients of [`forward`] into `dx` and `db`, and stores `dw`'s by its [`Store`]
+/// (each only when asked for).
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
     k: &Kernels,
@@ -105,7 +106,7 @@ pub fn backward(
     dy: &[f32],
     batch: usize,
     dx: Option<&mut [f32]>,
-    dw: Option<&mut [f32]>,
+    dw: Option<(&mut [f32], Store)>,
     db: Option<&mut [f32]>,
     sp: Option<&SparseW>,
 ) {
@@ -117,8 +118,9 @@ pub fn backward(
             }
         }
     }
-    if let Some(dw) = dw {
-        matmul(k, Mat::t(&dy[..batch * out_f], batch, out_f), Mat::rows(&x[..batch * in_f], batch, in_f), dw, true);
+    if let Some((dw, store)) = dw {
+        let add = store == Store::Add;
+        matmul(k, Mat::t(&dy[..batch * out_f], batch, out_f), Mat::rows(&x[..batch * in_f], batch, in_f), dw, add);
     }
     if let Some(dx) = dx {
         if let Some(sp) = sp.filter(|sp| sp.dims() == (out_f, in_f)) {

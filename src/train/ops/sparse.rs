@@ -388,7 +388,19 @@ mod tests {
                 let mut y = vec![f32::NAN; batch * o];
                 linear::forward(&k, i, o, Weights::F32(&w), Some(&bias), &x, batch, &mut y, sp);
                 let (mut dx, mut dw) = (vec![0.5; batch * i], vec![0.25; w.len()]);
-                linear::backward(&k, i, o, Weights::F32(&w), &x, &dy, batch, Some(&mut dx), Some(&mut dw), None, sp);
+                linear::backward(
+                    &k,
+                    i,
+                    o,
+                    Weights::F32(&w),
+                    &x,
+                    &dy,
+                    batch,
+                    Some(&mut dx),
+                    Some((&mut dw, Store::Add)),
+                    None,
+                    sp,
+                );
                 (y, dx, dw)
             };
             let ((y, dx, dw), (y0, dx0, dw0)) = (run(Some(&sp)), run(None));

@@ -119,7 +119,19 @@ fn linear_gradients() {
         dot(&y, &rr)
     };
     let (mut dx, mut dw, mut db) = (vec![0.0; batch * i], vec![0.0; o * i], vec![0.0; o]);
-    linear::backward(&k, i, o, Weights::F32(&w), &x, &rr, batch, Some(&mut dx), Some(&mut dw), Some(&mut db), None);
+    linear::backward(
+        &k,
+        i,
+        o,
+        Weights::F32(&w),
+        &x,
+        &rr,
+        batch,
+        Some(&mut dx),
+        Some((&mut dw, Store::Add)),
+        Some(&mut db),
+        None,
+    );
     let (w0, b0) = (w.clone(), b.clone());
     check("linear dx", &mut x, &dx, |x| f(x, &w0, &b0));
     let x0 = x.clone();
