@@ -648,3 +648,26 @@ fn split_ops_are_thread_independent() {
     };
     assert_eq!(run(1), run(2));
 }
+
+/// Batch statistics of values far from zero (mean 1000, spread 0.01) and of many values
+/// (a channel of 64 × 32 × 32) against f64 sums: f32 block sums lose no more than f32
+/// inputs round to.
+#[test]
+fn batch_statistics_hold_for_large_means_and_many_values() {
+    let mut r = SplitMix64::new(12);
+    for (ch, plane, batch, centre, spread) in [(2, 9, 3, 1000.0f32, 0.01f32), (2, 1024, 64, 0.5, 1.0)] {
+        let n = ch * plane * batch;
+        let x: Vec<f32> = (0..n).map(|_| centre + spread * r.uniform(-1.0, 1.0)).collect();
+        let (mut rm, mut rv, mut y) = (vec![0.0; ch], vec![1.0; ch], vec![0.0; n]);
+        let saved = norm::train_forward(ch, plane, batch, &x, None, None, 0.0, 1.0, &mut rm, &mut rv, &mut y);
+        for c in 0..ch {
+            let vals: Vec<f64> =
+                (0..batch).flat_map(|b| x[(b * ch + c) * plane..][..plane].iter().map(|&v| v as f64)).collect();
+            let mean = vals.iter().sum::<f64>() / vals.len() as f64;
+            let var = vals.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / vals.len() as f64;
+            assert!((saved.mean[c] as f64 - mean).abs() <= 1e-6 * mean.abs(), "{} vs {mean}", saved.mean[c]);
+            let inv_std = 1.0 / var.sqrt();
+            assert!((saved.inv_std[c] as f64 - inv_std).abs() <= 1e-4 * inv_std, "{} vs {inv_std}", saved.inv_std[c]);
+        }
+    }
+}
