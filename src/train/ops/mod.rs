@@ -14,6 +14,7 @@ pub mod sparse;
 mod sparse_conv;
 #[cfg(test)]
 mod tests;
+mod unfold;
 
 pub use crate::kernels::Store;
 
