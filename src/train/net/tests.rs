@@ -236,7 +236,7 @@ fn overwriting_backward_equals_zeroing_then_adding() {
         net.train_mode = true;
         let batch = 3;
         let x: Vec<f32> = (0..batch * net.value_shape(0).len()).map(|_| r.uniform(-1.0, 1.0)).collect();
-        let mut pass = |net: &mut Net, over: bool| {
+        let pass = |net: &mut Net, over: bool| {
             for p in &mut net.params {
                 p.grad.fill(7.0);
             }
