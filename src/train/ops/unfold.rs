@@ -10,9 +10,59 @@ use crate::kernels::ConvShape;
 pub(super) fn im2col_chunk(s: &ConvShape, x: &[f32], g: usize, nbs: usize, col: &mut [f32]) {
     let (xl, plane, p) = (s.c_in * s.h * s.w, s.h * s.w, s.oh() * s.ow());
     let ld = nbs * p;
+    let short = s.ow() < SHORT_ROW;
+    let (mut stage, at) = (Vec::new(), if short { staged_positions(s) } else { Vec::new() });
     for b in 0..nbs {
         let xg = &x[b * xl + g * s.cin_g() * plane..][..s.cin_g() * plane];
-        im2col(s, xg, col, ld, b * p);
+        if short {
+            im2col_staged(s, xg, col, ld, b * p, &at, &mut stage);
+        } else {
+            im2col(s, xg, col, ld, b * p);
+        }
+    }
+}
+
+/// Output rows shorter than this are unfolded by [`im2col_staged`].
+const SHORT_ROW: usize = 16;
+
+/// Where [`im2col_staged`] reads: for tap `t` and output position `j`, entry `t·P + j` is the
+/// position in the zero-padded input plane.
+fn staged_positions(s: &ConvShape) -> Vec<u32> {
+    let (oh, ow, wp) = (s.oh(), s.ow(), s.w + s.pad[1] + s.pad[3]);
+    let mut at = Vec::with_capacity(s.kh * s.kw * oh * ow);
+    for ky in 0..s.kh {
+        for kx in 0..s.kw {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    at.push(((oy * s.sh + ky * s.dh) * wp + kx * s.dw + ox * s.sw) as u32);
+                }
+            }
+        }
+    }
+    at
+}
+
+/// [`im2col`] from a zero-padded copy of each input channel (`stage`, kept by the caller),
+/// every unfolded value one load from it at the position `at` ([`staged_positions`]) gives,
+/// with no padding to work out. On a 4 × 4 output, working out each row's run in the image
+/// cost 2.5 ns per unfolded value, and unfolding took two fifths of the weight gradient of
+/// GEMResNet18's last stage.
+fn im2col_staged(s: &ConvShape, xg: &[f32], col: &mut [f32], ld: usize, off: usize, at: &[u32], stage: &mut Vec<f32>) {
+    let (p, taps) = (s.oh() * s.ow(), s.kh * s.kw);
+    let (hp, wp) = (s.h + s.pad[0] + s.pad[2], s.w + s.pad[1] + s.pad[3]);
+    // The border stays zero: only the interior is written, channel after channel.
+    stage.clear();
+    stage.resize(hp * wp, 0.0);
+    for ci in 0..s.cin_g() {
+        for (iy, row) in xg[ci * s.h * s.w..][..s.h * s.w].chunks_exact(s.w).enumerate() {
+            copy_short(&mut stage[(iy + s.pad[0]) * wp + s.pad[1]..][..s.w], row);
+        }
+        for (t, at) in at.chunks_exact(p).enumerate() {
+            let dst = &mut col[(ci * taps + t) * ld + off..][..p];
+            for (d, &i) in dst.iter_mut().zip(at) {
+                *d = stage[i as usize];
+            }
+        }
     }
 }
 
@@ -107,4 +157,45 @@ fn col2im_add(s: &ConvShape, dcol: &[f32], ld: usize, off: usize, dxg: &mut [f32
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::SplitMix64;
+
+    /// The staged unfolding gives the row-run one's bits, on shapes with strides, dilations
+    /// and uneven padding, into columns between other samples' (what is around them must
+    /// stay).
+    #[test]
+    fn staged_unfolding_equals_the_row_runs() {
+        let mut r = SplitMix64::new(31);
+        let mut shapes = 0;
+        while shapes < 200 {
+            let k = 1 + r.below(5) as usize;
+            let s = ConvShape {
+                dh: 1 + r.below(2) as usize,
+                dw: 1 + r.below(2) as usize,
+                sh: 1 + r.below(3) as usize,
+                sw: 1 + r.below(3) as usize,
+                pad: core::array::from_fn(|_| r.below(3) as usize),
+                h: 1 + r.below(9) as usize,
+                w: 1 + r.below(9) as usize,
+                ..ConvShape::square(1 + r.below(3) as usize, 1, 1, 2, k, 1, 0)
+            };
+            let (hp, wp) = (s.h + s.pad[0] + s.pad[2], s.w + s.pad[1] + s.pad[3]);
+            if hp <= (s.kh - 1) * s.dh || wp <= (s.kw - 1) * s.dw {
+                continue;
+            }
+            shapes += 1;
+            let x: Vec<f32> = (0..s.c_in * s.h * s.w).map(|_| r.uniform(-1.0, 1.0)).collect();
+            let p = s.oh() * s.ow();
+            let (ld, off) = (3 * p + 2, p + 1);
+            let rows = s.c_in * s.kh * s.kw;
+            let (mut want, mut got) = (vec![7.0f32; rows * ld], vec![7.0f32; rows * ld]);
+            im2col(&s, &x, &mut want, ld, off);
+            im2col_staged(&s, &x, &mut got, ld, off, &staged_positions(&s), &mut vec![f32::NAN; 3]);
+            assert_eq!(got, want, "{s:?}");
+        }
+    }
 }
