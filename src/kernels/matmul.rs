@@ -569,4 +569,34 @@ mod tests {
         }
         assert!(tested >= 1, "the generic table has a narrow kernel");
     }
+
+    /// Each short kernel gives, bit for bit, the first rows of the table's kernel of its
+    /// width on the same A rows and B panel.
+    #[test]
+    fn a_short_micro_kernel_gives_the_first_rows_of_its_full_one() {
+        let mut r = crate::rng::SplitMix64::new(9);
+        for kern in Kernels::available() {
+            for short in kern.micro_short {
+                let full = [Some(kern.micro), kern.micro_narrow].into_iter().flatten().find(|m| m.nr == short.nr);
+                let full = full.unwrap_or_else(|| panic!("{}: no kernel of its width", short.name));
+                assert!(short.mr < full.mr, "{}", short.name);
+                let (mr, nr) = (full.mr, full.nr);
+                for k in [1, 7, 64, 131] {
+                    let lda = k + 3;
+                    let a: Vec<f32> = (0..mr * lda).map(|_| r.uniform(-1.0, 1.0)).collect();
+                    let b: Vec<f32> = (0..k * nr).map(|_| r.uniform(-1.0, 1.0)).collect();
+                    let mut ep = TileEpilogue { mul: [1.0; MAX_MR], add: [0.0; MAX_MR], lo: -0.5, hi: 2.0 };
+                    for i in 0..mr {
+                        (ep.mul[i], ep.add[i]) = (1.0 + i as f32 / 8.0, i as f32 / 16.0);
+                    }
+                    let (mut cf, mut cs) = (vec![f32::NAN; mr * nr], vec![f32::NAN; short.mr * (nr + 1)]);
+                    (full.run)(k, &a, lda, &b, &ep, &mut cf, nr);
+                    (short.run)(k, &a[..(short.mr - 1) * lda + k], lda, &b, &ep, &mut cs, nr + 1);
+                    for i in 0..short.mr {
+                        assert_eq!(&cs[i * (nr + 1)..][..nr], &cf[i * nr..][..nr], "{} k {k}", short.name);
+                    }
+                }
+            }
+        }
+    }
 }

@@ -436,6 +436,10 @@ pub struct Kernels {
     /// has at most that many columns: 20 output channels in 16-lane panels leave 12 of 32
     /// lanes unused, and 4 of 24 with it. Its B panels are `nr`-wide in its own `nr`.
     pub micro_narrow: Option<MicroKernel>,
+    /// Micro-kernels with fewer rows than `micro`, for a product's last row panel when they
+    /// hold it: one per B panel width (`micro`'s and `micro_narrow`'s), or none. Twenty rows
+    /// in panels of 6 leave 4 of 24 rows unused; with a 2-row kernel for the last two, none.
+    pub micro_short: &'static [MicroKernel],
     /// Drivers (im2col, packing) and the leaf kernels that threads run. Each ISA compiles
     /// the same portable code with its own features, so every slot is vectorised for it.
     pub conv2d: ConvFn,
@@ -466,6 +470,7 @@ impl Kernels {
             isa: "baseline",
             micro: gemm::GENERIC_MICRO,
             micro_narrow: Some(gemm::GENERIC_NARROW),
+            micro_short: &[],
             conv2d: fast::conv2d,
             linear: fast::linear,
             gemm_rows: gemm::gemm_rows,

@@ -65,6 +65,7 @@ fn neon_table() -> Kernels {
         micro: NEON_MICRO,
         // Its 8 lanes are narrow already.
         micro_narrow: None,
+        micro_short: &[],
         conv2d: fast::conv2d,
         linear: fast::linear,
         gemm_rows,

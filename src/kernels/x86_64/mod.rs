@@ -35,6 +35,7 @@ fn avx2(micro: MicroKernel, micro_narrow: Option<MicroKernel>) -> Kernels {
             isa: "x86_64 avx2+fma",
             micro,
             micro_narrow,
+            micro_short: &[AVX2_SHORT, AVX2_SHORT_NARROW],
             conv2d,
             linear,
             gemm_rows,
@@ -460,24 +461,40 @@ fn linear_rows_avx2(first: usize, i: usize, w: Weights, x: &[f32], ys: &mut [f32
 }
 
 /// Only reachable through [`detect`], which checked AVX2 and FMA.
-const AVX2_MICRO: MicroKernel = MicroKernel { name: "x86_64 avx2+fma 6x16", mr: 6, nr: 16, run: micro_6xn::<2> };
+const AVX2_MICRO: MicroKernel = MicroKernel { name: "x86_64 avx2+fma 6x16", mr: 6, nr: 16, run: micro_rxn::<6, 2> };
 
 /// Its narrow twin ([`Kernels::micro_narrow`]), one ymm of B wide. Only reachable through
 /// [`detect`], which checked AVX2 and FMA.
-const AVX2_NARROW: MicroKernel = MicroKernel { name: "x86_64 avx2+fma 6x8", mr: 6, nr: 8, run: micro_6xn::<1> };
+const AVX2_NARROW: MicroKernel = MicroKernel { name: "x86_64 avx2+fma 6x8", mr: 6, nr: 8, run: micro_rxn::<6, 1> };
 
-/// 6 × `8·V`: `6·V` ymm accumulators (12 for the full kernel, the classic blocking for 16
+/// Two rows of each ([`Kernels::micro_short`]): a third of their work for a last row panel of
+/// at most two rows. Only reachable through [`detect`], which checked AVX2 and FMA.
+const AVX2_SHORT: MicroKernel = MicroKernel { name: "x86_64 avx2+fma 2x16", mr: 2, nr: 16, run: micro_rxn::<2, 2> };
+const AVX2_SHORT_NARROW: MicroKernel =
+    MicroKernel { name: "x86_64 avx2+fma 2x8", mr: 2, nr: 8, run: micro_rxn::<2, 1> };
+
+/// `R` × `8·V`: `R·V` ymm accumulators (12 for the full kernel, the classic blocking for 16
 /// registers), `V` ymm of B and one broadcast of A per row and step.
-fn micro_6xn<const V: usize>(k: usize, a: &[f32], lda: usize, b: &[f32], ep: &TileEpilogue, c: &mut [f32], ldc: usize) {
+fn micro_rxn<const R: usize, const V: usize>(
+    k: usize,
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    ep: &TileEpilogue,
+    c: &mut [f32],
+    ldc: usize,
+) {
     let nr = 8 * V;
-    assert!(lda >= k && a.len() >= 5 * lda + k && b.len() >= k * nr && ldc >= nr && c.len() >= 5 * ldc + nr);
+    assert!(
+        lda >= k && a.len() >= (R - 1) * lda + k && b.len() >= k * nr && ldc >= nr && c.len() >= (R - 1) * ldc + nr
+    );
     // SAFETY: the slices hold what the kernel reads and writes (asserted above), and this
     // function is only reachable through `detect`, which confirmed AVX2 and FMA.
-    unsafe { micro_6xn_avx2::<V>(k, a.as_ptr(), lda, b.as_ptr(), ep, c.as_mut_ptr(), ldc) }
+    unsafe { micro_rxn_avx2::<R, V>(k, a.as_ptr(), lda, b.as_ptr(), ep, c.as_mut_ptr(), ldc) }
 }
 
 #[target_feature(enable = "avx2,fma")]
-unsafe fn micro_6xn_avx2<const V: usize>(
+unsafe fn micro_rxn_avx2<const R: usize, const V: usize>(
     k: usize,
     a: *const f32,
     lda: usize,
@@ -487,12 +504,12 @@ unsafe fn micro_6xn_avx2<const V: usize>(
     ldc: usize,
 ) {
     use core::arch::x86_64::*;
-    // SAFETY (whole body): the caller guarantees 6 rows of `k` floats at stride `lda` in `a`,
-    // `8·V·k` floats in `b` and 6 rows of `8·V` at stride `ldc` in `c`; every load and store
+    // SAFETY (whole body): the caller guarantees R rows of `k` floats at stride `lda` in `a`,
+    // `8·V·k` floats in `b` and R rows of `8·V` at stride `ldc` in `c`; every load and store
     // below stays inside them.
     unsafe {
-        let mut acc = [[_mm256_setzero_ps(); V]; 6];
-        let rows: [*const f32; 6] = core::array::from_fn(|i| a.add(i * lda));
+        let mut acc = [[_mm256_setzero_ps(); V]; R];
+        let rows: [*const f32; R] = core::array::from_fn(|i| a.add(i * lda));
         let mut bp = b;
         for p in 0..k {
             let bv: [__m256; V] = core::array::from_fn(|h| _mm256_loadu_ps(bp.add(h * 8)));
