@@ -172,16 +172,16 @@ mod tests {
         let mut r = SplitMix64::new(31);
         let mut shapes = 0;
         while shapes < 200 {
-            let k = 1 + r.below(5) as usize;
+            let k = 1 + r.below(5);
             let s = ConvShape {
-                dh: 1 + r.below(2) as usize,
-                dw: 1 + r.below(2) as usize,
-                sh: 1 + r.below(3) as usize,
-                sw: 1 + r.below(3) as usize,
-                pad: core::array::from_fn(|_| r.below(3) as usize),
-                h: 1 + r.below(9) as usize,
-                w: 1 + r.below(9) as usize,
-                ..ConvShape::square(1 + r.below(3) as usize, 1, 1, 2, k, 1, 0)
+                dh: 1 + r.below(2),
+                dw: 1 + r.below(2),
+                sh: 1 + r.below(3),
+                sw: 1 + r.below(3),
+                pad: core::array::from_fn(|_| r.below(3)),
+                h: 1 + r.below(9),
+                w: 1 + r.below(9),
+                ..ConvShape::square(1 + r.below(3), 1, 1, 2, k, 1, 0)
             };
             let (hp, wp) = (s.h + s.pad[0] + s.pad[2], s.w + s.pad[1] + s.pad[3]);
             if hp <= (s.kh - 1) * s.dh || wp <= (s.kw - 1) * s.dw {
