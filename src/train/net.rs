@@ -56,7 +56,8 @@ pub enum NodeOp<'a> {
         w: usize,
         b: usize,
     },
-    /// Batch norm: running statistics (params, never trained by gradient), optional γ, β.
+    /// Batch norm: running statistics (params, never trained by gradient), optional γ, β,
+    /// and the ReLU or ReLU6 that alone reads it fused in (`clamp`).
     Norm {
         c: usize,
         plane: usize,
@@ -65,6 +66,7 @@ pub enum NodeOp<'a> {
         var: usize,
         gamma: Option<usize>,
         beta: Option<usize>,
+        clamp: Option<(f32, f32)>,
     },
     /// A per-channel affine, with the ReLU or ReLU6 that alone reads it fused in (`clamp`).
     Affine {
@@ -200,9 +202,10 @@ impl<'a> Net<'a> {
             let input = map[layer.input as usize];
             let x = bb.shape(layer.input);
             let out = bb.shape(i as u32 + 1);
-            // A ReLU or ReLU6 that alone reads a reprogrammed conv's affine is fused into it.
+            // A ReLU or ReLU6 that alone reads a norm or a reprogrammed conv's affine is fused
+            // into it: one pass over the activations instead of two, one tensor fewer kept.
             if let (Op::Relu | Op::Relu6, true) = (&layer.op, readers[layer.input as usize] == 1) {
-                if let Some(NodeOp::Affine { clamp: clamp @ None, .. }) =
+                if let Some(NodeOp::Affine { clamp: clamp @ None, .. } | NodeOp::Norm { clamp: clamp @ None, .. }) =
                     input.checked_sub(1).map(|a| &mut net.nodes[a].op)
                 {
                     *clamp = Some((0.0, if matches!(layer.op, Op::Relu6) { 6.0 } else { f32::INFINITY }));
@@ -241,7 +244,7 @@ impl<'a> Net<'a> {
                         _ => (None, None),
                     };
                     net.norms.push(NormParams { mean, var, gamma, beta });
-                    NodeOp::Norm { c: x.c, plane: x.plane(), eps: b.eps, mean, var, gamma, beta }
+                    NodeOp::Norm { c: x.c, plane: x.plane(), eps: b.eps, mean, var, gamma, beta, clamp: None }
                 }
                 Op::Relu => NodeOp::Clamp { lo: 0.0, hi: f32::INFINITY },
                 Op::Relu6 => NodeOp::Clamp { lo: 0.0, hi: 6.0 },
@@ -399,7 +402,7 @@ impl<'a> Net<'a> {
                     y,
                     None,
                 ),
-                NodeOp::Norm { c, plane, eps, mean, var, gamma, beta } => {
+                NodeOp::Norm { c, plane, eps, mean, var, gamma, beta, clamp } => {
                     let g = gamma.map(|g| params[g].value.clone());
                     let bt = beta.map(|b| params[b].value.clone());
                     if self.train_mode {
@@ -416,6 +419,7 @@ impl<'a> Net<'a> {
                             self.momentum,
                             &mut rm,
                             &mut rv,
+                            *clamp,
                             y,
                         );
                         params[*mean].value = rm;
@@ -431,6 +435,7 @@ impl<'a> Net<'a> {
                             *eps,
                             &params[*mean].value,
                             &params[*var].value,
+                            *clamp,
                             y,
                         )
                     }

@@ -145,7 +145,8 @@ impl Net<'_> {
                         None,
                     )
                 }
-                NodeOp::Norm { c, plane, eps, mean, var, gamma, beta } => {
+                NodeOp::Norm { c, plane, eps, mean, var, gamma, beta, clamp } => {
+                    let clamped = clamp.map(|(lo, hi)| norm::Clamped { y: &self.values[i + 1], lo, hi });
                     for p in gamma.iter().chain(beta) {
                         zero_fresh(&mut fresh, params, *p);
                     }
@@ -161,6 +162,7 @@ impl Net<'_> {
                             &self.saved[i],
                             g.as_deref(),
                             &dy,
+                            clamped,
                             dx.as_deref_mut().map(|d| (d, store)),
                             dg.as_deref_mut(),
                             db.as_deref_mut(),
@@ -176,6 +178,7 @@ impl Net<'_> {
                             &params[*mean].value,
                             &params[*var].value,
                             &dy,
+                            clamped,
                             dx.as_deref_mut(),
                             dg.as_deref_mut(),
                             db.as_deref_mut(),

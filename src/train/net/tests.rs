@@ -37,11 +37,15 @@ fn clr_network_gradients_match_finite_differences() {
     let mut net = Net::new(&bb, Recipe { reprogram: true, head: Some(3), ..Recipe::default() });
     assert_eq!(net.reprogram.len(), 2);
     assert_eq!(net.affines.len(), 1, "only the first conv lacks a following norm");
-    // The relu6 that alone reads that affine is fused into it; the relu after the norm stays.
-    let fused = net.nodes.iter().filter(|n| matches!(n.op, NodeOp::Affine { clamp: Some((0.0, 6.0)), .. })).count();
-    let clamps: Vec<f32> =
-        net.nodes.iter().filter_map(|n| if let NodeOp::Clamp { hi, .. } = n.op { Some(hi) } else { None }).collect();
-    assert_eq!((fused, clamps), (1, vec![f32::INFINITY]));
+    // The relu6 that alone reads that affine is fused into it, and the relu into the norm.
+    let fused = |n: &Node| match n.op {
+        NodeOp::Affine { clamp, .. } => Some(("affine", clamp)),
+        NodeOp::Norm { clamp, .. } => Some(("norm", clamp)),
+        NodeOp::Clamp { lo, hi } => Some(("clamp", Some((lo, hi)))),
+        _ => None,
+    };
+    let fused: Vec<_> = net.nodes.iter().filter_map(fused).collect();
+    assert_eq!(fused, [("affine", Some((0.0, 6.0))), ("norm", Some((0.0, f32::INFINITY)))]);
     let mut r = SplitMix64::new(1);
     let mut trained = net.reprogram.clone();
     trained.extend(net.affines.iter().flat_map(|&(g, b)| [g, b]));

@@ -77,6 +77,7 @@ fn channel(v: &[f32], b: usize, c: usize, ch: usize, plane: usize) -> &[f32] {
 }
 
 /// Training-mode forward. `gamma`/`beta` absent = non-affine. Updates `running_mean`/`running_var`.
+/// `clamp` fuses a ReLU or ReLU6 that reads only this op's output, as in [`affine_forward`].
 #[allow(clippy::too_many_arguments)]
 pub fn train_forward(
     ch: usize,
@@ -89,6 +90,7 @@ pub fn train_forward(
     momentum: f32,
     running_mean: &mut [f32],
     running_var: &mut [f32],
+    clamp: Option<(f32, f32)>,
     y: &mut [f32],
 ) -> Saved {
     let n = (batch * plane) as f64;
@@ -121,10 +123,11 @@ pub fn train_forward(
         let (g, bt) = (gamma.map_or(1.0, |g| g[c]), beta.map_or(0.0, |b| b[c]));
         coef[c] = (saved.mean[c], saved.inv_std[c], g, bt);
     }
+    let (lo, hi) = clamp.unwrap_or((f32::NEG_INFINITY, f32::INFINITY));
     per_sample(&mut y[..batch * ch * plane], ch * plane, |b, ys| {
         for (c, (yc, &(m, s, g, bt))) in ys.chunks_exact_mut(plane).zip(&coef).enumerate() {
             for (o, &v) in yc.iter_mut().zip(channel(x, b, c, ch, plane)) {
-                *o = (v - m) * s * g + bt;
+                *o = crate::kernels::clamp((v - m) * s * g + bt, lo, hi);
             }
         }
     });
@@ -155,7 +158,7 @@ fn per_sample(v: &mut [f32], len: usize, f: impl Fn(usize, &mut [f32]) + Sync + 
     }
 }
 
-/// Evaluation-mode forward with running statistics.
+/// Evaluation-mode forward with running statistics (and a fused clamp, as [`train_forward`]).
 #[allow(clippy::too_many_arguments)]
 pub fn eval_forward(
     ch: usize,
@@ -167,8 +170,10 @@ pub fn eval_forward(
     eps: f32,
     mean: &[f32],
     var: &[f32],
+    clamp: Option<(f32, f32)>,
     y: &mut [f32],
 ) {
+    let (lo, hi) = clamp.unwrap_or((f32::NEG_INFINITY, f32::INFINITY));
     for c in 0..ch {
         let s = 1.0 / libm::sqrtf(var[c] + eps);
         let (g, bt) = (gamma.map_or(1.0, |g| g[c]), beta.map_or(0.0, |b| b[c]));
@@ -176,7 +181,7 @@ pub fn eval_forward(
         for b in 0..batch {
             let at = (b * ch + c) * plane;
             for (o, &v) in y[at..at + plane].iter_mut().zip(&x[at..at + plane]) {
-                *o = v * mul + add;
+                *o = crate::kernels::clamp(v * mul + add, lo, hi);
             }
         }
     }
@@ -185,6 +190,7 @@ pub fn eval_forward(
 /// Gradients of [`train_forward`] (added into `dgamma`, `dbeta`; stored into `dx`):
 /// with `x̂ = (x − μ)·s`, `dβ = Σ dy`, `dγ = Σ dy·x̂`, and
 /// `dx = γ·s/N · (N·dy − Σdy − x̂·Σ(dy·x̂))` (the batch statistics depend on every sample).
+/// With a fused clamp, `dy` is the clamped output's gradient, passed as [`Clamped`] says.
 #[allow(clippy::too_many_arguments)]
 pub fn train_backward(
     ch: usize,
@@ -194,17 +200,21 @@ pub fn train_backward(
     saved: &Saved,
     gamma: Option<&[f32]>,
     dy: &[f32],
+    clamped: Option<Clamped>,
     dx: Option<(&mut [f32], Store)>,
     dgamma: Option<&mut [f32]>,
     dbeta: Option<&mut [f32]>,
 ) {
     let n = (batch * plane) as f64;
+    let buf = || vec![0.0f32; if clamped.is_some() { plane } else { 0 }];
     let sums = per_channel(ch, batch * plane, |c| {
         let (m, is) = (saved.mean[c], saved.inv_std[c]);
         let mut acc = [[0.0f64; LANES]; 2];
+        let mut passed = buf();
         for b in 0..batch {
             let at = (b * ch + c) * plane;
-            lanes2(&mut acc, &dy[at..at + plane], &x[at..at + plane], |g, v| (g, g * ((v - m) * is)));
+            let g = pass(clamped, dy, at, plane, &mut passed);
+            lanes2(&mut acc, g, &x[at..at + plane], |g, v| (g, g * ((v - m) * is)));
         }
         (acc[0].iter().sum::<f64>(), acc[1].iter().sum::<f64>())
     });
@@ -228,9 +238,11 @@ pub fn train_backward(
             })
             .collect();
         per_sample(&mut dx[..batch * ch * plane], ch * plane, |b, dxs| {
+            let mut passed = buf();
             for (c, (dxc, &(m, is, gs, a, bq))) in dxs.chunks_exact_mut(plane).zip(&coef).enumerate() {
                 let at = (b * ch + c) * plane;
-                for ((d, &gy), &v) in dxc.iter_mut().zip(&dy[at..at + plane]).zip(&x[at..at + plane]) {
+                let g = pass(clamped, dy, at, plane, &mut passed);
+                for ((d, &gy), &v) in dxc.iter_mut().zip(g).zip(&x[at..at + plane]) {
                     let xh = (v - m) * is;
                     store.put(d, gs * (gy - a - xh * bq));
                 }
@@ -240,7 +252,7 @@ pub fn train_backward(
 }
 
 /// Gradient of [`eval_forward`] with respect to its input: `dx += dy · γ / sqrt(var + eps)`,
-/// and of `γ`, `β` when asked for.
+/// and of `γ`, `β` when asked for (`clamped` as in [`train_backward`]).
 #[allow(clippy::too_many_arguments)]
 pub fn eval_backward(
     ch: usize,
@@ -252,16 +264,18 @@ pub fn eval_backward(
     mean: &[f32],
     var: &[f32],
     dy: &[f32],
+    clamped: Option<Clamped>,
     mut dx: Option<&mut [f32]>,
     mut dgamma: Option<&mut [f32]>,
     mut dbeta: Option<&mut [f32]>,
 ) {
+    let mut passed = vec![0.0f32; if clamped.is_some() { plane } else { 0 }];
     for c in 0..ch {
         let s = 1.0 / libm::sqrtf(var[c] + eps);
         let g = gamma.map_or(1.0, |g| g[c]);
         for b in 0..batch {
             let at = (b * ch + c) * plane;
-            let (dyc, xc) = (&dy[at..at + plane], &x[at..at + plane]);
+            let (dyc, xc) = (pass(clamped, dy, at, plane, &mut passed), &x[at..at + plane]);
             if let Some(dx) = dx.as_deref_mut() {
                 for (d, &gy) in dx[at..at + plane].iter_mut().zip(dyc) {
                     *d += gy * s * g;
@@ -302,7 +316,9 @@ pub fn affine_forward(
     });
 }
 
-/// The clamp fused into an [`affine_forward`]: its bounds and the op's output `y`.
+/// The clamp fused into a norm or an affine: its bounds and the op's output `y`. The
+/// gradient passes where `lo < y < hi` (where the clamp's input was inside the bounds), with
+/// the bits of `act::clamp_backward` storing into a fresh buffer (a −0 becomes +0).
 #[derive(Clone, Copy)]
 pub struct Clamped<'a> {
     pub y: &'a [f32],
@@ -310,10 +326,25 @@ pub struct Clamped<'a> {
     pub hi: f32,
 }
 
+/// The `len` gradients at `dy[at..]` that reach the op under a fused clamp, written into
+/// `buf` (`len` long, kept in L1 for the passes over one channel's plane); without a clamp,
+/// `dy`'s own.
+fn pass<'s>(clamped: Option<Clamped>, dy: &'s [f32], at: usize, len: usize, buf: &'s mut [f32]) -> &'s [f32] {
+    let dy = &dy[at..at + len];
+    match clamped {
+        Some(Clamped { y, lo, hi }) => {
+            let buf = &mut buf[..len];
+            for ((p, &d), &v) in buf.iter_mut().zip(dy).zip(&y[at..at + len]) {
+                *p = 0.0 + if (v > lo) & (v < hi) { d } else { 0.0 };
+            }
+            buf
+        }
+        None => dy,
+    }
+}
+
 /// Gradients of [`affine_forward`]: added into `dgamma`, `dbeta`; stored into `dx`. With a
-/// fused clamp (`clamped`), `dy` is the gradient of the clamped output and passes where
-/// `lo < y < hi` (where the input to the clamp was inside the bounds), with the bits of the
-/// clamp's own backward.
+/// fused clamp, `dy` is the clamped output's gradient, passed as [`Clamped`] says.
 #[allow(clippy::too_many_arguments)]
 pub fn affine_backward(
     ch: usize,
@@ -338,18 +369,8 @@ pub fn affine_backward(
         // The clamp's gradient for one channel, kept in L1 for its three uses.
         let mut passed = vec![0.0f32; if clamped.is_some() { plane } else { 0 }];
         for (c, s) in sums.iter_mut().enumerate() {
-            let (dyc, xc) = (channel(dy, b, c, ch, plane), channel(x, b, c, ch, plane));
-            let g = match clamped {
-                Some(Clamped { y, lo, hi }) => {
-                    let yc = channel(y, b, c, ch, plane);
-                    for ((p, &d), &v) in passed.iter_mut().zip(dyc).zip(yc) {
-                        // As `act::clamp_backward` stores it (a −0 becomes +0).
-                        *p = 0.0 + if (v > lo) & (v < hi) { d } else { 0.0 };
-                    }
-                    &passed[..]
-                }
-                None => dyc,
-            };
+            let g = pass(clamped, dy, (b * ch + c) * plane, plane, &mut passed);
+            let xc = channel(x, b, c, ch, plane);
             // Eight partial sums each (a single running sum is a chain of dependent adds
             // that does not vectorise: it was 5 % of a Lite0 CLR step).
             let (mut sg, mut sb) = ([0.0f32; 8], [0.0f32; 8]);

@@ -149,12 +149,12 @@ fn batch_norm_gradients_in_both_modes() {
         let f = |x: &[f32], g: &[f32], bt: &[f32]| {
             let (mut rm, mut rv, mut y) = (vec![0.0; ch], vec![1.0; ch], vec![0.0; n]);
             let (g, bt) = if affine { (Some(g), Some(bt)) } else { (None, None) };
-            norm::train_forward(ch, plane, batch, x, g, bt, 1e-5, 0.1, &mut rm, &mut rv, &mut y);
+            norm::train_forward(ch, plane, batch, x, g, bt, 1e-5, 0.1, &mut rm, &mut rv, None, &mut y);
             dot(&y, &rr)
         };
         let (mut rm, mut rv, mut y) = (vec![0.0; ch], vec![1.0; ch], vec![0.0; n]);
         let (ga, ba) = if affine { (Some(&g[..]), Some(&bt[..])) } else { (None, None) };
-        let saved = norm::train_forward(ch, plane, batch, &x, ga, ba, 1e-5, 0.1, &mut rm, &mut rv, &mut y);
+        let saved = norm::train_forward(ch, plane, batch, &x, ga, ba, 1e-5, 0.1, &mut rm, &mut rv, None, &mut y);
         let (mut dx, mut dg, mut db) = (vec![0.0; n], vec![0.0; ch], vec![0.0; ch]);
         norm::train_backward(
             ch,
@@ -164,6 +164,7 @@ fn batch_norm_gradients_in_both_modes() {
             &saved,
             ga,
             &rr,
+            None,
             Some((&mut dx, Store::Add)),
             Some(&mut dg),
             Some(&mut db),
@@ -180,7 +181,7 @@ fn batch_norm_gradients_in_both_modes() {
     let (mean, var) = (rand(&mut r, ch), rand(&mut r, ch).iter().map(|v| v.abs() + 0.5).collect::<Vec<_>>());
     let fe = |x: &[f32], g: &[f32], bt: &[f32]| {
         let mut y = vec![0.0; n];
-        norm::eval_forward(ch, plane, batch, x, Some(g), Some(bt), 1e-5, &mean, &var, &mut y);
+        norm::eval_forward(ch, plane, batch, x, Some(g), Some(bt), 1e-5, &mean, &var, None, &mut y);
         dot(&y, &rr)
     };
     let (mut dx, mut dg, mut db) = (vec![0.0; n], vec![0.0; ch], vec![0.0; ch]);
@@ -194,6 +195,7 @@ fn batch_norm_gradients_in_both_modes() {
         &mean,
         &var,
         &rr,
+        None,
         Some(&mut dx),
         Some(&mut dg),
         Some(&mut db),
@@ -538,6 +540,90 @@ fn fused_affine_clamp_equals_the_two_ops() {
     }
 }
 
+/// A batch norm with a fused clamp gives the bits of the norm followed by the clamp, forward
+/// and backward, in training and evaluation mode, affine or not.
+#[test]
+fn fused_norm_clamp_equals_the_two_ops() {
+    let (ch, plane, batch) = (3, 7, 2);
+    let n = ch * plane * batch;
+    let mut r = SplitMix64::new(32);
+    let x: Vec<f32> = (0..n).map(|_| r.uniform(-4.0, 9.0)).collect();
+    let (g, b) = (rand(&mut r, ch), rand(&mut r, ch));
+    let (mean, var) = (rand(&mut r, ch), rand(&mut r, ch).iter().map(|v| v.abs() + 0.5).collect::<Vec<_>>());
+    let mut dy = rand(&mut r, n);
+    dy[3] = -0.0;
+    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<u32>>();
+    for ((lo, hi), affine) in [(0.0, 0.5), (0.0, f32::INFINITY)].into_iter().flat_map(|c| [(c, true), (c, false)]) {
+        let (ga, ba) = if affine { (Some(&g[..]), Some(&b[..])) } else { (None, None) };
+        // Training mode: the same statistics, the clamped output, and its gradients.
+        let norm = |clamp, y: &mut Vec<f32>| {
+            let (mut rm, mut rv) = (vec![0.0; ch], vec![1.0; ch]);
+            let saved = norm::train_forward(ch, plane, batch, &x, ga, ba, 1e-5, 0.1, &mut rm, &mut rv, clamp, y);
+            (saved, rm, rv)
+        };
+        let (mut a, mut want, mut got) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
+        let (saved, rm, rv) = norm(None, &mut a);
+        act::clamp_forward(&a, &mut want, lo, hi);
+        let (fsaved, frm, frv) = norm(Some((lo, hi)), &mut got);
+        assert_eq!(bits(&got), bits(&want));
+        assert!(want.contains(&lo) && (hi.is_infinite() || want.contains(&hi)), "values at both bounds");
+        assert_eq!((bits(&fsaved.mean), bits(&fsaved.inv_std)), (bits(&saved.mean), bits(&saved.inv_std)));
+        assert_eq!((bits(&frm), bits(&frv)), (bits(&rm), bits(&rv)));
+        let mut da = vec![0.0; n];
+        act::clamp_backward(&a, &dy, &mut da, lo, hi, Store::Set);
+        let cl = Some(norm::Clamped { y: &got, lo, hi });
+        let grads = |dy: &[f32], cl, store| {
+            let (mut dx, mut dg, mut db) = (vec![0.5; n], vec![0.25; ch], vec![0.0; ch]);
+            norm::train_backward(
+                ch,
+                plane,
+                batch,
+                &x,
+                &saved,
+                ga,
+                dy,
+                cl,
+                Some((&mut dx, store)),
+                Some(&mut dg),
+                Some(&mut db),
+            );
+            (bits(&dx), bits(&dg), bits(&db))
+        };
+        for store in [Store::Set, Store::Add] {
+            assert_eq!(grads(&dy, cl, store), grads(&da, None, store), "train {lo} {hi} {affine}");
+        }
+        // Evaluation mode.
+        let (mut a, mut want, mut got) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
+        norm::eval_forward(ch, plane, batch, &x, ga, ba, 1e-5, &mean, &var, None, &mut a);
+        act::clamp_forward(&a, &mut want, lo, hi);
+        norm::eval_forward(ch, plane, batch, &x, ga, ba, 1e-5, &mean, &var, Some((lo, hi)), &mut got);
+        assert_eq!(bits(&got), bits(&want));
+        let mut da = vec![0.0; n];
+        act::clamp_backward(&a, &dy, &mut da, lo, hi, Store::Set);
+        let cl = Some(norm::Clamped { y: &got, lo, hi });
+        let grads = |dy: &[f32], cl| {
+            let (mut dx, mut dg, mut db) = (vec![0.5; n], vec![0.25; ch], vec![0.0; ch]);
+            norm::eval_backward(
+                ch,
+                plane,
+                batch,
+                &x,
+                ga,
+                1e-5,
+                &mean,
+                &var,
+                dy,
+                cl,
+                Some(&mut dx),
+                Some(&mut dg),
+                Some(&mut db),
+            );
+            (bits(&dx), bits(&dg), bits(&db))
+        };
+        assert_eq!(grads(&dy, cl), grads(&da, None), "eval {lo} {hi} {affine}");
+    }
+}
+
 /// `Store::Set` over a buffer of garbage gives the bits of `Store::Add` onto zeros, for
 /// every op that can set (a −0 gradient included), and `Add` adds onto what is there.
 #[test]
@@ -548,7 +634,7 @@ fn stored_gradients_set_as_adding_onto_zeros() {
     let (x, g, mut dy) = (rand(&mut r, n), rand(&mut r, ch), rand(&mut r, n));
     dy[1] = -0.0;
     let (mut rm, mut rv, mut y) = (vec![0.0; ch], vec![1.0; ch], vec![0.0; n]);
-    let saved = norm::train_forward(ch, plane, batch, &x, Some(&g), None, 1e-5, 0.1, &mut rm, &mut rv, &mut y);
+    let saved = norm::train_forward(ch, plane, batch, &x, Some(&g), None, 1e-5, 0.1, &mut rm, &mut rv, None, &mut y);
     let run = |store: Store, start: f32, op: usize| {
         let mut dx = vec![start; n];
         let (mut dg, mut db) = (vec![0.0; ch], vec![0.0; ch]);
@@ -556,7 +642,19 @@ fn stored_gradients_set_as_adding_onto_zeros() {
             0 => act::clamp_backward(&x, &dy, &mut dx, 0.0, 6.0, store),
             1 => act::accumulate(&dy, &mut dx, store),
             2 => norm::affine_backward(ch, plane, batch, &x, &g, &dy, None, Some((&mut dx, store)), &mut dg, &mut db),
-            _ => norm::train_backward(ch, plane, batch, &x, &saved, Some(&g), &dy, Some((&mut dx, store)), None, None),
+            _ => norm::train_backward(
+                ch,
+                plane,
+                batch,
+                &x,
+                &saved,
+                Some(&g),
+                &dy,
+                None,
+                Some((&mut dx, store)),
+                None,
+                None,
+            ),
         }
         dx.iter().map(|v| v.to_bits()).collect::<Vec<u32>>()
     };
@@ -618,11 +716,32 @@ fn split_ops_are_thread_independent() {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
         pool.install(|| {
             let (mut rm, mut rv, mut y) = (vec![0.0; ch], vec![1.0; ch], vec![0.0; n]);
-            let saved =
-                norm::train_forward(ch, plane, batch, &x, Some(&g), Some(&b), 1e-5, 0.1, &mut rm, &mut rv, &mut y);
+            let saved = norm::train_forward(
+                ch,
+                plane,
+                batch,
+                &x,
+                Some(&g),
+                Some(&b),
+                1e-5,
+                0.1,
+                &mut rm,
+                &mut rv,
+                None,
+                &mut y,
+            );
             let (mut dx, mut dg, mut db) = (vec![0.0; n], vec![0.0; ch], vec![0.0; ch]);
             let dxs = Some((&mut dx[..], Store::Set));
-            norm::train_backward(ch, plane, batch, &x, &saved, Some(&g), &dy, dxs, Some(&mut dg), Some(&mut db));
+            norm::train_backward(ch, plane, batch, &x, &saved, Some(&g), &dy, None, dxs, Some(&mut dg), Some(&mut db));
+            // The same norm with a fused ReLU6.
+            let (mut fy, mut fdx, mut fdg) = (vec![0.0; n], vec![0.0; n], vec![0.0; ch]);
+            let (mut frm, mut frv) = (vec![0.0; ch], vec![1.0; ch]);
+            let six = Some((0.0, 6.0));
+            let fsaved =
+                norm::train_forward(ch, plane, batch, &x, Some(&g), None, 1e-5, 0.1, &mut frm, &mut frv, six, &mut fy);
+            let cl = Some(norm::Clamped { y: &fy, lo: 0.0, hi: 6.0 });
+            let dxs = Some((&mut fdx[..], Store::Set));
+            norm::train_backward(ch, plane, batch, &x, &fsaved, Some(&g), &dy, cl, dxs, Some(&mut fdg), None);
             let (mut ay, mut adx, mut adg, mut adb) = (vec![0.0; n], vec![0.0; n], vec![0.5; ch], vec![0.5; ch]);
             norm::affine_forward(ch, plane, batch, &x, &g, &b, None, &mut ay);
             norm::affine_backward(
@@ -643,7 +762,7 @@ fn split_ops_are_thread_independent() {
             act::add_forward(&x, &dy, &mut sum);
             act::accumulate(&x, &mut sum, Store::Add);
             let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<u32>>();
-            [&y, &rm, &rv, &dx, &dg, &db, &ay, &adx, &adg, &adb, &cy, &cdx, &sum].map(|v| bits(v))
+            [&y, &rm, &rv, &dx, &dg, &db, &fy, &fdx, &fdg, &ay, &adx, &adg, &adb, &cy, &cdx, &sum].map(|v| bits(v))
         })
     };
     assert_eq!(run(1), run(2));
@@ -659,7 +778,7 @@ fn batch_statistics_hold_for_large_means_and_many_values() {
         let n = ch * plane * batch;
         let x: Vec<f32> = (0..n).map(|_| centre + spread * r.uniform(-1.0, 1.0)).collect();
         let (mut rm, mut rv, mut y) = (vec![0.0; ch], vec![1.0; ch], vec![0.0; n]);
-        let saved = norm::train_forward(ch, plane, batch, &x, None, None, 0.0, 1.0, &mut rm, &mut rv, &mut y);
+        let saved = norm::train_forward(ch, plane, batch, &x, None, None, 0.0, 1.0, &mut rm, &mut rv, None, &mut y);
         for c in 0..ch {
             let vals: Vec<f64> =
                 (0..batch).flat_map(|b| x[(b * ch + c) * plane..][..plane].iter().map(|&v| v as f64)).collect();
