@@ -20,22 +20,23 @@ pub fn detect() -> Option<Kernels> {
 pub fn available() -> Vec<Kernels> {
     let mut out = Vec::new();
     if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        out.push(avx2(AVX2_MICRO, Some(AVX2_NARROW)));
+        out.push(avx2(AVX2_MICRO, Some(AVX2_NARROW), &[AVX2_SHORT, AVX2_SHORT_NARROW]));
         if std::arch::is_x86_feature_detected!("avx512f") {
-            out.push(avx2(AVX512_MICRO, None));
+            // 16-wide panels only: the 8-wide short kernel would have no full kernel to match.
+            out.push(avx2(AVX512_MICRO, None, &[AVX2_SHORT]));
         }
     }
     out
 }
 
-fn avx2(micro: MicroKernel, micro_narrow: Option<MicroKernel>) -> Kernels {
+fn avx2(micro: MicroKernel, micro_narrow: Option<MicroKernel>, micro_short: &'static [MicroKernel]) -> Kernels {
     {
         Kernels {
             fast: true,
             isa: "x86_64 avx2+fma",
             micro,
             micro_narrow,
-            micro_short: &[AVX2_SHORT, AVX2_SHORT_NARROW],
+            micro_short,
             conv2d,
             linear,
             gemm_rows,
