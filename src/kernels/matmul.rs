@@ -576,6 +576,10 @@ mod tests {
     fn a_short_micro_kernel_gives_the_first_rows_of_its_full_one() {
         let mut r = crate::rng::SplitMix64::new(9);
         for kern in Kernels::available() {
+            for nr in kern.micro_short.iter().map(|s| s.nr) {
+                let rows: Vec<usize> = kern.micro_short.iter().filter(|s| s.nr == nr).map(|s| s.mr).collect();
+                assert!(rows.is_sorted_by(|a, b| a < b), "{}: fewest rows first", kern.micro.name);
+            }
             for short in kern.micro_short {
                 let full = [Some(kern.micro), kern.micro_narrow].into_iter().flatten().find(|m| m.nr == short.nr);
                 let full = full.unwrap_or_else(|| panic!("{}: no kernel of its width", short.name));

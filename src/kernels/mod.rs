@@ -437,8 +437,9 @@ pub struct Kernels {
     /// lanes unused, and 4 of 24 with it. Its B panels are `nr`-wide in its own `nr`.
     pub micro_narrow: Option<MicroKernel>,
     /// Micro-kernels with fewer rows than `micro`, for a product's last row panel when they
-    /// hold it: one per B panel width (`micro`'s and `micro_narrow`'s), or none. Twenty rows
-    /// in panels of 6 leave 4 of 24 rows unused; with a 2-row kernel for the last two, none.
+    /// hold it, fewest rows first; each has the B panel width of `micro` or `micro_narrow`.
+    /// Twenty rows in panels of 6 leave 4 of 24 rows unused; with a 2-row kernel for the last
+    /// two, none.
     pub micro_short: &'static [MicroKernel],
     /// Drivers (im2col, packing) and the leaf kernels that threads run. Each ISA compiles
     /// the same portable code with its own features, so every slot is vectorised for it.

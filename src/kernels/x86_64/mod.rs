@@ -22,8 +22,7 @@ pub fn available() -> Vec<Kernels> {
     if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
         out.push(avx2(AVX2_MICRO, Some(AVX2_NARROW), &[AVX2_SHORT, AVX2_SHORT_NARROW]));
         if std::arch::is_x86_feature_detected!("avx512f") {
-            // 16-wide panels only: the 8-wide short kernel would have no full kernel to match.
-            out.push(avx2(AVX512_MICRO, None, &[AVX2_SHORT]));
+            out.push(avx2(AVX512_MICRO, None, &AVX512_SHORT));
         }
     }
     out
@@ -534,19 +533,39 @@ unsafe fn micro_rxn_avx2<const R: usize, const V: usize>(
 }
 
 /// Only reachable through [`detect`], which checked AVX-512F.
-const AVX512_MICRO: MicroKernel = MicroKernel { name: "x86_64 avx512f 12x16", mr: 12, nr: 16, run: micro_12x16 };
+const AVX512_MICRO: MicroKernel = MicroKernel { name: "x86_64 avx512f 12x16", mr: 12, nr: 16, run: micro_rx16::<12> };
 
-/// 12 × 16 with 512-bit vectors: 12 zmm accumulators, one B load and 12 broadcasts per step.
-/// Same B panels as the AVX2 kernel (16 wide); twice the multiply-adds per instruction.
-fn micro_12x16(k: usize, a: &[f32], lda: usize, b: &[f32], ep: &TileEpilogue, c: &mut [f32], ldc: usize) {
-    assert!(lda >= k && a.len() >= 11 * lda + k && b.len() >= k * 16 && ldc >= 16 && c.len() >= 11 * ldc + 16);
+/// Fewer rows of it ([`Kernels::micro_short`]), fewest first: the last row panels of 20 and
+/// 40 channels hold 8 and 4 (GEMResNet18's first two stages), which the full kernel runs at
+/// two thirds and one third of its work. Only reachable through [`detect`], which checked
+/// AVX-512F.
+const AVX512_SHORT: [MicroKernel; 3] = [
+    MicroKernel { name: "x86_64 avx512f 2x16", mr: 2, nr: 16, run: micro_rx16::<2> },
+    MicroKernel { name: "x86_64 avx512f 4x16", mr: 4, nr: 16, run: micro_rx16::<4> },
+    MicroKernel { name: "x86_64 avx512f 8x16", mr: 8, nr: 16, run: micro_rx16::<8> },
+];
+
+/// `R` × 16 with 512-bit vectors: `R` zmm accumulators, one B load and `R` broadcasts per
+/// step. Same B panels as the AVX2 kernel (16 wide); twice the multiply-adds per instruction.
+fn micro_rx16<const R: usize>(
+    k: usize,
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    ep: &TileEpilogue,
+    c: &mut [f32],
+    ldc: usize,
+) {
+    assert!(
+        lda >= k && a.len() >= (R - 1) * lda + k && b.len() >= k * 16 && ldc >= 16 && c.len() >= (R - 1) * ldc + 16
+    );
     // SAFETY: the slices hold what the kernel reads and writes (asserted above), and this
     // function is only reachable through `detect`, which confirmed AVX-512F.
-    unsafe { micro_12x16_avx512(k, a.as_ptr(), lda, b.as_ptr(), ep, c.as_mut_ptr(), ldc) }
+    unsafe { micro_rx16_avx512::<R>(k, a.as_ptr(), lda, b.as_ptr(), ep, c.as_mut_ptr(), ldc) }
 }
 
 #[target_feature(enable = "avx512f")]
-unsafe fn micro_12x16_avx512(
+unsafe fn micro_rx16_avx512<const R: usize>(
     k: usize,
     a: *const f32,
     lda: usize,
@@ -556,12 +575,12 @@ unsafe fn micro_12x16_avx512(
     ldc: usize,
 ) {
     use core::arch::x86_64::*;
-    // SAFETY (whole body): the caller guarantees 12 rows of `k` floats at stride `lda` in `a`,
-    // 16k floats in `b` and 12 rows of 16 at stride `ldc` in `c`; every load and store below
+    // SAFETY (whole body): the caller guarantees R rows of `k` floats at stride `lda` in `a`,
+    // 16k floats in `b` and R rows of 16 at stride `ldc` in `c`; every load and store below
     // stays inside them.
     unsafe {
-        let mut acc = [_mm512_setzero_ps(); 12];
-        let rows: [*const f32; 12] = core::array::from_fn(|i| a.add(i * lda));
+        let mut acc = [_mm512_setzero_ps(); R];
+        let rows: [*const f32; R] = core::array::from_fn(|i| a.add(i * lda));
         let mut bp = b;
         for p in 0..k {
             let bv = _mm512_loadu_ps(bp);

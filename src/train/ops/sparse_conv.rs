@@ -293,13 +293,13 @@ pub(super) fn weight_grad(k: &Kernels, s: &ConvShape, x: &[f32], dy: &[f32], bat
                         let mut bq = &bp[..];
                         for p in &panels {
                             let pnr = p.micro.nr;
-                            // A last row panel that the short kernel holds runs on it. Its
-                            // call still streams all of the B panel: two calls for a tail of
-                            // four took longer than one full one (GEMResNet18's 40 channels),
-                            // one for a tail of two saved 5 % (its 20 channels).
-                            let (micro, rows) = match p.short {
-                                Some(sk) if m_eff <= sk.mr => (sk, sk.mr),
-                                _ => (p.micro, mr),
+                            // A last row panel that a short kernel holds runs on the
+                            // smallest that does, in one call: each call streams all of the
+                            // B panel, and two 2-row calls for a tail of four took longer than
+                            // one full 6-row one (GEMResNet18's 40 channels, AVX2).
+                            let (micro, rows) = match p.short.iter().find(|sk| m_eff <= sk.mr) {
+                                Some(&sk) => (sk, sk.mr),
+                                None => (p.micro, mr),
                             };
                             for i0 in (0..m_eff).step_by(rows) {
                                 (micro.run)(nq, &xq[o + (ci0 + i0) * plane..], plane, bq, &ep, tile, pnr);
@@ -326,10 +326,10 @@ pub(super) fn weight_grad(k: &Kernels, s: &ConvShape, x: &[f32], dy: &[f32], bat
 }
 
 /// One B panel of [`weight_grad`]: output channels `c0 .. c0 + n`, in `micro.nr` lanes; and
-/// the table's short kernel of the same width, if any.
+/// the table's short kernels of the same width, fewest rows first.
 struct Panel {
     micro: MicroKernel,
-    short: Option<MicroKernel>,
+    short: Vec<MicroKernel>,
     c0: usize,
     n: usize,
 }
@@ -346,7 +346,7 @@ fn panels(k: &Kernels, c: usize) -> Vec<Panel> {
                 Some(m) if n <= m.nr && m.mr == k.micro.mr => m,
                 _ => k.micro,
             };
-            let short = k.micro_short.iter().find(|s| s.nr == micro.nr).copied();
+            let short = k.micro_short.iter().filter(|s| s.nr == micro.nr).copied().collect();
             Panel { micro, short, c0, n }
         })
         .collect()
