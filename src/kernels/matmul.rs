@@ -301,13 +301,15 @@ pub fn gemm_cols(
     accumulate: bool,
 ) {
     assert!(bp.len() >= packed_b_len(k, n, kern.micro.nr));
-    gemm_cols_from(kern, m, n, k, a, lda, B::Packed(bp), out, cols, bias, accumulate)
+    gemm_cols_from(kern, m, n, k, a, lda, B::Packed(bp), out, cols, bias, None, accumulate)
 }
 
 /// [`gemm_cols`] with B as it lies (`k × n`, element `(r, j)` at `b[bcols.at(r, j)]`), packed
 /// block by block just before the block is used, into a buffer of `4 · nr · k` floats that
 /// stays in cache: packing all of B first wrote and read back a copy of a layer's whole input
-/// through memory (4–10 % of a Lite0 CLR step in profiles).
+/// through memory (4–10 % of a Lite0 CLR step in profiles). `clamp` bounds each stored
+/// element (after the bias) in the micro-kernel's epilogue: a ReLU or ReLU6 fused into the
+/// product, with no pass of its own.
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_cols_unpacked(
     kern: &Kernels,
@@ -321,9 +323,10 @@ pub fn gemm_cols_unpacked(
     out: &mut [f32],
     cols: Cols,
     bias: Option<&[f32]>,
+    clamp: Option<(f32, f32)>,
     accumulate: bool,
 ) {
-    gemm_cols_from(kern, m, n, k, a, lda, B::Cols(b, bcols), out, cols, bias, accumulate)
+    gemm_cols_from(kern, m, n, k, a, lda, B::Cols(b, bcols), out, cols, bias, clamp, accumulate)
 }
 
 /// Where [`gemm_cols_from`] finds B.
@@ -345,6 +348,7 @@ fn gemm_cols_from(
     out: &mut [f32],
     cols: Cols,
     bias: Option<&[f32]>,
+    clamp: Option<(f32, f32)>,
     accumulate: bool,
 ) {
     if m == 0 || n == 0 {
@@ -352,10 +356,14 @@ fn gemm_cols_from(
     }
     let (mr, nr) = (kern.micro.mr, kern.micro.nr);
     assert!(k > 0 && lda >= k && a.len() >= (m - 1) * lda + k);
+    assert!(!(accumulate && clamp.is_some()), "a clamp applies to a stored product, not to an added one");
     const BLOCK: usize = 4;
     let mut tile = [0.0f32; MAX_TILE];
     let tile = &mut tile[..mr * nr];
     let mut ep = TileEpilogue::IDENTITY;
+    if let Some((lo, hi)) = clamp {
+        (ep.lo, ep.hi) = (lo, hi);
+    }
     let panels = n.div_ceil(nr);
     GEMM_PAD.with(|cell| {
         let mut pad = cell.borrow_mut();
@@ -511,8 +519,8 @@ mod tests {
                 }
                 // Packed block by block as it goes: the same bits, set and added.
                 let mut out2 = vec![0.5f32; out.len()];
-                gemm_cols_unpacked(&kern, m, n, k, &a, lda, &bsrc, bcols, &mut out2, ocols, Some(&bias), false);
-                gemm_cols_unpacked(&kern, m, n, k, &a, lda, &bsrc, bcols, &mut out2, ocols, None, true);
+                gemm_cols_unpacked(&kern, m, n, k, &a, lda, &bsrc, bcols, &mut out2, ocols, Some(&bias), None, false);
+                gemm_cols_unpacked(&kern, m, n, k, &a, lda, &bsrc, bcols, &mut out2, ocols, None, None, true);
                 assert!(out.iter().zip(&out2).all(|(u, v)| u.to_bits() == v.to_bits()), "{m}x{k}x{n} unpacked");
                 // Transposed packing: C' = A' · Mᵀ with M the same `k × n` matrix.
                 let mut bt = vec![f32::NAN; packed_b_len(n, k, nr)];

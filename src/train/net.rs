@@ -38,10 +38,12 @@ pub enum WSrc<'a> {
 
 #[derive(Clone, Debug)]
 pub enum NodeOp<'a> {
+    /// A conv, with the ReLU or ReLU6 that alone reads it fused in (`clamp`).
     Conv {
         s: ConvShape,
         w: WSrc<'a>,
         bias: Option<&'a [f32]>,
+        clamp: Option<(f32, f32)>,
     },
     Linear {
         in_f: usize,
@@ -202,11 +204,14 @@ impl<'a> Net<'a> {
             let input = map[layer.input as usize];
             let x = bb.shape(layer.input);
             let out = bb.shape(i as u32 + 1);
-            // A ReLU or ReLU6 that alone reads a norm or a reprogrammed conv's affine is fused
-            // into it: one pass over the activations instead of two, one tensor fewer kept.
+            // A ReLU or ReLU6 that alone reads a conv, a norm or a reprogrammed conv's affine is
+            // fused into it: one pass over the activations fewer, one tensor fewer kept.
             if let (Op::Relu | Op::Relu6, true) = (&layer.op, readers[layer.input as usize] == 1) {
-                if let Some(NodeOp::Affine { clamp: clamp @ None, .. } | NodeOp::Norm { clamp: clamp @ None, .. }) =
-                    input.checked_sub(1).map(|a| &mut net.nodes[a].op)
+                if let Some(
+                    NodeOp::Affine { clamp: clamp @ None, .. }
+                    | NodeOp::Norm { clamp: clamp @ None, .. }
+                    | NodeOp::Conv { clamp: clamp @ None, .. },
+                ) = input.checked_sub(1).map(|a| &mut net.nodes[a].op)
                 {
                     *clamp = Some((0.0, if matches!(layer.op, Op::Relu6) { 6.0 } else { f32::INFINITY }));
                     map[i + 1] = input;
@@ -219,7 +224,7 @@ impl<'a> Net<'a> {
                     let w = bb.weights(c.weight, c.scale);
                     let src = net.weight_src(w, recipe.materialise);
                     net.maskable.push((i, param_of(src)));
-                    NodeOp::Conv { s, w: src, bias: c.bias.map(|b| view.f32s(b)) }
+                    NodeOp::Conv { s, w: src, bias: c.bias.map(|b| view.f32s(b)), clamp: None }
                 }
                 Op::Linear(l) => {
                     let w = bb.weights(l.weight, l.scale);
@@ -381,10 +386,10 @@ impl<'a> Net<'a> {
             let x = &done[node.input];
             let params = &mut self.params;
             match &node.op {
-                NodeOp::Conv { s, w: src, bias } => {
+                NodeOp::Conv { s, w: src, bias, clamp } => {
                     let wt = weights(params, &self.frozen, *src);
                     let sp = sparse_of(&self.sparse, params, *src);
-                    conv::forward(k, s, wt, *bias, x, batch, y, sp)
+                    conv::forward_clamped(k, s, wt, *bias, *clamp, x, batch, y, sp)
                 }
                 NodeOp::Linear { in_f, out_f, w: src, bias } => {
                     let wt = weights(params, &self.frozen, *src);

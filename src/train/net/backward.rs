@@ -72,7 +72,7 @@ impl Net<'_> {
             if !need[i + 1] || !written[i + 1] {
                 continue;
             }
-            let dy = core::mem::take(&mut grads[i + 1]);
+            let mut dy = core::mem::take(&mut grads[i + 1]);
             let node = &self.nodes[i];
             let input = node.input;
             let want_dx = need[input];
@@ -98,7 +98,11 @@ impl Net<'_> {
             let x = &self.values[input];
             let params = &mut self.params;
             match &node.op {
-                NodeOp::Conv { s, w, .. } => {
+                NodeOp::Conv { s, w, clamp, .. } => {
+                    // The fused clamp's gradient, in place: `dy` is not read again.
+                    if let Some((lo, hi)) = *clamp {
+                        act::clamp_mask(&self.values[i + 1], &mut dy, lo, hi);
+                    }
                     if let WSrc::Param(p) = w {
                         zero_fresh(&mut fresh, params, *p);
                     }

@@ -58,35 +58,74 @@ fn clr_network_gradients_match_finite_differences() {
         net.params[p].trained = true;
     }
     net.train_mode = true;
+    gradients_match_finite_differences(&mut net, &k, &trained, &mut r);
+}
+
+/// The analytic gradients of every param in `trained` against central differences of the
+/// cross-entropy loss on a random batch of three.
+fn gradients_match_finite_differences(net: &mut Net, k: &Kernels, trained: &[usize], r: &mut SplitMix64) {
     let batch = 3;
     let x: Vec<f32> = (0..batch * 50).map(|_| r.uniform(-1.0, 1.0)).collect();
     let labels = [0u32, 2, 1];
     let loss_of = |net: &mut Net| -> f64 {
-        let out = net.forward(&k, &x, batch).to_vec();
+        let out = net.forward(k, &x, batch).to_vec();
         let mut d = vec![0.0; out.len()];
         loss::cross_entropy(&out, 3, 3, &labels, &mut d) as f64
     };
     net.zero_grad();
-    let out = net.forward(&k, &x, batch).to_vec();
+    let out = net.forward(k, &x, batch).to_vec();
     let mut d = vec![0.0; out.len()];
     loss::cross_entropy(&out, 3, 3, &labels, &mut d);
-    net.backward(&k, &d);
+    net.backward(k, &d);
     // A step of 1e-3 keeps the clamps' kinks out of almost every difference (1e-2 crossed
     // a few); f32 rounding then costs about 1e-4 of the 2e-3 tolerance.
     let h = 1e-3f32;
-    for &p in &trained {
+    for &p in trained {
+        assert!(net.params[p].grad.iter().any(|&g| g != 0.0), "param {p} gets a gradient");
         for i in 0..net.params[p].value.len() {
             let keep = net.params[p].value[i];
             net.params[p].value[i] = keep + h;
-            let up = loss_of(&mut net);
+            let up = loss_of(net);
             net.params[p].value[i] = keep - h;
-            let down = loss_of(&mut net);
+            let down = loss_of(net);
             net.params[p].value[i] = keep;
             let fd = ((up - down) / (2.0 * h as f64)) as f32;
             let an = net.params[p].grad[i];
             assert!((fd - an).abs() <= 2e-3 * (1.0 + an.abs()), "param {p}[{i}]: fd {fd} vs analytic {an}");
         }
     }
+}
+
+/// Without CLR the relu6 after the first conv is fused into the conv (its epilogue forward,
+/// an in-place mask of `dy` backward), and the gradients still match finite differences.
+#[test]
+fn a_relu_fused_into_a_conv_passes_finite_differences() {
+    let bytes = tiny();
+    let bb = Backbone::open(&bytes).unwrap();
+    let k = Kernels::detect();
+    let mut net = Net::new(&bb, Recipe { materialise: true, head: Some(3), ..Recipe::default() });
+    let fused: Vec<_> = net
+        .nodes
+        .iter()
+        .filter_map(|n| match n.op {
+            NodeOp::Conv { clamp, .. } => Some(("conv", clamp)),
+            NodeOp::Norm { clamp, .. } => Some(("norm", clamp)),
+            NodeOp::Clamp { lo, hi } => Some(("clamp", Some((lo, hi)))),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(fused, [("conv", Some((0.0, 6.0))), ("conv", None), ("norm", Some((0.0, f32::INFINITY)))]);
+    let mut r = SplitMix64::new(2);
+    let mut trained: Vec<usize> = net.maskable.iter().filter_map(|&(_, p)| p).collect();
+    trained.extend(net.head.map(|(w, b)| [w, b]).unwrap());
+    for &p in &trained {
+        for v in &mut net.params[p].value {
+            *v += r.uniform(-0.3, 0.3);
+        }
+        net.params[p].trained = true;
+    }
+    net.train_mode = true;
+    gradients_match_finite_differences(&mut net, &k, &trained, &mut r);
 }
 
 /// What a CLR task stores (γ folded into the kernel, int8 steps) computes what the

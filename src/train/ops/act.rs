@@ -27,6 +27,26 @@ pub fn clamp_forward(x: &[f32], y: &mut [f32], lo: f32, hi: f32) {
     })
 }
 
+/// `y = clamp(y, lo, hi)` in place: a clamp fused into the op that wrote `y`.
+pub fn clamp_in_place(y: &mut [f32], lo: f32, hi: f32) {
+    split(y, |_, y| {
+        for v in y.iter_mut() {
+            *v = crate::kernels::clamp(*v, lo, hi);
+        }
+    })
+}
+
+/// Keeps the gradient `dy` of a fused clamp's output where that output `y` lies inside
+/// `(lo, hi)` and zeroes it elsewhere, in place: the bits [`clamp_backward`] stores (its mask
+/// from the clamp's input is the same mask, and a −0 becomes +0).
+pub fn clamp_mask(y: &[f32], dy: &mut [f32], lo: f32, hi: f32) {
+    split(dy, |at, dy| {
+        for (d, &v) in dy.iter_mut().zip(&y[at..]) {
+            *d = 0.0 + if (v > lo) & (v < hi) { *d } else { 0.0 };
+        }
+    })
+}
+
 /// Stores `dy` into `dx` where the forward input was inside `(lo, hi)`, 0 elsewhere.
 pub fn clamp_backward(x: &[f32], dy: &[f32], dx: &mut [f32], lo: f32, hi: f32, store: Store) {
     // A select rather than a branch, so that the loop vectorises (the branch was 5 % of a

@@ -40,16 +40,39 @@ pub fn forward(
     y: &mut [f32],
     sp: Option<&SparseW>,
 ) {
+    forward_clamped(k, s, w, bias, None, x, batch, y, sp)
+}
+
+/// [`forward`], then `y = clamp(y, lo, hi)` when `clamp` is `Some((lo, hi))`: a ReLU or ReLU6
+/// that reads only this conv, fused into it. The dense products clamp in their epilogue, with
+/// no pass of their own; the sparse and per-sample paths clamp their output in place.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_clamped(
+    k: &Kernels,
+    s: &ConvShape,
+    w: Weights,
+    bias: Option<&[f32]>,
+    clamp: Option<(f32, f32)>,
+    x: &[f32],
+    batch: usize,
+    y: &mut [f32],
+    sp: Option<&SparseW>,
+) {
     let (xl, yl) = (s.c_in * s.h * s.w, s.c_out * s.oh() * s.ow());
     if let Some(sp) = sparse_for(s, sp) {
-        return sparse_conv::forward(k, s, sp, bias, &x[..batch * xl], batch, &mut y[..batch * yl]);
+        sparse_conv::forward(k, s, sp, bias, &x[..batch * xl], batch, &mut y[..batch * yl]);
+        if let Some((lo, hi)) = clamp {
+            super::act::clamp_in_place(&mut y[..batch * yl], lo, hi);
+        }
+        return;
     }
     if k.fast && !s.is_depthwise() {
-        return forward_batched(k, s, &dense(w), bias, &x[..batch * xl], batch, &mut y[..batch * yl]);
+        return forward_batched(k, s, &dense(w), bias, clamp, &x[..batch * xl], batch, &mut y[..batch * yl]);
     }
     let ones = vec![1.0f32; s.c_out];
     let zeros = vec![0.0f32; s.c_out];
-    let post = PostOp { mul: &ones, add: bias.unwrap_or(&zeros), lo: f32::NEG_INFINITY, hi: f32::INFINITY };
+    let (lo, hi) = clamp.unwrap_or((f32::NEG_INFINITY, f32::INFINITY));
+    let post = PostOp { mul: &ones, add: bias.unwrap_or(&zeros), lo, hi };
     let need = crate::kernels::fast::conv_scratch_len(s, k);
     if k.fast {
         // Samples in parallel, each with its thread's scratch.
@@ -128,12 +151,14 @@ pub(super) fn for_each_chunk<F>(
     }
 }
 
-/// [`forward`] for a non-depthwise conv with f32 weights `wf`, over chunks of samples.
+/// [`forward_clamped`] for a non-depthwise conv with f32 weights `wf`, over chunks of samples.
+#[allow(clippy::too_many_arguments)]
 fn forward_batched(
     k: &Kernels,
     s: &ConvShape,
     wf: &[f32],
     bias: Option<&[f32]>,
+    clamp: Option<(f32, f32)>,
     x: &[f32],
     batch: usize,
     y: &mut [f32],
@@ -172,6 +197,7 @@ fn forward_batched(
                     &mut yc[g * cout_g * p..],
                     Cols { per: p, bs: yl, rs: p },
                     bias.map(|b| &b[g * cout_g..(g + 1) * cout_g]),
+                    clamp,
                     false,
                 );
             }
@@ -450,12 +476,15 @@ fn backward_batched(
                                 out,
                                 Cols { per: p, bs: xl, rs: p },
                                 None,
+                                None,
                                 store == Store::Add,
                             );
                         } else {
                             let dcolm = sized(dcol, kk * n);
                             let out = Cols::plain(n, n);
-                            gemm_cols_unpacked(k, kk, n, cout_g, wtg, cout_g, dyg, dyc_cols, dcolm, out, None, false);
+                            gemm_cols_unpacked(
+                                k, kk, n, cout_g, wtg, cout_g, dyg, dyc_cols, dcolm, out, None, None, false,
+                            );
                             col2im_chunk(s, dcolm, g, nbs, dxc);
                         }
                     }

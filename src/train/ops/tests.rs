@@ -790,3 +790,55 @@ fn batch_statistics_hold_for_large_means_and_many_values() {
         }
     }
 }
+
+/// A conv with a fused clamp gives the bits of the conv followed by the clamp on every path
+/// (dense batched, sparse, depthwise, reference), and its in-place gradient mask the bits of
+/// the clamp's own backward.
+#[test]
+fn fused_conv_clamp_equals_the_two_ops() {
+    let mut r = SplitMix64::new(33);
+    let mut tables = vec![Kernels::generic(false), Kernels::generic(true)];
+    tables.extend(Kernels::available());
+    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<u32>>();
+    for s in [shape(6, 9, 5, 1, 1, 0, 1), shape(5, 7, 6, 3, 2, 1, 1), shape(6, 6, 7, 3, 1, 1, 6)] {
+        let batch = 3;
+        let wl = s.c_out * s.cin_g() * s.kh * s.kw;
+        let (xl, yl) = (batch * s.c_in * s.h * s.w, batch * s.c_out * s.oh() * s.ow());
+        let (x, mut w, bias) = (rand(&mut r, xl), rand(&mut r, wl), rand(&mut r, s.c_out));
+        let mask: bitvec::vec::BitVec<u32, bitvec::order::Lsb0> = (0..wl).map(|i| i % 3 == 1).collect();
+        let sparse = (s.groups == 1).then(|| {
+            w.iter_mut().zip(mask.iter()).filter(|(_, m)| !**m).for_each(|(v, _)| *v = 0.0);
+            let sp = sparse::SparseW::from_mask(&w, &mask, s.c_out, wl / s.c_out, 1.0);
+            sp.expect("a sparse form at density 1/3")
+        });
+        for k in &tables {
+            for sp in [None, sparse.as_ref()] {
+                for (lo, hi) in [(0.0, 0.5), (0.0, f32::INFINITY), (-0.1, 0.2)] {
+                    let (mut y, mut want, mut got) = (vec![0.0; yl], vec![0.0; yl], vec![0.0; yl]);
+                    conv::forward(k, &s, Weights::F32(&w), Some(&bias), &x, batch, &mut y, sp);
+                    act::clamp_forward(&y, &mut want, lo, hi);
+                    conv::forward_clamped(
+                        k,
+                        &s,
+                        Weights::F32(&w),
+                        Some(&bias),
+                        Some((lo, hi)),
+                        &x,
+                        batch,
+                        &mut got,
+                        sp,
+                    );
+                    let at = format!("{s:?} {} sparse {} [{lo}, {hi}]", k.micro.name, sp.is_some());
+                    assert_eq!(bits(&got), bits(&want), "{at}");
+                    assert!(want.contains(&lo) && (hi.is_infinite() || want.contains(&hi)), "{at}: both bounds met");
+                    let mut dy = rand(&mut r, yl);
+                    dy[0] = -0.0;
+                    let mut dx = vec![f32::NAN; yl];
+                    act::clamp_backward(&y, &dy, &mut dx, lo, hi, Store::Set);
+                    act::clamp_mask(&got, &mut dy, lo, hi);
+                    assert_eq!(bits(&dy), bits(&dx), "{at}");
+                }
+            }
+        }
+    }
+}
