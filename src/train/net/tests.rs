@@ -38,32 +38,39 @@ fn clr_network_gradients_match_finite_differences() {
     assert_eq!(net.reprogram.len(), 2);
     assert_eq!(net.affines.len(), 1, "only the first conv lacks a following norm");
     // The relu6 that alone reads that affine is fused into it, and the relu into the norm.
-    let fused = |n: &Node| match n.op {
+    let fused = [("conv", None), ("affine", Some((0.0, 6.0))), ("conv", None), ("norm", Some((0.0, f32::INFINITY)))];
+    assert_eq!(clamps(&net), fused);
+    let mut trained = net.reprogram.clone();
+    trained.extend(net.affines.iter().flat_map(|&(g, b)| [g, b]));
+    trained.extend(net.norms.iter().flat_map(|n| n.gamma.into_iter().chain(n.beta)));
+    trained.extend(net.head.map(|(w, b)| [w, b]).unwrap());
+    gradients_match_finite_differences(&mut net, &k, &trained, 1);
+}
+
+/// Each conv, norm, affine and unfused clamp of `net`, in order, with the clamp it applies.
+fn clamps(net: &Net) -> Vec<(&'static str, Option<(f32, f32)>)> {
+    let clamp = |n: &Node| match n.op {
+        NodeOp::Conv { clamp, .. } => Some(("conv", clamp)),
         NodeOp::Affine { clamp, .. } => Some(("affine", clamp)),
         NodeOp::Norm { clamp, .. } => Some(("norm", clamp)),
         NodeOp::Clamp { lo, hi } => Some(("clamp", Some((lo, hi)))),
         _ => None,
     };
-    let fused: Vec<_> = net.nodes.iter().filter_map(fused).collect();
-    assert_eq!(fused, [("affine", Some((0.0, 6.0))), ("norm", Some((0.0, f32::INFINITY)))]);
-    let mut r = SplitMix64::new(1);
-    let mut trained = net.reprogram.clone();
-    trained.extend(net.affines.iter().flat_map(|&(g, b)| [g, b]));
-    trained.extend(net.norms.iter().flat_map(|n| n.gamma.into_iter().chain(n.beta)));
-    trained.extend(net.head.map(|(w, b)| [w, b]).unwrap());
-    for &p in &trained {
+    net.nodes.iter().filter_map(clamp).collect()
+}
+
+/// Moves every param in `trained` by U(±0.3) from where it starts and trains it, then checks
+/// their analytic gradients (training mode) against central differences of the cross-entropy
+/// loss on a random batch of three.
+fn gradients_match_finite_differences(net: &mut Net, k: &Kernels, trained: &[usize], seed: u64) {
+    let mut r = SplitMix64::new(seed);
+    for &p in trained {
         for v in &mut net.params[p].value {
             *v += r.uniform(-0.3, 0.3);
         }
         net.params[p].trained = true;
     }
     net.train_mode = true;
-    gradients_match_finite_differences(&mut net, &k, &trained, &mut r);
-}
-
-/// The analytic gradients of every param in `trained` against central differences of the
-/// cross-entropy loss on a random batch of three.
-fn gradients_match_finite_differences(net: &mut Net, k: &Kernels, trained: &[usize], r: &mut SplitMix64) {
     let batch = 3;
     let x: Vec<f32> = (0..batch * 50).map(|_| r.uniform(-1.0, 1.0)).collect();
     let labels = [0u32, 2, 1];
@@ -104,28 +111,10 @@ fn a_relu_fused_into_a_conv_passes_finite_differences() {
     let bb = Backbone::open(&bytes).unwrap();
     let k = Kernels::detect();
     let mut net = Net::new(&bb, Recipe { materialise: true, head: Some(3), ..Recipe::default() });
-    let fused: Vec<_> = net
-        .nodes
-        .iter()
-        .filter_map(|n| match n.op {
-            NodeOp::Conv { clamp, .. } => Some(("conv", clamp)),
-            NodeOp::Norm { clamp, .. } => Some(("norm", clamp)),
-            NodeOp::Clamp { lo, hi } => Some(("clamp", Some((lo, hi)))),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(fused, [("conv", Some((0.0, 6.0))), ("conv", None), ("norm", Some((0.0, f32::INFINITY)))]);
-    let mut r = SplitMix64::new(2);
+    assert_eq!(clamps(&net), [("conv", Some((0.0, 6.0))), ("conv", None), ("norm", Some((0.0, f32::INFINITY)))]);
     let mut trained: Vec<usize> = net.maskable.iter().filter_map(|&(_, p)| p).collect();
     trained.extend(net.head.map(|(w, b)| [w, b]).unwrap());
-    for &p in &trained {
-        for v in &mut net.params[p].value {
-            *v += r.uniform(-0.3, 0.3);
-        }
-        net.params[p].trained = true;
-    }
-    net.train_mode = true;
-    gradients_match_finite_differences(&mut net, &k, &trained, &mut r);
+    gradients_match_finite_differences(&mut net, &k, &trained, 2);
 }
 
 /// What a CLR task stores (γ folded into the kernel, int8 steps) computes what the
