@@ -125,6 +125,8 @@ impl Optimizer {
     }
 }
 
+/// One update of `value` from `grad` with the slot's state `m` (momentum or first moment,
+/// or RMSprop's mean square) and `v` (Adam's second moment), at step `t`.
 #[allow(clippy::too_many_arguments)]
 fn step(kind: Kind, wd: f32, t: i32, lr: f32, value: &mut [f32], grad: &[f32], m: &mut [f32], v: &mut [f32]) {
     match kind {
