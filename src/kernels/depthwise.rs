@@ -74,16 +74,25 @@ fn dw_lanes_channels<const N: usize, M: DwInner>(
 ) {
     let mut buf = [[0.0f32; LANES]; N];
     let mut obuf = [[0.0f32; LANES]; N];
+    let mut scratch = LanesScratch { wk: [[0.0; LANES]; 25], taps: [[0.0; 25]; LANES] };
     for (g, o) in out.chunks_mut(s.oh() * s.ow() * LANES).enumerate() {
         let c = c0 + g * LANES;
-        let (buf, obuf) = (buf.as_flattened_mut(), obuf.as_flattened_mut());
+        let (buf, obuf, sc) = (buf.as_flattened_mut(), obuf.as_flattened_mut(), &mut scratch);
         match (s.kh, s.sh) {
-            (3, 1) => dw_lanes::<3, 1, M>(s, w, c, x, buf, obuf, o, post),
-            (3, 2) => dw_lanes::<3, 2, M>(s, w, c, x, buf, obuf, o, post),
-            (5, 1) => dw_lanes::<5, 1, M>(s, w, c, x, buf, obuf, o, post),
-            _ => dw_lanes::<5, 2, M>(s, w, c, x, buf, obuf, o, post),
+            (3, 1) => dw_lanes::<3, 1, M>(s, w, c, x, buf, obuf, sc, o, post),
+            (3, 2) => dw_lanes::<3, 2, M>(s, w, c, x, buf, obuf, sc, o, post),
+            (5, 1) => dw_lanes::<5, 1, M>(s, w, c, x, buf, obuf, sc, o, post),
+            _ => dw_lanes::<5, 2, M>(s, w, c, x, buf, obuf, sc, o, post),
         }
     }
+}
+
+/// [`dw_lanes`]'s kernels as lanes (`wk[tap][lane]`) and, for weights that are not f32, each
+/// lane's kernel as f32: made once per call of [`dw_lanes_channels`], so that they are not
+/// zeroed for every block.
+struct LanesScratch {
+    wk: [[f32; LANES]; 25],
+    taps: [[f32; 25]; LANES],
 }
 
 /// Channels `c0 ..` through [`dw_padded`] with stack buffers of `N` floats (sized to the
@@ -155,6 +164,7 @@ fn dw_lanes<const K: usize, const S: usize, M: DwInner>(
     x: &[f32],
     buf: &mut [f32],
     obuf: &mut [f32],
+    scratch: &mut LanesScratch,
     out: &mut [f32],
     post: &PostOp,
 ) {
@@ -175,17 +185,26 @@ fn dw_lanes<const K: usize, const S: usize, M: DwInner>(
         let base = (y + s.pad[0]) * pw + s.pad[1];
         M::interleave(&planes, y * s.w, s.w, &mut buf[base * LANES..(base + s.w) * LANES]);
     }
-    let mut wk = [[0.0f32; LANES]; 25];
-    let (mut mul, mut add) = ([0.0f32; LANES], [0.0f32; LANES]);
-    let mut taps = [0.0f32; 25];
-    for l in 0..n {
-        let c = c0 + l;
-        w.run_into(c, c * K * K, &mut taps[..K * K]);
-        for (lanes, &v) in wk[..K * K].iter_mut().zip(&taps) {
-            lanes[l] = v;
+    // The kernels as lanes, `wk[t][l]`: a transpose of the block's kernels, read where they
+    // are when they are f32 (written lane by lane, they were read back as vectors before
+    // the stores had landed, a stall per tap). Lanes past `n` repeat channel `n − 1`.
+    let taps = K * K;
+    let lane = |l: usize| c0 + l.min(n - 1);
+    let kernels: [&[f32]; LANES] = match w {
+        Weights::F32(wf) => core::array::from_fn(|l| &wf[lane(l) * taps..][..taps]),
+        _ => {
+            for (l, t) in scratch.taps.iter_mut().enumerate().take(n) {
+                w.run_into(c0 + l, (c0 + l) * taps, &mut t[..taps]);
+            }
+            let t = &scratch.taps;
+            core::array::from_fn(|l| &t[l.min(n - 1)][..taps])
         }
-        (mul[l], add[l]) = (post.mul[c], post.add[c]);
-    }
+    };
+    let wk = &mut scratch.wk;
+    M::interleave(&kernels, 0, taps, wk[..taps].as_flattened_mut());
+    let (mut mul, mut add) = ([0.0f32; LANES], [0.0f32; LANES]);
+    mul[..n].copy_from_slice(&post.mul[c0..c0 + n]);
+    add[..n].copy_from_slice(&post.add[c0..c0 + n]);
     let ep = LanesEpilogue { mul, add, lo: post.lo, hi: post.hi };
     for oy in 0..oh {
         let rows: [&[f32]; K] = core::array::from_fn(|ky| &buf[(oy * S + ky) * pw * LANES..]);
@@ -194,16 +213,16 @@ fn dw_lanes<const K: usize, const S: usize, M: DwInner>(
         // once per strip); a partial last strip is computed again from `ow - LANES_STRIP`.
         let mut ox = 0;
         while ox + LANES_STRIP <= ow {
-            M::lanes_strip::<K, S, LANES_STRIP>(&rows, &wk, ox, &ep, &mut orow[ox * LANES..(ox + LANES_STRIP) * LANES]);
+            M::lanes_strip::<K, S, LANES_STRIP>(&rows, wk, ox, &ep, &mut orow[ox * LANES..(ox + LANES_STRIP) * LANES]);
             ox += LANES_STRIP;
         }
         if ox < ow {
             if ow >= LANES_STRIP {
                 let ox = ow - LANES_STRIP;
-                M::lanes_strip::<K, S, LANES_STRIP>(&rows, &wk, ox, &ep, &mut orow[ox * LANES..]);
+                M::lanes_strip::<K, S, LANES_STRIP>(&rows, wk, ox, &ep, &mut orow[ox * LANES..]);
             } else {
                 for ox in ox..ow {
-                    M::lanes_strip::<K, S, 1>(&rows, &wk, ox, &ep, &mut orow[ox * LANES..(ox + 1) * LANES]);
+                    M::lanes_strip::<K, S, 1>(&rows, wk, ox, &ep, &mut orow[ox * LANES..(ox + 1) * LANES]);
                 }
             }
         }
