@@ -466,6 +466,37 @@ pub trait DwInner: MulAdd {
             }
         }
     }
+
+    /// `dst[r · dst_ld + c][l] = planes[l][r · ld + c]` for `r < rows`, `c < cols`: rows of
+    /// `LANES` planes into rows of a wider (zero-padded) plane. `stage` holds at least
+    /// `(rows − 1) · ld + cols` vectors (any values).
+    #[inline(always)]
+    fn interleave_rows(
+        planes: &[&[f32]; LANES],
+        ld: usize,
+        rows: usize,
+        cols: usize,
+        dst: &mut [[f32; LANES]],
+        dst_ld: usize,
+        stage: &mut [[f32; LANES]],
+    ) {
+        if rows == 0 || cols == 0 {
+            return;
+        }
+        // Rows shorter than two vectors as one run through `stage` (a row's tail positions
+        // are moved one float at a time), then copied row by row.
+        if cols >= 2 * LANES {
+            for r in 0..rows {
+                Self::interleave(planes, r * ld, cols, dst[r * dst_ld..][..cols].as_flattened_mut());
+            }
+        } else {
+            let run = (rows - 1) * ld + cols;
+            Self::interleave(planes, 0, run, stage[..run].as_flattened_mut());
+            for r in 0..rows {
+                dst[r * dst_ld..][..cols].copy_from_slice(&stage[r * ld..][..cols]);
+            }
+        }
+    }
 }
 
 impl DwInner for Plain {}

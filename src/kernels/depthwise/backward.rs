@@ -151,9 +151,12 @@ pub fn backward_inline<M: DwInner>(
     }
     let phases = s.sh * s.sw;
     phase[phases] = at;
-    // Per block: the kernel gradient's sums and the kernels as lanes in phase order (outside
-    // the loop, so that these 3 KB are not zeroed for every block).
-    let (mut sums, mut wv) = ([ZERO; 49], [ZERO; 49]);
+    // Per block: the kernel gradient's sums, the kernels as lanes in tap order and in phase
+    // order, and the sums channel by channel (outside the loop, so that these 6 KB are not
+    // zeroed for every block).
+    let (mut sums, mut lanes, mut wv) = ([ZERO; 49], [ZERO; 49], [ZERO; 49]);
+    let mut by_channel = [0.0f32; 49 * LANES];
+    let zeros = [0.0f32; 49];
     for c0 in (0..s.c_in).step_by(LANES) {
         let n = LANES.min(s.c_in - c0);
         // Lanes past `n` repeat channel `n − 1`; what they compute is never stored, and in
@@ -161,13 +164,13 @@ pub fn backward_inline<M: DwInner>(
         let first = |l: usize, len: usize| (c0 + l.min(n - 1)) * len;
         let planes: [&[f32]; LANES] = core::array::from_fn(|l| &dy[first(l, oplane)..][..oplane]);
         if gather {
-            interleave_rows::<M>(&planes, ow, g_rows, g_cols, &mut g[g_at..], g_ld, stage);
+            M::interleave_rows(&planes, ow, g_rows, g_cols, &mut g[g_at..], g_ld, stage);
         } else {
             M::interleave(&planes, 0, oplane, g.as_flattened_mut());
         }
         if let Some(dw) = dw.as_deref_mut() {
             let planes: [&[f32]; LANES] = core::array::from_fn(|l| &x[first(l, plane)..][..plane]);
-            interleave_rows::<M>(&planes, s.w, s.h, s.w, &mut xp[s.pad[0] * pw + s.pad[1]..], pw, stage);
+            M::interleave_rows(&planes, s.w, s.h, s.w, &mut xp[s.pad[0] * pw + s.pad[1]..], pw, stage);
             let gd = GradPlane { v: &g[g_at..], ld: g_ld, rows: g_rows, cols: g_cols };
             match s.kw {
                 1 => backward_kernel_grad::<M, 1>(s, xp, &gd, pw, &mut sums),
@@ -175,17 +178,21 @@ pub fn backward_inline<M: DwInner>(
                 5 => backward_kernel_grad::<M, 5>(s, xp, &gd, pw, &mut sums),
                 _ => backward_kernel_grad::<M, 7>(s, xp, &gd, pw, &mut sums),
             }
-            for l in 0..n {
-                for t in 0..taps {
-                    dw[(c0 + l) * taps + t] += sums[t][l];
-                }
+            // One transpose, then one pass over the block's contiguous kernel gradients.
+            let sums_by_channel = &mut by_channel[..n * taps];
+            M::deinterleave(sums[..taps].as_flattened(), sums_by_channel, taps);
+            for (d, v) in dw[c0 * taps..(c0 + n) * taps].iter_mut().zip(sums_by_channel.iter()) {
+                *d += v;
             }
         }
         if let Some((dx, store)) = dx.as_mut() {
+            // The kernels as lanes by one transpose (written lane by lane, each tap's vector
+            // was read back before its stores had landed), then put in phase order.
+            let kernels: [&[f32]; LANES] =
+                core::array::from_fn(|l| if l < n { &w[(c0 + l) * taps..][..taps] } else { &zeros[..taps] });
+            M::interleave(&kernels, 0, taps, lanes[..taps].as_flattened_mut());
             for (&t, wt) in order[..taps].iter().zip(&mut wv) {
-                for (l, v) in wt.iter_mut().enumerate() {
-                    *v = if l < n { w[(c0 + l) * taps + t] } else { 0.0 };
-                }
+                *wt = lanes[t];
             }
             // Row `iy` of the block's input gradient at `dxp[iy · w ..]`, phase by phase.
             for (iy, out) in dxp.chunks_exact_mut(s.w).enumerate() {
@@ -212,35 +219,6 @@ pub fn backward_inline<M: DwInner>(
                 }
             }
             store_planes::<M>(dxp, stage.as_flattened_mut(), dx, *store, c0 * plane, n);
-        }
-    }
-}
-
-/// Interleaves `rows × cols` of `LANES` planes (row stride `ld`) into `dst`, row `r` at
-/// `dst[r · dst_ld ..]`. Rows shorter than two vectors are interleaved as one run through
-/// `stage` (the per-row tail is scalar) and copied from there.
-#[inline(always)]
-fn interleave_rows<M: DwInner>(
-    planes: &[&[f32]; LANES],
-    ld: usize,
-    rows: usize,
-    cols: usize,
-    dst: &mut [V],
-    dst_ld: usize,
-    stage: &mut [V],
-) {
-    if rows == 0 || cols == 0 {
-        return;
-    }
-    if cols >= 2 * LANES {
-        for r in 0..rows {
-            M::interleave(planes, r * ld, cols, dst[r * dst_ld..][..cols].as_flattened_mut());
-        }
-    } else {
-        let run = (rows - 1) * ld + cols;
-        M::interleave(planes, 0, run, stage[..run].as_flattened_mut());
-        for r in 0..rows {
-            dst[r * dst_ld..][..cols].copy_from_slice(&stage[r * ld..][..cols]);
         }
     }
 }

@@ -229,6 +229,68 @@ impl depthwise::DwInner for Avx2Fma {
         // AVX2: see `Avx2Fma`.
         unsafe { deinterleave_avx2(src, out, plane, n) }
     }
+
+    #[inline(always)]
+    fn interleave_rows(
+        planes: &[&[f32]; 8],
+        ld: usize,
+        rows: usize,
+        cols: usize,
+        dst: &mut [[f32; 8]],
+        dst_ld: usize,
+        _stage: &mut [[f32; 8]],
+    ) {
+        if rows == 0 || cols == 0 {
+            return;
+        }
+        let run = (rows - 1) * ld + cols;
+        assert!(cols <= ld && planes.iter().all(|p| p.len() >= run) && dst.len() >= (rows - 1) * dst_ld + cols);
+        // SAFETY: reads planes[l][..run], writes dst[r * dst_ld + c] with r < rows, c < cols,
+        // in bounds by the assertion; AVX2: see `Avx2Fma`.
+        unsafe { interleave_rows_avx2(planes, ld, run, cols, dst, dst_ld) }
+    }
+}
+
+/// See [`depthwise::DwInner::interleave_rows`]: the run of `run` positions of the planes
+/// (rows `ld` apart), 8 per transpose, each position's vector stored at its place in `dst`
+/// or dropped when it lies past its row's `cols`: no staging copy, which for rows of a few
+/// positions went through `memmove` three times per block; the caller checks the bounds.
+#[target_feature(enable = "avx2")]
+#[inline]
+unsafe fn interleave_rows_avx2(
+    planes: &[&[f32]; 8],
+    ld: usize,
+    run: usize,
+    cols: usize,
+    dst: &mut [[f32; 8]],
+    dst_ld: usize,
+) {
+    use core::arch::x86_64::*;
+    // Row and column of the next position, and its place in `dst`.
+    let (mut c, mut at) = (0, 0);
+    let d = dst.as_mut_ptr().cast::<f32>();
+    let mut x = 0;
+    // SAFETY (whole body): the caller checked the bounds of every access below.
+    unsafe {
+        while x + 8 <= run {
+            let r = core::array::from_fn(|l| _mm256_loadu_ps(planes[l].as_ptr().add(x)));
+            for v in transpose8(r) {
+                if c < cols {
+                    _mm256_storeu_ps(d.add(at * 8), v);
+                }
+                (c, at) = if c + 1 == ld { (0, at + 1 + dst_ld - ld) } else { (c + 1, at + 1) };
+            }
+            x += 8;
+        }
+        for x in x..run {
+            if c < cols {
+                for (l, p) in planes.iter().enumerate() {
+                    *d.add(at * 8 + l) = *p.get_unchecked(x);
+                }
+            }
+            (c, at) = if c + 1 == ld { (0, at + 1 + dst_ld - ld) } else { (c + 1, at + 1) };
+        }
+    }
 }
 
 /// Transposes an 8 × 8 block of floats held as 8 row vectors.
