@@ -446,6 +446,26 @@ pub trait DwInner: MulAdd {
         }
     }
 
+    /// [`DwInner::grad_row`] for `rows` output rows in order, into the same sums: row `oy`
+    /// of the output gradient is `g[oy · g_ld ..][..cols]`, its input row `x[oy · x_ld ..]`.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn grad_rows<const KW: usize>(
+        x: &[[f32; LANES]],
+        x_ld: usize,
+        g: &[[f32; LANES]],
+        g_ld: usize,
+        rows: usize,
+        cols: usize,
+        sw: usize,
+        dw: usize,
+        acc: &mut [[[f32; LANES]; KW]; 2],
+    ) {
+        for oy in 0..rows {
+            Self::grad_row::<KW>(&x[oy * x_ld..], &g[oy * g_ld..][..cols], sw, dw, acc);
+        }
+    }
+
     /// `dst[x * LANES + l] = planes[l][from + x]` for `x < len`.
     #[inline(always)]
     fn interleave(planes: &[&[f32]; LANES], from: usize, len: usize, dst: &mut [f32]) {

@@ -39,13 +39,14 @@ pub fn backward_supported(s: &ConvShape) -> bool {
 }
 
 /// Scratch floats [`backward_inline`] needs, in vectors of [`LANES`]: the output gradient
-/// (padded for the gather, with [`GATHER_SLACK`]), the padded input plane, the input
-/// gradient's plane, a staging area of one whole input or output plane, and one input row.
+/// (padded for the gather), the padded input plane, the input gradient's plane, a staging
+/// area of one whole input or output plane, and one input row (each of the gather's three
+/// with [`GATHER_SLACK`]).
 pub fn backward_scratch_len(s: &ConvShape) -> usize {
     let (ph, pw) = (s.h + s.pad[0] + s.pad[2], s.w + s.pad[1] + s.pad[3]);
     let g = GatherPlane::of(s).len().max(s.oh() * s.ow());
     let (plane, oplane) = (s.h * s.w, s.oh() * s.ow());
-    (g + GATHER_SLACK + ph * pw + plane + plane.max(oplane) + s.w) * LANES
+    (g + ph * pw + plane + plane.max(oplane) + s.w + 3 * GATHER_SLACK) * LANES
 }
 
 /// The output gradient padded for the gather: `top` zero rows above and `left` columns to
@@ -124,9 +125,9 @@ pub fn backward_inline<M: DwInner>(
     let scratch = scratch[..backward_scratch_len(s)].as_chunks_mut::<LANES>().0;
     let (g, rest) = scratch.split_at_mut(g_len + GATHER_SLACK);
     let (xp, rest) = rest.split_at_mut(ph * pw);
-    let (dxp, rest) = rest.split_at_mut(plane);
+    let (dxp, rest) = rest.split_at_mut(plane + GATHER_SLACK);
     let (stage, rest) = rest.split_at_mut(plane.max(oplane));
-    let row = &mut rest[..s.w];
+    let row = &mut rest[..s.w + GATHER_SLACK];
     // The padding stays zero: the interiors of `g` and `xp` are rewritten for every block.
     if gather {
         g.fill(ZERO);
@@ -194,8 +195,10 @@ pub fn backward_inline<M: DwInner>(
             for (&t, wt) in order[..taps].iter().zip(&mut wv) {
                 *wt = lanes[t];
             }
-            // Row `iy` of the block's input gradient at `dxp[iy · w ..]`, phase by phase.
-            for (iy, out) in dxp.chunks_exact_mut(s.w).enumerate() {
+            // Row `iy` of the block's input gradient at `dxp[iy · w ..]`, phase by phase; rows
+            // in order, as a row's last strip may run into the next.
+            for iy in 0..s.h {
+                let out = &mut dxp[iy * s.w..];
                 let py = iy + s.pad[0];
                 for rx in 0..s.sw {
                     // The row's positions in this column phase: `ix0, ix0 + sw, …`.
@@ -208,17 +211,16 @@ pub fn backward_inline<M: DwInner>(
                     let count = (s.w - ix0).div_ceil(s.sw);
                     let at = py / s.sh * g_ld + (ix0 + s.pad[1]) / s.sw;
                     if s.sw == 1 {
-                        gather_row::<M>(g, &from[t0..t1], at, &wv[t0..t1], out);
+                        gather_row::<M>(g, &from[t0..t1], at, &wv[t0..t1], out, count);
                     } else {
-                        let part = &mut row[..count];
-                        gather_row::<M>(g, &from[t0..t1], at, &wv[t0..t1], part);
-                        for (d, v) in out[ix0..].iter_mut().step_by(s.sw).zip(part.iter()) {
+                        gather_row::<M>(g, &from[t0..t1], at, &wv[t0..t1], row, count);
+                        for (d, v) in out[ix0..s.w].iter_mut().step_by(s.sw).zip(&row[..count]) {
                             *d = *v;
                         }
                     }
                 }
             }
-            store_planes::<M>(dxp, stage.as_flattened_mut(), dx, *store, c0 * plane, n);
+            store_planes::<M>(&dxp[..plane], stage.as_flattened_mut(), dx, *store, c0 * plane, n);
         }
     }
 }
@@ -243,31 +245,29 @@ fn store_planes<M: DwInner>(src: &[V], out: &mut [f32], dx: &mut [f32], store: S
     }
 }
 
-/// `acc[i] = Σ_t g[from[t] + at + i] · w[t]`: eight positions at a time in registers
-/// ([`DwInner::gather_strip`]). The last one to seven positions are a strip of four or eight
-/// too, so `g` must hold [`GATHER_SLACK`] vectors past the last position read (one chain of
-/// dependent adds ran at a quarter of the speed; strips of two and three, which LLVM's SLP
-/// vectoriser reshuffles across lanes, at about a third).
+/// `acc[i] = Σ_t g[from[t] + at + i] · w[t]` for `i < len`: eight positions at a time in
+/// registers ([`DwInner::gather_strip`]). The last one to seven positions are a strip of four
+/// or eight too, written in place: `acc` holds `len` rounded up to four (at most
+/// [`GATHER_SLACK`] more), and `g` [`GATHER_SLACK`] vectors past the last position read.
+/// (One chain of dependent adds ran at a quarter of the speed; strips of two and three, which
+/// LLVM's SLP vectoriser reshuffles across lanes, at about a third; copying a short strip
+/// out of a buffer called memmove, 11 % of the time on 3×3 planes.)
 #[inline(always)]
-fn gather_row<M: DwInner>(g: &[V], from: &[usize], at: usize, w: &[V], acc: &mut [V]) {
-    let (strips, rest) = acc.as_chunks_mut::<8>();
-    let mut i = at;
-    for out in strips {
-        M::gather_strip::<8>(g, from, i, w, out);
+fn gather_row<M: DwInner>(g: &[V], from: &[usize], at: usize, w: &[V], acc: &mut [V], len: usize) {
+    assert!(acc.len() >= len.next_multiple_of(4));
+    let mut i = 0;
+    while i + 4 < len {
+        let out = acc[i..].first_chunk_mut::<8>().expect("acc holds the strip");
+        M::gather_strip::<8>(g, from, at + i, w, out);
         i += 8;
     }
-    if rest.len() > 4 {
-        let mut out = [ZERO; 8];
-        M::gather_strip::<8>(g, from, i, w, &mut out);
-        rest.copy_from_slice(&out[..rest.len()]);
-    } else if !rest.is_empty() {
-        let mut out = [ZERO; 4];
-        M::gather_strip::<4>(g, from, i, w, &mut out);
-        rest.copy_from_slice(&out[..rest.len()]);
+    if i < len {
+        let out = acc[i..].first_chunk_mut::<4>().expect("acc holds the strip");
+        M::gather_strip::<4>(g, from, at + i, w, out);
     }
 }
 
-/// Vectors [`gather_row`] may read past the gather's plane.
+/// Vectors [`gather_row`] may read past the gather's plane, and write past a row's end.
 const GATHER_SLACK: usize = 3;
 
 /// The output gradient as the kernel gradient reads it: `rows × cols` vectors, row `oy` at
@@ -293,10 +293,7 @@ fn backward_kernel_grad<M: DwInner, const KW: usize>(
 ) {
     for ky in 0..s.kh {
         let mut a = [[ZERO; KW]; 2];
-        for oy in 0..g.rows {
-            let row = &xp[(oy * s.sh + ky * s.dh) * pw..][..pw];
-            M::grad_row::<KW>(row, &g.v[oy * g.ld..][..g.cols], s.sw, s.dw, &mut a);
-        }
+        M::grad_rows::<KW>(&xp[ky * s.dh * pw..], s.sh * pw, g.v, g.ld, g.rows, g.cols, s.sw, s.dw, &mut a);
         for kx in 0..KW {
             for l in 0..LANES {
                 sums[ky * KW + kx][l] = a[0][kx][l] + a[1][kx][l];

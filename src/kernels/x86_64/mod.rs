@@ -199,18 +199,25 @@ impl depthwise::DwInner for Avx2Fma {
     }
 
     #[inline(always)]
-    fn grad_row<const KW: usize>(
-        row: &[[f32; 8]],
+    fn grad_rows<const KW: usize>(
+        x: &[[f32; 8]],
+        x_ld: usize,
         g: &[[f32; 8]],
+        g_ld: usize,
+        rows: usize,
+        cols: usize,
         sw: usize,
         dw: usize,
         acc: &mut [[[f32; 8]; KW]; 2],
     ) {
-        let reach = g.len().saturating_sub(1) * sw + (KW - 1) * dw + 1;
-        assert!(row.len() >= reach);
-        // SAFETY: every load reads g[ox] with ox < g.len(), or row[ox * sw + kx * dw] with
-        // kx < KW, in bounds by the assertion; AVX2: see `Avx2Fma`.
-        unsafe { grad_row_avx2::<KW>(row, g, sw, dw, acc) }
+        if rows == 0 || cols == 0 {
+            return;
+        }
+        let reach = (rows - 1) * x_ld + (cols - 1) * sw + (KW - 1) * dw + 1;
+        assert!(g.len() >= (rows - 1) * g_ld + cols && x.len() >= reach);
+        // SAFETY: every load reads g[oy * g_ld + ox] or x[oy * x_ld + ox * sw + kx * dw] with
+        // oy < rows, ox < cols, kx < KW, in bounds by the assertion; AVX2: see `Avx2Fma`.
+        unsafe { grad_rows_avx2::<KW>(x, x_ld, g, g_ld, rows, cols, sw, dw, acc) }
     }
 
     #[inline(always)]
@@ -359,13 +366,19 @@ unsafe fn gather_strip_avx2<const R: usize>(
     }
 }
 
-/// See [`depthwise::DwInner::grad_row`]: the `2 · KW` sums in registers for the row, each
-/// product a multiply and an add (not fused); the caller checks the bounds.
+/// See [`depthwise::DwInner::grad_rows`]: the `2 · KW` sums in registers for all the rows
+/// (loaded and stored once per row, they were most of the work on planes of a few
+/// positions), each product a multiply and an add (not fused); the caller checks the bounds.
+#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2")]
 #[inline]
-unsafe fn grad_row_avx2<const KW: usize>(
-    row: &[[f32; 8]],
+unsafe fn grad_rows_avx2<const KW: usize>(
+    x: &[[f32; 8]],
+    x_ld: usize,
     g: &[[f32; 8]],
+    g_ld: usize,
+    rows: usize,
+    cols: usize,
     sw: usize,
     dw: usize,
     acc: &mut [[[f32; 8]; KW]; 2],
@@ -375,22 +388,24 @@ unsafe fn grad_row_avx2<const KW: usize>(
     unsafe {
         let mut a: [[__m256; KW]; 2] =
             core::array::from_fn(|h| core::array::from_fn(|kx| _mm256_loadu_ps(acc[h][kx].as_ptr())));
-        let x = row.as_ptr().cast::<f32>();
-        let step = |a: &mut [__m256; KW], ox: usize| {
-            let gv = _mm256_loadu_ps(g.as_ptr().add(ox).cast());
-            let p = x.add(ox * sw * 8);
-            for (kx, ak) in a.iter_mut().enumerate() {
-                *ak = _mm256_add_ps(*ak, _mm256_mul_ps(gv, _mm256_loadu_ps(p.add(kx * dw * 8))));
+        for oy in 0..rows {
+            let (gr, xr) = (g.as_ptr().add(oy * g_ld).cast::<f32>(), x.as_ptr().add(oy * x_ld).cast::<f32>());
+            let step = |a: &mut [__m256; KW], ox: usize| {
+                let gv = _mm256_loadu_ps(gr.add(ox * 8));
+                let p = xr.add(ox * sw * 8);
+                for (kx, ak) in a.iter_mut().enumerate() {
+                    *ak = _mm256_add_ps(*ak, _mm256_mul_ps(gv, _mm256_loadu_ps(p.add(kx * dw * 8))));
+                }
+            };
+            // Pairs of columns, even ones into the first set, as `grad_row` does.
+            let pairs = cols / 2 * 2;
+            for ox in (0..pairs).step_by(2) {
+                step(&mut a[0], ox);
+                step(&mut a[1], ox + 1);
             }
-        };
-        // Pairs of columns, so that the two sets stay in registers.
-        let pairs = g.len() / 2 * 2;
-        for ox in (0..pairs).step_by(2) {
-            step(&mut a[0], ox);
-            step(&mut a[1], ox + 1);
-        }
-        if pairs < g.len() {
-            step(&mut a[0], pairs);
+            if pairs < cols {
+                step(&mut a[0], pairs);
+            }
         }
         for h in 0..2 {
             for kx in 0..KW {
