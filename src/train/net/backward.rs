@@ -199,15 +199,15 @@ impl Net<'_> {
                     zero_fresh(&mut fresh, params, *gamma);
                     zero_fresh(&mut fresh, params, *beta);
                     let (gp, bp) = pair(params, *gamma, *beta);
-                    let clamped = clamp.map(|(lo, hi)| norm::Clamped { y: &self.values[i + 1], lo, hi });
                     norm::affine_backward(
                         *c,
                         *plane,
                         batch,
                         x,
                         &gp.value,
+                        &bp.value,
                         &dy,
-                        clamped,
+                        *clamp,
                         dx.as_deref_mut().map(|d| (d, store)),
                         &mut gp.grad,
                         &mut bp.grad,

@@ -336,7 +336,7 @@ pub fn affine_forward(
     });
 }
 
-/// The clamp fused into a norm or an affine: its bounds and the op's output `y`. The
+/// The clamp fused into a batch norm: its bounds and the norm's output `y`. The
 /// gradient passes where `lo < y < hi` (where the clamp's input was inside the bounds), with
 /// the bits of `act::clamp_backward` storing into a fresh buffer (a −0 becomes +0).
 #[derive(Clone, Copy)]
@@ -364,7 +364,10 @@ fn pass<'s>(clamped: Option<Clamped>, dy: &'s [f32], at: usize, len: usize, buf:
 }
 
 /// Gradients of [`affine_forward`]: added into `dgamma`, `dbeta`; stored into `dx`. With a
-/// fused clamp, `dy` is the clamped output's gradient, passed as [`Clamped`] says.
+/// fused clamp (`clamp`, as in the forward), `dy` is the clamped output's gradient: it passes
+/// where `lo < x·γ + β < hi`, that sum recomputed from `x` as the forward made it (so the
+/// output need not be read: one stream fewer of the four), with the bits of
+/// `act::clamp_backward` storing into a fresh buffer (a −0 becomes +0).
 #[allow(clippy::too_many_arguments)]
 pub fn affine_backward(
     ch: usize,
@@ -372,8 +375,9 @@ pub fn affine_backward(
     batch: usize,
     x: &[f32],
     gamma: &[f32],
+    beta: &[f32],
     dy: &[f32],
-    clamped: Option<Clamped>,
+    clamp: Option<(f32, f32)>,
     dx: Option<(&mut [f32], Store)>,
     dgamma: &mut [f32],
     dbeta: &mut [f32],
@@ -387,10 +391,21 @@ pub fn affine_backward(
     let store = dx.as_ref().map_or(Store::Add, |d| d.1);
     let one = |b: usize, sums: &mut [(f32, f32)], mut dxs: Option<&mut [f32]>| {
         // The clamp's gradient for one channel, kept in L1 for its three uses.
-        let mut passed = vec![0.0f32; if clamped.is_some() { plane } else { 0 }];
+        let mut passed = vec![0.0f32; if clamp.is_some() { plane } else { 0 }];
         for (c, s) in sums.iter_mut().enumerate() {
-            let g = pass(clamped, dy, (b * ch + c) * plane, plane, &mut passed);
+            let at = (b * ch + c) * plane;
             let xc = channel(x, b, c, ch, plane);
+            let g = match clamp {
+                Some((lo, hi)) => {
+                    let (gc, bc) = (gamma[c], beta[c]);
+                    for ((p, &d), &v) in passed.iter_mut().zip(&dy[at..at + plane]).zip(xc) {
+                        let t = v * gc + bc;
+                        *p = 0.0 + if (t > lo) & (t < hi) { d } else { 0.0 };
+                    }
+                    &passed[..]
+                }
+                None => &dy[at..at + plane],
+            };
             // Eight partial sums each (a single running sum is a chain of dependent adds
             // that does not vectorise: it was 5 % of a Lite0 CLR step).
             let (mut sg, mut sb) = ([0.0f32; 8], [0.0f32; 8]);

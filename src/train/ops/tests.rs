@@ -210,7 +210,7 @@ fn batch_norm_gradients_in_both_modes() {
         dot(&y, &rr)
     };
     let (mut dx, mut dg, mut db) = (vec![0.0; n], vec![0.0; ch], vec![0.0; ch]);
-    norm::affine_backward(ch, plane, batch, &x, &g, &rr, None, Some((&mut dx, Store::Add)), &mut dg, &mut db);
+    norm::affine_backward(ch, plane, batch, &x, &g, &bt, &rr, None, Some((&mut dx, Store::Add)), &mut dg, &mut db);
     let (g0, b0, x0) = (g.clone(), bt.clone(), x.clone());
     check("affine dx", &mut x, &dx, |x| fa(x, &g0, &b0));
     check("affine dgamma", &mut g, &dg, |g| fa(&x0, g, &b0));
@@ -531,10 +531,10 @@ fn fused_affine_clamp_equals_the_two_ops() {
             let mut da = vec![0.0; n];
             act::clamp_backward(&a, &dy, &mut da, lo, hi, Store::Set);
             let (mut dxw, mut dgw, mut dbw) = (vec![0.5; n], vec![0.25; ch], vec![0.0; ch]);
-            norm::affine_backward(ch, plane, batch, &x, &g, &da, None, Some((&mut dxw, store)), &mut dgw, &mut dbw);
+            norm::affine_backward(ch, plane, batch, &x, &g, &b, &da, None, Some((&mut dxw, store)), &mut dgw, &mut dbw);
             let (mut dxg, mut dgg, mut dbg) = (vec![0.5; n], vec![0.25; ch], vec![0.0; ch]);
-            let cl = norm::Clamped { y: &got, lo, hi };
-            norm::affine_backward(ch, plane, batch, &x, &g, &dy, Some(cl), Some((&mut dxg, store)), &mut dgg, &mut dbg);
+            let cl = Some((lo, hi));
+            norm::affine_backward(ch, plane, batch, &x, &g, &b, &dy, cl, Some((&mut dxg, store)), &mut dgg, &mut dbg);
             assert_eq!((bits(&dxg), bits(&dgg), bits(&dbg)), (bits(&dxw), bits(&dgw), bits(&dbw)), "{lo} {hi}");
         }
     }
@@ -641,7 +641,9 @@ fn stored_gradients_set_as_adding_onto_zeros() {
         match op {
             0 => act::clamp_backward(&x, &dy, &mut dx, 0.0, 6.0, store),
             1 => act::accumulate(&dy, &mut dx, store),
-            2 => norm::affine_backward(ch, plane, batch, &x, &g, &dy, None, Some((&mut dx, store)), &mut dg, &mut db),
+            2 => {
+                norm::affine_backward(ch, plane, batch, &x, &g, &g, &dy, None, Some((&mut dx, store)), &mut dg, &mut db)
+            }
             _ => norm::train_backward(
                 ch,
                 plane,
@@ -750,6 +752,7 @@ fn split_ops_are_thread_independent() {
                 batch,
                 &x,
                 &g,
+                &b,
                 &dy,
                 None,
                 Some((&mut adx, Store::Add)),
