@@ -19,6 +19,7 @@ pub struct Saved {
 /// value to f64 held the sums to two values per instruction on baseline x86-64 (batch norm
 /// was still a tenth of a GEMResNet step), and a block's f32 sum of 32 values loses about as
 /// little as the f32 products that feed it.
+use super::act::through_clamp;
 use super::Store;
 
 const LANES: usize = 8;
@@ -237,22 +238,21 @@ pub fn train_backward(
             lanes2(a, g, &x[at..at + plane], |g, v| (g, g * ((v - m) * is)));
         }
     });
-    let sums: Vec<(f64, f64)> = sums.iter().map(|s| (s[0], s[1])).collect();
     if let Some(db) = dbeta {
         for (d, s) in db.iter_mut().zip(&sums) {
-            *d += s.0 as f32;
+            *d += s[0] as f32;
         }
     }
     if let Some(dg) = dgamma {
         for (d, s) in dg.iter_mut().zip(&sums) {
-            *d += s.1 as f32;
+            *d += s[1] as f32;
         }
     }
     if let Some((dx, store)) = dx {
         let coef: Vec<(f32, f32, f32, f32, f32)> = sums
             .iter()
             .enumerate()
-            .map(|(c, &(sdy, sdyx))| {
+            .map(|(c, &[sdy, sdyx])| {
                 let g = gamma.map_or(1.0, |g| g[c]);
                 (saved.mean[c], saved.inv_std[c], g * saved.inv_std[c], (sdy / n) as f32, (sdyx / n) as f32)
             })
@@ -355,7 +355,7 @@ fn pass<'s>(clamped: Option<Clamped>, dy: &'s [f32], at: usize, len: usize, buf:
         Some(Clamped { y, lo, hi }) => {
             let buf = &mut buf[..len];
             for ((p, &d), &v) in buf.iter_mut().zip(dy).zip(&y[at..at + len]) {
-                *p = 0.0 + if (v > lo) & (v < hi) { d } else { 0.0 };
+                *p = 0.0 + through_clamp(v, lo, hi, d);
             }
             buf
         }
@@ -399,8 +399,7 @@ pub fn affine_backward(
                 Some((lo, hi)) => {
                     let (gc, bc) = (gamma[c], beta[c]);
                     for ((p, &d), &v) in passed.iter_mut().zip(&dy[at..at + plane]).zip(xc) {
-                        let t = v * gc + bc;
-                        *p = 0.0 + if (t > lo) & (t < hi) { d } else { 0.0 };
+                        *p = 0.0 + through_clamp(v * gc + bc, lo, hi, d);
                     }
                     &passed[..]
                 }
