@@ -563,7 +563,7 @@ where
 {
     let chunk = chunk.max(1);
     #[cfg(feature = "std")]
-    if work >= PAR_MIN_WORK && data.len() > chunk && rayon::current_num_threads() > 1 {
+    if work >= PAR_MIN_WORK && data.len() > chunk && threads() > 1 {
         use rayon::prelude::*;
         data.par_chunks_mut(chunk).enumerate().for_each(|(i, c)| f(i, c));
         return;
@@ -584,7 +584,7 @@ where
     let (chunk, aux_chunk) = (chunk.max(1), aux_chunk.max(1));
     assert!(aux.len() / aux_chunk >= data.len().div_ceil(chunk), "scratch for too few tasks");
     #[cfg(feature = "std")]
-    if work >= PAR_MIN_WORK && data.len() > chunk && rayon::current_num_threads() > 1 {
+    if work >= PAR_MIN_WORK && data.len() > chunk && threads() > 1 {
         use rayon::prelude::*;
         data.par_chunks_mut(chunk).zip(aux.par_chunks_mut(aux_chunk)).enumerate().for_each(|(i, (c, a))| f(i, c, a));
         return;
@@ -605,14 +605,39 @@ pub fn tasks_for(work: usize) -> usize {
     }
 }
 
-/// Number of worker threads the kernels will split work over.
+/// Number of worker threads the kernels will split work over: the rayon pool's, or 1 inside
+/// [`serial`].
 pub fn threads() -> usize {
     #[cfg(feature = "std")]
     {
-        rayon::current_num_threads()
+        if SERIAL.get() {
+            1
+        } else {
+            rayon::current_num_threads()
+        }
     }
     #[cfg(not(feature = "std"))]
     {
         1
     }
+}
+
+#[cfg(feature = "std")]
+std::thread_local! {
+    static SERIAL: core::cell::Cell<bool> = const { core::cell::Cell::new(false) };
+}
+
+/// Runs `f` with every kernel on the calling thread ([`threads`] is 1 inside): for work that
+/// is already one of several parallel tasks. Nothing inside then waits on the pool, so this
+/// thread never picks up another task while it holds a per-thread buffer.
+#[cfg(feature = "std")]
+pub fn serial<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            SERIAL.set(self.0);
+        }
+    }
+    let _restore = Restore(SERIAL.replace(true));
+    f()
 }

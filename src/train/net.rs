@@ -161,6 +161,13 @@ pub struct Net<'a> {
     batch: usize,
     /// Sparse forms of masked weight params, by param index ([`Net::set_sparse`]).
     sparse: Vec<Option<SparseW>>,
+    /// How the last forward pass ran the nodes ([`Net::plan`]); the backward pass follows it.
+    runs: Vec<samples::Run>,
+    /// Runs may go sample by sample (the default); off, every node goes over the whole batch,
+    /// the pass the tests compare them with.
+    sample_runs: bool,
+    /// Per-sample partial gradients of the params in runs that go sample by sample.
+    partials: Vec<f32>,
 }
 
 impl<'a> Net<'a> {
@@ -184,6 +191,9 @@ impl<'a> Net<'a> {
             saved: Vec::new(),
             batch: 0,
             sparse: Vec::new(),
+            runs: Vec::new(),
+            sample_runs: true,
+            partials: Vec::new(),
         };
         let layers = bb.layers();
         let view = bb.view();
@@ -361,19 +371,18 @@ impl<'a> Net<'a> {
             .map_or(self.nodes.len(), |i| self.nodes[i].input)
     }
 
-    /// Output (and kept values) for `batch` samples of `x`.
+    /// Output (and kept values) for `batch` samples of `x`. Runs of nodes whose activations
+    /// dwarf their weights go sample by sample ([`Net::plan`]), the others layer by layer.
     pub fn forward(&mut self, k: &Kernels, x: &[f32], batch: usize) -> &[f32] {
         self.batch = batch;
-        self.values.resize(self.nodes.len() + 1, Vec::new());
-        self.saved.resize(self.nodes.len(), norm::Saved::default());
+        let n = self.nodes.len();
+        self.values.resize(n + 1, Vec::new());
+        self.saved.resize(n, norm::Saved::default());
         let v0 = &mut self.values[0];
         v0.clear();
         v0.extend_from_slice(&x[..batch * self.in_shape.len()]);
-        for i in 0..self.nodes.len() {
-            let (done, rest) = self.values.split_at_mut(i + 1);
-            let y = &mut rest[0];
-            let node = &self.nodes[i];
-            // Every op below writes all of `y`, so a buffer of the right size is not zeroed
+        for (y, node) in self.values[1..].iter_mut().zip(&self.nodes) {
+            // Every op writes all of its output, so a buffer of the right size is not zeroed
             // again (it was 9 % of a Lite0 CLR step); debug builds fill it with NaN instead,
             // so that the tests catch an op that leaves some of it unwritten.
             let len = batch * node.out.len();
@@ -383,82 +392,74 @@ impl<'a> Net<'a> {
             }
             #[cfg(debug_assertions)]
             y.fill(f32::NAN);
-            let x = &done[node.input];
-            let params = &mut self.params;
-            match &node.op {
-                NodeOp::Conv { s, w: src, bias, clamp } => {
-                    let wt = weights(params, &self.frozen, *src);
-                    let sp = sparse_of(&self.sparse, params, *src);
-                    conv::forward_clamped(k, s, wt, *bias, *clamp, x, batch, y, sp)
+        }
+        self.runs = self.plan(batch);
+        for r in 0..self.runs.len() {
+            let run = self.runs[r].clone();
+            if run.by_sample {
+                self.forward_samples(k, run.nodes);
+            } else {
+                for i in run.nodes {
+                    self.forward_layer(k, i);
                 }
-                NodeOp::Linear { in_f, out_f, w: src, bias } => {
-                    let wt = weights(params, &self.frozen, *src);
-                    let sp = sparse_of(&self.sparse, params, *src);
-                    linear::forward(k, *in_f, *out_f, wt, *bias, x, batch, y, sp)
-                }
-                NodeOp::Head { in_f, out_f, w, b } => linear::forward(
-                    k,
-                    *in_f,
-                    *out_f,
-                    Weights::F32(&params[*w].value),
-                    Some(&params[*b].value),
-                    x,
-                    batch,
-                    y,
-                    None,
-                ),
-                NodeOp::Norm { c, plane, eps, mean, var, gamma, beta, clamp } => {
-                    let g = gamma.map(|g| params[g].value.clone());
-                    let bt = beta.map(|b| params[b].value.clone());
-                    if self.train_mode {
-                        let (mut rm, mut rv) =
-                            (core::mem::take(&mut params[*mean].value), core::mem::take(&mut params[*var].value));
-                        self.saved[i] = norm::train_forward(
-                            *c,
-                            *plane,
-                            batch,
-                            x,
-                            g.as_deref(),
-                            bt.as_deref(),
-                            *eps,
-                            self.momentum,
-                            &mut rm,
-                            &mut rv,
-                            *clamp,
-                            y,
-                        );
-                        params[*mean].value = rm;
-                        params[*var].value = rv;
-                    } else {
-                        norm::eval_forward(
-                            *c,
-                            *plane,
-                            batch,
-                            x,
-                            g.as_deref(),
-                            bt.as_deref(),
-                            *eps,
-                            &params[*mean].value,
-                            &params[*var].value,
-                            *clamp,
-                            y,
-                        )
-                    }
-                }
-                NodeOp::Affine { c, plane, gamma, beta, clamp } => {
-                    norm::affine_forward(*c, *plane, batch, x, &params[*gamma].value, &params[*beta].value, *clamp, y)
-                }
-                NodeOp::Reprogram { s, k: kp } => {
-                    conv::forward(k, s, Weights::F32(&params[*kp].value), None, x, batch, y, None)
-                }
-                NodeOp::Clamp { lo, hi } => act::clamp_forward(x, y, *lo, *hi),
-                NodeOp::Add { other } => act::add_forward(x, &done[*other], y),
-                NodeOp::Pool { s, max } => pool::forward(s, *max, x, batch, y),
-                NodeOp::GlobalPool { c, plane } => pool::global_forward(*c, *plane, x, batch, y),
-                NodeOp::Flatten => y.copy_from_slice(x),
             }
         }
-        &self.values[self.nodes.len()]
+        &self.values[n]
+    }
+
+    /// Node `i`'s forward over the whole batch.
+    fn forward_layer(&mut self, k: &Kernels, i: usize) {
+        let batch = self.batch;
+        let (done, rest) = self.values.split_at_mut(i + 1);
+        let (y, x) = (&mut rest[0], &done[self.nodes[i].input]);
+        if let (NodeOp::Norm { c, plane, eps, mean, var, gamma, beta, clamp }, true) =
+            (&self.nodes[i].op, self.train_mode)
+        {
+            // Batch statistics: the one op that reads across samples and changes params.
+            let params = &mut self.params;
+            let g = gamma.map(|g| params[g].value.clone());
+            let bt = beta.map(|b| params[b].value.clone());
+            let (mut rm, mut rv) =
+                (core::mem::take(&mut params[*mean].value), core::mem::take(&mut params[*var].value));
+            self.saved[i] = norm::train_forward(
+                *c,
+                *plane,
+                batch,
+                x,
+                g.as_deref(),
+                bt.as_deref(),
+                *eps,
+                self.momentum,
+                &mut rm,
+                &mut rv,
+                *clamp,
+                y,
+            );
+            params[*mean].value = rm;
+            params[*var].value = rv;
+            return;
+        }
+        let mut values = core::mem::take(&mut self.values);
+        let node = &self.nodes[i];
+        let (done, rest) = values.split_at_mut(i + 1);
+        let other = match node.op {
+            NodeOp::Add { other } => &done[other][..],
+            _ => &[],
+        };
+        forward_op(k, self.ctx(), node, &done[node.input], other, &mut rest[0], batch);
+        self.values = values;
+    }
+
+    /// What the ops read besides values and gradients.
+    fn ctx(&self) -> Ctx<'_> {
+        Ctx {
+            params: &self.params,
+            frozen: &self.frozen,
+            sparse: &self.sparse,
+            transposed: &self.transposed,
+            saved: &self.saved,
+            train_mode: self.train_mode,
+        }
     }
 
     /// A kept value of the last forward pass (`batch × shape`).
@@ -621,6 +622,77 @@ fn sparse_of<'s>(sparse: &'s [Option<SparseW>], params: &[Param], w: WSrc) -> Op
     Some(sp)
 }
 
+/// What a node's ops read besides values and gradients ([`Net::ctx`]): shared by the
+/// samples' tasks of a run that goes sample by sample.
+#[derive(Clone, Copy)]
+struct Ctx<'n> {
+    params: &'n [Param],
+    frozen: &'n [Vec<f32>],
+    sparse: &'n [Option<SparseW>],
+    /// Per node: the kept transpose of a frozen conv's weights, or empty.
+    transposed: &'n [Vec<f32>],
+    /// Per node: a batch norm's batch statistics from the forward pass.
+    saved: &'n [norm::Saved],
+    train_mode: bool,
+}
+
+impl<'n> Ctx<'n> {
+    fn weights<'a: 'n>(&self, w: WSrc<'a>) -> Weights<'n> {
+        weights(self.params, self.frozen, w)
+    }
+}
+
+/// `y` = node's op of `x` (and of `other`, an add's second input) for `batch` samples; a
+/// batch norm with running statistics (evaluation mode) only.
+fn forward_op(k: &Kernels, ctx: Ctx, node: &Node, x: &[f32], other: &[f32], y: &mut [f32], batch: usize) {
+    let params = ctx.params;
+    match &node.op {
+        NodeOp::Conv { s, w: src, bias, clamp } => {
+            let sp = sparse_of(ctx.sparse, params, *src);
+            conv::forward_clamped(k, s, ctx.weights(*src), *bias, *clamp, x, batch, y, sp)
+        }
+        NodeOp::Linear { in_f, out_f, w: src, bias } => {
+            let sp = sparse_of(ctx.sparse, params, *src);
+            linear::forward(k, *in_f, *out_f, ctx.weights(*src), *bias, x, batch, y, sp)
+        }
+        NodeOp::Head { in_f, out_f, w, b } => linear::forward(
+            k,
+            *in_f,
+            *out_f,
+            Weights::F32(&params[*w].value),
+            Some(&params[*b].value),
+            x,
+            batch,
+            y,
+            None,
+        ),
+        NodeOp::Norm { c, plane, eps, mean, var, gamma, beta, clamp } => norm::eval_forward(
+            *c,
+            *plane,
+            batch,
+            x,
+            gamma.map(|g| &params[g].value[..]),
+            beta.map(|b| &params[b].value[..]),
+            *eps,
+            &params[*mean].value,
+            &params[*var].value,
+            *clamp,
+            y,
+        ),
+        NodeOp::Affine { c, plane, gamma, beta, clamp } => {
+            norm::affine_forward(*c, *plane, batch, x, &params[*gamma].value, &params[*beta].value, *clamp, y)
+        }
+        NodeOp::Reprogram { s, k: kp } => {
+            conv::forward(k, s, Weights::F32(&params[*kp].value), None, x, batch, y, None)
+        }
+        NodeOp::Clamp { lo, hi } => act::clamp_forward(x, y, *lo, *hi),
+        NodeOp::Add { .. } => act::add_forward(x, other, y),
+        NodeOp::Pool { s, max } => pool::forward(s, *max, x, batch, y),
+        NodeOp::GlobalPool { c, plane } => pool::global_forward(*c, *plane, x, batch, y),
+        NodeOp::Flatten => y.copy_from_slice(x),
+    }
+}
+
 /// The weights of a conv/linear.
 fn weights<'p, 'a: 'p>(params: &'p [Param], frozen: &'p [Vec<f32>], w: WSrc<'a>) -> Weights<'p> {
     match w {
@@ -631,5 +703,6 @@ fn weights<'p, 'a: 'p>(params: &'p [Param], frozen: &'p [Vec<f32>], w: WSrc<'a>)
 }
 
 mod backward;
+mod samples;
 #[cfg(test)]
 mod tests;

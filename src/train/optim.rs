@@ -111,7 +111,7 @@ impl Optimizer {
             *v = vec![0.0; value.len()];
         }
         const CHUNK: usize = 1 << 14;
-        if value.len() >= 4 * CHUNK && rayon::current_num_threads() > 1 {
+        if value.len() >= 4 * CHUNK && crate::kernels::threads() > 1 {
             use rayon::prelude::*;
             value
                 .par_chunks_mut(CHUNK)

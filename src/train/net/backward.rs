@@ -1,7 +1,9 @@
 //! The backward pass of [`Net`]: from the output gradient back to the earliest trained
-//! parameter, each node's gradient function from `train::ops` in reverse order.
+//! parameter, each node's gradient function from `train::ops` in reverse order, over the
+//! whole batch or, in the runs the forward pass took so, sample by sample
+//! ([`super::samples`]).
 
-use super::{sparse_of, Net, Node, NodeOp, Param, WSrc};
+use super::{sparse_of, Ctx, Net, Node, NodeOp, Param, WSrc};
 use crate::kernels::{Kernels, Weights};
 use crate::train::ops::{act, conv, linear, norm, pool, Store};
 
@@ -48,242 +50,285 @@ impl Net<'_> {
 
     fn backward_pass(&mut self, k: &Kernels, dout: &[f32], over: bool) {
         let n = self.nodes.len();
-        // fresh[p]: an overwriting pass has not yet stored into param p's gradient.
-        let mut fresh: Vec<bool> = self.params.iter().map(|p| over && p.trained).collect();
-        let batch = self.batch;
         // need[v]: some trained parameter lies at or before value v.
         let mut need = vec![false; n + 1];
         for (i, node) in self.nodes.iter().enumerate() {
             let other = if let NodeOp::Add { other } = node.op { need[other] } else { false };
             need[i + 1] = self.trains(node) || need[node.input] || other;
         }
-        // Gradient buffers are kept between passes with what they held; `written[v]`: value
-        // v has had a gradient stored in this pass. The first gradient a value gets is
-        // written over its buffer by the ops that can ([`Store::Set`]); for the others the
-        // buffer is zeroed first and they add.
+        let mut pass =
+            Pass { fresh: self.params.iter().map(|p| over && p.trained).collect(), need, written: vec![false; n + 1] };
+        // Gradient buffers are kept between passes with what they held.
         let mut grads = core::mem::take(&mut self.grads);
         grads.resize(n + 1, Vec::new());
         self.transposed.resize(n, Vec::new());
-        let mut written = vec![false; n + 1];
         grads[n].clear();
-        grads[n].extend_from_slice(&dout[..batch * self.out_shape().len()]);
-        written[n] = true;
-        for i in (0..n).rev() {
-            if !need[i + 1] || !written[i + 1] {
-                continue;
-            }
-            let mut dy = core::mem::take(&mut grads[i + 1]);
-            let node = &self.nodes[i];
-            let input = node.input;
-            let want_dx = need[input];
-            let store = if written[input] { Store::Add } else { Store::Set };
-            let mut dx = if want_dx {
-                let mut g = core::mem::take(&mut grads[input]);
-                let len = batch * self.value_shape(input).len();
-                if store == Store::Set && !self.sets_dx(node) {
-                    g.clear();
-                }
-                g.resize(len, 0.0);
-                // Debug builds poison a buffer its op writes over, so that the tests catch an
-                // op that leaves some of it unwritten.
-                #[cfg(debug_assertions)]
-                if store == Store::Set && self.sets_dx(node) {
-                    g.fill(f32::NAN);
-                }
-                written[input] = true;
-                Some(g)
+        grads[n].extend_from_slice(&dout[..self.batch * self.out_shape().len()]);
+        pass.written[n] = true;
+        let runs = core::mem::take(&mut self.runs);
+        for run in runs.iter().rev() {
+            if run.by_sample {
+                self.backward_samples(k, run.nodes.clone(), &mut pass, &mut grads);
             } else {
-                None
-            };
-            let x = &self.values[input];
-            let params = &mut self.params;
-            match &node.op {
-                NodeOp::Conv { s, w, clamp, .. } => {
-                    // The fused clamp's gradient, in place: `dy` is not read again.
-                    if let Some((lo, hi)) = *clamp {
-                        act::clamp_mask(&self.values[i + 1], &mut dy, lo, hi);
-                    }
-                    if let WSrc::Param(p) = w {
-                        zero_fresh(&mut fresh, params, *p);
-                    }
-                    let sp = sparse_of(&self.sparse, params, *w);
-                    let (wt, dw) = split_w(params, &self.frozen, *w);
-                    // Frozen weights never change: their transpose is kept from the first use.
-                    let frozen = matches!(w, WSrc::Frozen(_) | WSrc::Dense(_));
-                    let kept = if frozen && dx.is_some() && sp.is_none() && !s.is_depthwise() {
-                        let t = &mut self.transposed[i];
-                        if t.is_empty() {
-                            let wf = conv::dense(wt);
-                            t.resize(wf.len(), 0.0);
-                            conv::transpose_groups(s, &wf, t);
-                        }
-                        Some(&t[..])
-                    } else {
-                        None
-                    };
-                    let dx = dx.as_deref_mut().map(|d| (d, store));
-                    conv::backward(k, s, wt, x, &dy, batch, dx, dw, None, sp, kept)
-                }
-                NodeOp::Linear { in_f, out_f, w, .. } => {
-                    let store = if let WSrc::Param(p) = w { first_store(&mut fresh, params, *p) } else { Store::Add };
-                    let sp = sparse_of(&self.sparse, params, *w);
-                    let (wt, dw) = split_w(params, &self.frozen, *w);
-                    let dw = dw.map(|d| (d, store));
-                    linear::backward(k, *in_f, *out_f, wt, x, &dy, batch, dx.as_deref_mut(), dw, None, sp)
-                }
-                NodeOp::Head { in_f, out_f, w, b } => {
-                    let store = first_store(&mut fresh, params, *w);
-                    zero_fresh(&mut fresh, params, *b);
-                    let (wp, bp) = pair(params, *w, *b);
-                    linear::backward(
-                        k,
-                        *in_f,
-                        *out_f,
-                        Weights::F32(&wp.value),
-                        x,
-                        &dy,
-                        batch,
-                        dx.as_deref_mut(),
-                        Some((&mut wp.grad, store)),
-                        Some(&mut bp.grad),
-                        None,
-                    )
-                }
-                NodeOp::Norm { c, plane, eps, mean, var, gamma, beta, clamp } => {
-                    let clamped = clamp.map(|(lo, hi)| norm::Clamped { y: &self.values[i + 1], lo, hi });
-                    for p in gamma.iter().chain(beta) {
-                        zero_fresh(&mut fresh, params, *p);
-                    }
-                    let g = gamma.map(|g| params[g].value.clone());
-                    let mut dg = gamma.filter(|&g| params[g].trained).map(|g| core::mem::take(&mut params[g].grad));
-                    let mut db = beta.filter(|&b| params[b].trained).map(|b| core::mem::take(&mut params[b].grad));
-                    if self.train_mode {
-                        norm::train_backward(
-                            *c,
-                            *plane,
-                            batch,
-                            x,
-                            &self.saved[i],
-                            g.as_deref(),
-                            &dy,
-                            clamped,
-                            dx.as_deref_mut().map(|d| (d, store)),
-                            dg.as_deref_mut(),
-                            db.as_deref_mut(),
-                        );
-                    } else {
-                        norm::eval_backward(
-                            *c,
-                            *plane,
-                            batch,
-                            x,
-                            g.as_deref(),
-                            *eps,
-                            &params[*mean].value,
-                            &params[*var].value,
-                            &dy,
-                            clamped,
-                            dx.as_deref_mut(),
-                            dg.as_deref_mut(),
-                            db.as_deref_mut(),
-                        );
-                    }
-                    if let (Some(p), Some(v)) = (*gamma, dg) {
-                        params[p].grad = v;
-                    }
-                    if let (Some(p), Some(v)) = (*beta, db) {
-                        params[p].grad = v;
-                    }
-                }
-                NodeOp::Affine { c, plane, gamma, beta, clamp } => {
-                    zero_fresh(&mut fresh, params, *gamma);
-                    zero_fresh(&mut fresh, params, *beta);
-                    let (gp, bp) = pair(params, *gamma, *beta);
-                    norm::affine_backward(
-                        *c,
-                        *plane,
-                        batch,
-                        x,
-                        &gp.value,
-                        &bp.value,
-                        &dy,
-                        *clamp,
-                        dx.as_deref_mut().map(|d| (d, store)),
-                        &mut gp.grad,
-                        &mut bp.grad,
-                    )
-                }
-                NodeOp::Reprogram { s, k: kp } => {
-                    zero_fresh(&mut fresh, params, *kp);
-                    let p = &mut params[*kp];
-                    let dk = p.trained.then_some(&mut p.grad[..]);
-                    conv::backward(
-                        k,
-                        s,
-                        Weights::F32(&p.value),
-                        x,
-                        &dy,
-                        batch,
-                        dx.as_deref_mut().map(|d| (d, store)),
-                        dk,
-                        None,
-                        None,
-                        None,
-                    )
-                }
-                NodeOp::Clamp { lo, hi } => {
-                    if let Some(dx) = dx.as_deref_mut() {
-                        act::clamp_backward(x, &dy, dx, *lo, *hi, store)
-                    }
-                }
-                NodeOp::Add { other } => {
-                    if need[*other] && *other != input {
-                        let mut g = core::mem::take(&mut grads[*other]);
-                        let st = if written[*other] { Store::Add } else { Store::Set };
-                        g.resize(dy.len(), 0.0);
-                        #[cfg(debug_assertions)]
-                        if st == Store::Set {
-                            g.fill(f32::NAN);
-                        }
-                        act::accumulate(&dy, &mut g, st);
-                        written[*other] = true;
-                        grads[*other] = g;
-                    }
-                    if let Some(dx) = dx.as_deref_mut() {
-                        act::accumulate(&dy, dx, store);
-                        // `x + x`: the gradient twice into the one buffer.
-                        if *other == input {
-                            act::accumulate(&dy, dx, Store::Add);
-                        }
-                    }
-                }
-                NodeOp::Pool { s, max } => {
-                    if let Some(dx) = dx.as_deref_mut() {
-                        pool::backward(s, *max, x, &dy, batch, dx)
-                    }
-                }
-                NodeOp::GlobalPool { c, plane } => {
-                    if let Some(dx) = dx.as_deref_mut() {
-                        pool::global_backward(*c, *plane, &dy, batch, dx)
-                    }
-                }
-                NodeOp::Flatten => {
-                    if let Some(dx) = dx.as_deref_mut() {
-                        act::accumulate(&dy, dx, store)
-                    }
+                for i in run.nodes.clone().rev() {
+                    self.backward_layer(k, i, &mut pass, &mut grads);
                 }
             }
-            if let Some(dx) = dx {
-                grads[input] = dx;
-            }
-            grads[i + 1] = dy;
         }
+        self.runs = runs;
         self.grads = grads;
         // Trained params no node reached: zero, as after `zero_grad`.
-        for (p, _) in fresh.iter().enumerate().filter(|(_, &f)| f) {
+        for (p, _) in pass.fresh.iter().enumerate().filter(|(_, &f)| f) {
             self.params[p].grad.fill(0.0);
         }
     }
+
+    /// The bookkeeping before node `i`'s backward, in the pass's order: `None` when it has
+    /// nothing to do; else how it stores into its input gradients. The first gradient a value
+    /// gets is written over its buffer by the ops that can ([`Store::Set`]); for the others
+    /// the buffer is zeroed first ([`prepare`]) and they add.
+    pub(super) fn step(&mut self, i: usize, pass: &mut Pass) -> Option<Step> {
+        let node = &self.nodes[i];
+        if !pass.need[i + 1] || !pass.written[i + 1] {
+            return None;
+        }
+        let input = node.input;
+        let store = |v: usize, pass: &mut Pass| {
+            let s = if pass.written[v] { Store::Add } else { Store::Set };
+            pass.written[v] = true;
+            s
+        };
+        let dx = pass.need[input].then(|| store(input, pass));
+        let other = match node.op {
+            NodeOp::Add { other } if pass.need[other] && other != input => Some(store(other, pass)),
+            _ => None,
+        };
+        // Frozen weights never change: their transpose is kept from the first input gradient.
+        if let (NodeOp::Conv { s, w: w @ (WSrc::Frozen(_) | WSrc::Dense(_)), .. }, Some(_)) = (&node.op, dx) {
+            if !s.is_depthwise() && self.transposed[i].is_empty() {
+                let wf = conv::dense(self.ctx().weights(*w)).into_owned();
+                let mut t = vec![0.0; wf.len()];
+                conv::transpose_groups(s, &wf, &mut t);
+                self.transposed[i] = t;
+            }
+        }
+        Some(Step { dx, other, sets: self.sets_dx(node) })
+    }
+
+    /// Node `i`'s input gradient buffers sized and prepared for `step`.
+    fn prepare_layer(&self, i: usize, step: Step, grads: &mut [Vec<f32>]) {
+        let node = &self.nodes[i];
+        let len = |v: usize| self.batch * self.value_shape(v).len();
+        if let Some(store) = step.dx {
+            let g = &mut grads[node.input];
+            g.resize(len(node.input), 0.0);
+            prepare(g, store, step.sets);
+        }
+        if let (Some(store), NodeOp::Add { other }) = (step.other, &node.op) {
+            let g = &mut grads[*other];
+            g.resize(len(*other), 0.0);
+            prepare(g, store, true);
+        }
+    }
+
+    /// The params node `i` computes gradients for: its weight-like and bias-like ones.
+    pub(super) fn grad_params(&self, i: usize) -> [Option<usize>; 2] {
+        let t = |p: usize| self.params[p].trained.then_some(p);
+        match self.nodes[i].op {
+            NodeOp::Conv { w: WSrc::Param(p), .. } | NodeOp::Linear { w: WSrc::Param(p), .. } => [t(p), None],
+            NodeOp::Head { w, b, .. } => [Some(w), Some(b)],
+            NodeOp::Norm { gamma, beta, .. } => [gamma.and_then(t), beta.and_then(t)],
+            NodeOp::Affine { gamma, beta, .. } => [Some(gamma), Some(beta)],
+            NodeOp::Reprogram { k, .. } => [t(k), None],
+            _ => [None, None],
+        }
+    }
+
+    /// Node `i`'s backward over the whole batch.
+    fn backward_layer(&mut self, k: &Kernels, i: usize, pass: &mut Pass, grads: &mut [Vec<f32>]) {
+        let Some(step) = self.step(i, pass) else { return };
+        self.prepare_layer(i, step, grads);
+        let slots = self.grad_params(i);
+        // A product writes a linear layer's weight gradient over its buffer when nothing has
+        // stored into it yet in an overwriting pass; every other param gradient is added into.
+        let mut wstore = Store::Add;
+        for (j, p) in slots.iter().enumerate().filter_map(|(j, p)| Some((j, (*p)?))) {
+            if j == 0 && matches!(self.nodes[i].op, NodeOp::Linear { .. } | NodeOp::Head { .. }) {
+                wstore = first_store(&mut pass.fresh, &mut self.params, p);
+            } else {
+                zero_fresh(&mut pass.fresh, &mut self.params, p);
+            }
+        }
+        let mut dp = slots.map(|p| p.map(|p| core::mem::take(&mut self.params[p].grad)));
+        let node = &self.nodes[i];
+        let input = node.input;
+        let mut dy = core::mem::take(&mut grads[i + 1]);
+        let mut dx = step.dx.map(|st| (core::mem::take(&mut grads[input]), st));
+        let other = if let NodeOp::Add { other } = node.op { other } else { 0 };
+        let mut dother = step.other.map(|st| (core::mem::take(&mut grads[other]), st));
+        let [d0, d1] = &mut dp;
+        node_backward(
+            k,
+            self.ctx(),
+            i,
+            node,
+            Io { x: &self.values[input], y: &self.values[i + 1], dy: &mut dy, batch: self.batch },
+            dx.as_mut().map(|(d, st)| (&mut d[..], *st)),
+            dother.as_mut().map(|(d, st)| (&mut d[..], *st)),
+            [d0.as_deref_mut(), d1.as_deref_mut()],
+            wstore,
+        );
+        for (p, g) in slots.into_iter().zip(dp) {
+            if let (Some(p), Some(g)) = (p, g) {
+                self.params[p].grad = g;
+            }
+        }
+        if let Some((d, _)) = dx {
+            grads[input] = d;
+        }
+        if let Some((d, _)) = dother {
+            grads[other] = d;
+        }
+        grads[i + 1] = dy;
+    }
+}
+
+/// The bookkeeping of one backward pass.
+pub(super) struct Pass {
+    /// need[v]: some trained parameter lies at or before value v.
+    need: Vec<bool>,
+    /// written[v]: value v has had a gradient stored in this pass.
+    written: Vec<bool>,
+    /// fresh[p]: an overwriting pass has not yet stored into param p's gradient.
+    pub(super) fresh: Vec<bool>,
+}
+
+/// How a node's backward stores into its input gradients ([`Net::step`]).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Step {
+    /// Into its input's gradient, when that is wanted.
+    pub dx: Option<Store>,
+    /// An add's, into its other input's gradient, when that is wanted and another value.
+    pub other: Option<Store>,
+    /// The op can write its input gradient over the buffer ([`Net::sets_dx`]).
+    pub sets: bool,
+}
+
+/// A gradient buffer before the first store into it in a pass (`store` is [`Store::Set`]):
+/// zeroed for an op that only adds (not `sets`); debug builds poison it for one that sets, so
+/// that the tests catch an op that leaves some of it unwritten.
+pub(super) fn prepare(g: &mut [f32], store: Store, sets: bool) {
+    match (store, sets) {
+        (Store::Set, false) => g.fill(0.0),
+        (Store::Set, true) if cfg!(debug_assertions) => g.fill(f32::NAN),
+        _ => {}
+    }
+}
+
+/// A node's input and output values and its output gradient, for `batch` samples.
+pub(super) struct Io<'v> {
+    pub x: &'v [f32],
+    pub y: &'v [f32],
+    pub dy: &'v mut [f32],
+    pub batch: usize,
+}
+
+/// Node `i`'s gradient function: into its input gradients `dx` and `dother` (an add's other
+/// input) by their stores, and into its params' gradients `dp` ([`Net::grad_params`]), the
+/// weights of a linear layer or head by `wstore`, the others added into.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn node_backward(
+    k: &Kernels,
+    ctx: Ctx,
+    i: usize,
+    node: &Node,
+    io: Io,
+    dx: Option<(&mut [f32], Store)>,
+    dother: Option<(&mut [f32], Store)>,
+    dp: [Option<&mut [f32]>; 2],
+    wstore: Store,
+) {
+    let Io { x, y, dy, batch } = io;
+    let params = ctx.params;
+    let [d0, d1] = dp;
+    match &node.op {
+        NodeOp::Conv { s, w, clamp, .. } => {
+            // The fused clamp's gradient, in place: `dy` is not read again.
+            if let Some((lo, hi)) = *clamp {
+                act::clamp_mask(y, dy, lo, hi);
+            }
+            let sp = sparse_of(ctx.sparse, params, *w);
+            let t = &ctx.transposed[i];
+            let kept = (dx.is_some() && !t.is_empty()).then_some(&t[..]);
+            conv::backward(k, s, ctx.weights(*w), x, dy, batch, dx, d0, None, sp, kept)
+        }
+        NodeOp::Linear { in_f, out_f, w, .. } => {
+            let sp = sparse_of(ctx.sparse, params, *w);
+            let dw = d0.map(|d| (d, wstore));
+            linear::backward(k, *in_f, *out_f, ctx.weights(*w), x, dy, batch, plain(dx), dw, None, sp)
+        }
+        NodeOp::Head { in_f, out_f, w, .. } => {
+            let dw = d0.map(|d| (d, wstore));
+            let wt = Weights::F32(&params[*w].value);
+            linear::backward(k, *in_f, *out_f, wt, x, dy, batch, plain(dx), dw, d1, None)
+        }
+        NodeOp::Norm { c, plane, eps, mean, var, gamma, clamp, .. } => {
+            let clamped = clamp.map(|(lo, hi)| norm::Clamped { y, lo, hi });
+            let g = gamma.map(|g| &params[g].value[..]);
+            if ctx.train_mode {
+                norm::train_backward(*c, *plane, batch, x, &ctx.saved[i], g, dy, clamped, dx, d0, d1);
+            } else {
+                let (m, v) = (&params[*mean].value, &params[*var].value);
+                norm::eval_backward(*c, *plane, batch, x, g, *eps, m, v, dy, clamped, plain(dx), d0, d1);
+            }
+        }
+        NodeOp::Affine { c, plane, gamma, beta, clamp } => {
+            let (g, b) = (&params[*gamma].value, &params[*beta].value);
+            let (dg, db) = (d0.expect("affine's gamma gradient"), d1.expect("affine's beta gradient"));
+            norm::affine_backward(*c, *plane, batch, x, g, b, dy, *clamp, dx, dg, db)
+        }
+        NodeOp::Reprogram { s, k: kp } => {
+            conv::backward(k, s, Weights::F32(&params[*kp].value), x, dy, batch, dx, d0, None, None, None)
+        }
+        NodeOp::Clamp { lo, hi } => {
+            if let Some((dx, store)) = dx {
+                act::clamp_backward(x, dy, dx, *lo, *hi, store)
+            }
+        }
+        NodeOp::Add { other } => {
+            if let Some((g, store)) = dother {
+                act::accumulate(dy, g, store);
+            }
+            if let Some((dx, store)) = dx {
+                act::accumulate(dy, dx, store);
+                // `x + x`: the gradient twice into the one buffer.
+                if *other == node.input {
+                    act::accumulate(dy, dx, Store::Add);
+                }
+            }
+        }
+        NodeOp::Pool { s, max } => {
+            if let Some(dx) = plain(dx) {
+                pool::backward(s, *max, x, dy, batch, dx)
+            }
+        }
+        NodeOp::GlobalPool { c, plane } => {
+            if let Some(dx) = plain(dx) {
+                pool::global_backward(*c, *plane, dy, batch, dx)
+            }
+        }
+        NodeOp::Flatten => {
+            if let Some((dx, store)) = dx {
+                act::accumulate(dy, dx, store)
+            }
+        }
+    }
+}
+
+/// The input gradient of an op that only adds into it (not [`Net::sets_dx`]: its buffer was
+/// zeroed when it was to be set).
+fn plain(dx: Option<(&mut [f32], Store)>) -> Option<&mut [f32]> {
+    dx.map(|(d, _)| d)
 }
 
 /// How the first op of a pass to reach param `p` stores its gradient: over the buffer when
@@ -301,38 +346,8 @@ fn first_store(fresh: &mut [bool], params: &mut [Param], p: usize) -> Store {
 
 /// Zeroes param `p`'s gradient before an op that only adds into it, when the pass
 /// overwrites and nothing has stored into it yet.
-fn zero_fresh(fresh: &mut [bool], params: &mut [Param], p: usize) {
+pub(super) fn zero_fresh(fresh: &mut [bool], params: &mut [Param], p: usize) {
     if core::mem::replace(&mut fresh[p], false) {
         params[p].grad.fill(0.0);
-    }
-}
-
-/// The weights of a conv/linear and, when they are a trained param, its gradient buffer.
-fn split_w<'p, 'a: 'p>(
-    params: &'p mut [Param],
-    frozen: &'p [Vec<f32>],
-    w: WSrc<'a>,
-) -> (Weights<'p>, Option<&'p mut [f32]>) {
-    match w {
-        WSrc::Frozen(w) => (w, None),
-        WSrc::Dense(d) => (Weights::F32(&frozen[d]), None),
-        WSrc::Param(p) => {
-            let p = &mut params[p];
-            let trained = p.trained;
-            let (v, g) = (&p.value, &mut p.grad);
-            (Weights::F32(v), trained.then_some(&mut g[..]))
-        }
-    }
-}
-
-/// Two distinct params, mutably.
-fn pair(params: &mut [Param], a: usize, b: usize) -> (&mut Param, &mut Param) {
-    assert_ne!(a, b);
-    if a < b {
-        let (l, r) = params.split_at_mut(b);
-        (&mut l[a], &mut r[0])
-    } else {
-        let (l, r) = params.split_at_mut(a);
-        (&mut r[0], &mut l[b])
     }
 }

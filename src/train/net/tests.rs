@@ -290,3 +290,106 @@ fn overwriting_backward_equals_zeroing_then_adding() {
         assert_eq!(added, over, "{name}");
     }
 }
+
+/// A batch-norm stem, then an inverted residual block on 40×40 planes (1×1 expansion, ReLU6,
+/// depthwise 3×3, ReLU6, 1×1 projection, add of the stem), a strided 3×3 conv, global pool:
+/// with CLR, everything after the norm goes sample by sample.
+fn block() -> Vec<u8> {
+    let mut r = SplitMix64::new(11);
+    let mut w = |n: usize| IrWeights::F32((0..n).map(|_| r.uniform(-0.4, 0.4)).collect());
+    let mut ir = Ir::new("block", "test", InputSpec::plain(3, 40, 40));
+    let v = ir.push(0, IrOp::square_conv(3, 8, 3, 1, w(216), None));
+    let norm = IrOp::BatchNorm {
+        eps: 1e-5,
+        mean: vec![0.0; 8],
+        var: vec![1.0; 8],
+        affine: Some((vec![1.0; 8], vec![0.1; 8])),
+    };
+    let v = ir.push(v, norm);
+    let stem = ir.push(v, IrOp::Plain(GOp::Relu6));
+    let v = ir.push(stem, IrOp::square_conv(8, 16, 1, 1, w(128), Some(vec![0.05; 16])));
+    let v = ir.push(v, IrOp::Plain(GOp::Relu6));
+    let dw = IrOp::Conv {
+        in_channels: 16,
+        out_channels: 16,
+        kernel: [3, 3],
+        stride: [1, 1],
+        pad: [1; 4],
+        dilation: [1, 1],
+        groups: 16,
+        weight: w(144),
+        bias: None,
+    };
+    let v = ir.push(v, dw);
+    let v = ir.push(v, IrOp::Plain(GOp::Relu6));
+    let v = ir.push(v, IrOp::square_conv(16, 8, 1, 1, w(128), None));
+    let v = ir.push(v, IrOp::Plain(GOp::Add { other: stem }));
+    let v = ir.push(v, IrOp::square_conv(8, 8, 3, 2, w(576), None));
+    let v = ir.push(v, IrOp::Plain(GOp::GlobalAvgPool));
+    ir.push(v, IrOp::Plain(GOp::Flatten));
+    ir.emit(WeightFormat::F32)
+}
+
+/// Runs that go sample by sample give the layer-by-layer pass's outputs and gradients bit
+/// for bit, overwriting or adding into the gradients, on one thread or two.
+#[test]
+fn sample_runs_give_the_layer_pass_bit_for_bit() {
+    let bytes = block();
+    let bb = Backbone::open(&bytes).unwrap();
+    let k = Kernels::detect();
+    let mut net = Net::new(&bb, Recipe { reprogram: true, head: Some(3), ..Recipe::default() });
+    let mut r = SplitMix64::new(12);
+    for p in &mut net.params {
+        for v in &mut p.value {
+            *v += r.uniform(-0.2, 0.2);
+        }
+    }
+    let mut trained = net.reprogram.clone();
+    trained.extend(net.affines.iter().flat_map(|&(g, b)| [g, b]));
+    trained.extend(net.norms.iter().flat_map(|n| n.gamma.into_iter().chain(n.beta)));
+    trained.extend(net.head.map(|(w, b)| [w, b]).unwrap());
+    for &p in &trained {
+        net.params[p].trained = true;
+    }
+    net.train_mode = true;
+    let batch = 5;
+    let runs = net.plan(batch);
+    let sampled: Vec<_> = runs.iter().filter(|r| r.by_sample).map(|r| (r.nodes.start, r.nodes.end)).collect();
+    // conv, reprogram, norm (batch statistics) | expansion ... flatten | head.
+    let n = net.nodes.len();
+    assert_eq!(sampled, [(3, n - 1)], "{runs:?}");
+    assert!(net.plan(1).iter().all(|r| !r.by_sample), "one sample: nothing to gain");
+    let x: Vec<f32> = (0..batch * net.value_shape(0).len()).map(|_| r.uniform(-1.0, 1.0)).collect();
+    let bits = |v: &[f32]| v.iter().map(|g| g.to_bits()).collect::<Vec<u32>>();
+    let pass = |net: &mut Net, over: bool| {
+        for p in &mut net.params {
+            p.grad.fill(0.5);
+        }
+        let out = net.forward(&k, &x, batch).to_vec();
+        let mut d = vec![0.0; out.len()];
+        loss::cross_entropy(&out, 3, 3, &[0, 2, 1, 1, 0], &mut d);
+        if over {
+            net.backward_over(&k, &d);
+        } else {
+            net.backward(&k, &d);
+        }
+        let mut all = vec![bits(&out)];
+        all.extend(trained.iter().map(|&p| bits(&net.params[p].grad)));
+        all
+    };
+    for threads in [1, 2] {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        for over in [false, true] {
+            net.sample_runs = true;
+            let by_sample = pool.install(|| pass(&mut net, over));
+            net.sample_runs = false;
+            let by_layer = pool.install(|| pass(&mut net, over));
+            assert_eq!(net.runs.len(), n, "every node on its own");
+            assert!(
+                by_layer[1..].iter().flatten().all(|&g| f32::from_bits(g) != 0.5),
+                "every trained param gets a gradient"
+            );
+            assert_eq!(by_sample, by_layer, "{threads} threads, over {over}");
+        }
+    }
+}

@@ -10,7 +10,7 @@ const PIECE: usize = 1 << 15;
 
 /// `f(offset, piece)` over pieces of `out`, in parallel when `out` is large.
 pub(crate) fn split(out: &mut [f32], f: impl Fn(usize, &mut [f32]) + Sync + Send) {
-    if out.len() >= crate::kernels::PAR_MIN_WORK && rayon::current_num_threads() > 1 {
+    if out.len() >= crate::kernels::PAR_MIN_WORK && crate::kernels::threads() > 1 {
         use rayon::prelude::*;
         out.par_chunks_mut(PIECE).enumerate().for_each(|(i, p)| f(i * PIECE, p));
     } else {

@@ -143,7 +143,7 @@ pub(super) fn for_each_chunk<F>(
         let b0 = c * nb;
         f(c, b0, nb.min(batch - b0), a, b)
     };
-    if chunks > 1 && work >= crate::kernels::PAR_MIN_WORK && rayon::current_num_threads() > 1 {
+    if chunks > 1 && work >= crate::kernels::PAR_MIN_WORK && crate::kernels::threads() > 1 {
         use rayon::prelude::*;
         jobs.into_par_iter().for_each(run);
     } else {

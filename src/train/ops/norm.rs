@@ -173,7 +173,7 @@ fn per_sample<T: Send>(v: &mut [T], len: usize, work: usize, f: impl Fn(usize, &
     if len == 0 {
         return;
     }
-    if work >= crate::kernels::PAR_MIN_WORK && v.len() > len && rayon::current_num_threads() > 1 {
+    if work >= crate::kernels::PAR_MIN_WORK && v.len() > len && crate::kernels::threads() > 1 {
         v.par_chunks_exact_mut(len).enumerate().for_each(|(b, s)| f(b, s));
     } else {
         v.chunks_exact_mut(len).enumerate().for_each(|(b, s)| f(b, s));
@@ -420,7 +420,7 @@ pub fn affine_backward(
     };
     let len = ch * plane;
     let mut dxv = dx.map(|(d, _)| &mut d[..batch * len]);
-    if batch > 1 && batch * len >= crate::kernels::PAR_MIN_WORK && rayon::current_num_threads() > 1 {
+    if batch > 1 && batch * len >= crate::kernels::PAR_MIN_WORK && crate::kernels::threads() > 1 {
         use rayon::prelude::*;
         match dxv.take() {
             Some(d) => {

@@ -182,7 +182,7 @@ impl SparseW {
 pub fn spmm(k: &Kernels, a: SparseRows, b: &[f32], ldb: usize, n: usize, c: &mut [f32], store: Store) {
     let rows = a.rows();
     let work = a.idx.len() * n;
-    let threads = rayon::current_num_threads();
+    let threads = crate::kernels::threads();
     if threads > 1 && work >= crate::kernels::PAR_MIN_WORK && rows > 1 {
         use rayon::prelude::*;
         // A few pieces per thread, for balance (row lengths vary).
