@@ -27,6 +27,10 @@ use edgecl::train::mask::Density;
 use edgecl::train::method::{learn, Config, Samples};
 use std::time::Instant;
 
+/// As the `edgecl` CLI: large blocks in transparent huge pages.
+#[global_allocator]
+static ALLOC: edgecl::hugepages::HugePages = edgecl::hugepages::HugePages;
+
 const STEPS: usize = 10;
 const CASES: [&str; 3] = ["supsup-fc1024", "supsup-gemresnet18", "clr-lite0-96"];
 

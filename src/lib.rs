@@ -27,6 +27,7 @@
 //! | [`session`] | (std) tasks decoded once over a mapped backbone; runs any task with switching that allocates and copies nothing | no |
 //! | [`store`] | (std) the task store: backbone copy, generations swapped atomically, install/remove/rollback/verify/gc | no |
 //! | [`rng`] | SplitMix64, the one source of randomness | yes |
+//! | [`hugepages`] | (std) a global allocator asking Linux for transparent huge pages for large blocks | no |
 //!
 //! Data flow for learning: `data` yields samples → `train` builds a task's network over the
 //! backbone and trains its components → `format::task` writes the `.ect` file → `eval` rebuilds
@@ -53,6 +54,8 @@ pub mod data;
 #[cfg(feature = "std")]
 pub mod eval;
 pub mod format;
+#[cfg(feature = "std")]
+pub mod hugepages;
 #[cfg(feature = "std")]
 pub mod import;
 #[cfg(feature = "std")]

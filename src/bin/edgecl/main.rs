@@ -34,6 +34,10 @@ use edgecl::kernels::Kernels;
 use serde_json::json;
 use std::path::{Path, PathBuf};
 
+/// Large blocks (a training step's activations and gradients) in transparent huge pages.
+#[global_allocator]
+static ALLOC: edgecl::hugepages::HugePages = edgecl::hugepages::HugePages;
+
 #[derive(Parser)]
 #[command(
     name = "edgecl",
