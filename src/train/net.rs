@@ -393,17 +393,17 @@ impl<'a> Net<'a> {
             #[cfg(debug_assertions)]
             y.fill(f32::NAN);
         }
-        self.runs = self.plan(batch);
-        for r in 0..self.runs.len() {
-            let run = self.runs[r].clone();
+        let runs = self.plan(batch);
+        for run in &runs {
             if run.by_sample {
-                self.forward_samples(k, run.nodes);
+                self.forward_samples(k, run.nodes.clone());
             } else {
-                for i in run.nodes {
+                for i in run.nodes.clone() {
                     self.forward_layer(k, i);
                 }
             }
         }
+        self.runs = runs;
         &self.values[n]
     }
 
