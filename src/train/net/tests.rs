@@ -40,11 +40,17 @@ fn clr_network_gradients_match_finite_differences() {
     // The relu6 that alone reads that affine is fused into it, and the relu into the norm.
     let fused = [("conv", None), ("affine", Some((0.0, 6.0))), ("conv", None), ("norm", Some((0.0, f32::INFINITY)))];
     assert_eq!(clamps(&net), fused);
+    let trained = clr_trained(&net);
+    gradients_match_finite_differences(&mut net, &k, &trained, 1);
+}
+
+/// The params CLR trains: its kernels, affines, the norms' γ and β, and the head.
+fn clr_trained(net: &Net) -> Vec<usize> {
     let mut trained = net.reprogram.clone();
     trained.extend(net.affines.iter().flat_map(|&(g, b)| [g, b]));
     trained.extend(net.norms.iter().flat_map(|n| n.gamma.into_iter().chain(n.beta)));
     trained.extend(net.head.map(|(w, b)| [w, b]).unwrap());
-    gradients_match_finite_differences(&mut net, &k, &trained, 1);
+    trained
 }
 
 /// Each conv, norm, affine and unfused clamp of `net`, in order, with the clamp it applies.
@@ -237,10 +243,7 @@ fn overwriting_backward_equals_zeroing_then_adding() {
         }
         let wp: Vec<usize> = net.maskable.iter().filter_map(|&(_, p)| p).collect();
         if name == "clr" {
-            let mut t = net.reprogram.clone();
-            t.extend(net.affines.iter().flat_map(|&(g, b)| [g, b]));
-            t.extend(net.norms.iter().flat_map(|n| n.gamma.into_iter().chain(n.beta)));
-            for p in t {
+            for p in clr_trained(&net) {
                 net.params[p].trained = true;
             }
         } else {
@@ -344,10 +347,7 @@ fn sample_runs_give_the_layer_pass_bit_for_bit() {
             *v += r.uniform(-0.2, 0.2);
         }
     }
-    let mut trained = net.reprogram.clone();
-    trained.extend(net.affines.iter().flat_map(|&(g, b)| [g, b]));
-    trained.extend(net.norms.iter().flat_map(|n| n.gamma.into_iter().chain(n.beta)));
-    trained.extend(net.head.map(|(w, b)| [w, b]).unwrap());
+    let trained = clr_trained(&net);
     for &p in &trained {
         net.params[p].trained = true;
     }
