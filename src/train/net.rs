@@ -1,10 +1,12 @@
 //! The training graph: the backbone's layers, executed one by one over a batch with every
 //! value kept for the backward pass, plus what a task inserts (CLR's reprogramming kernels and
-//! affines, a new head). Parameters live in one pool; each is frozen or trained. Frozen conv
-//! and linear weights are read from the mapped backbone when they are f32; int8 ones are
-//! dequantised once, when the net is built, rather than in every step's forward and backward
-//! (for Lite0 that is 13 MB, against the 450 MB of a CLR training step). Weights a method
-//! changes (masked, overlaid, fine-tuned) are materialised as f32 params.
+//! affines, a new head). Runs of layers whose activations outweigh their weights go sample by
+//! sample instead, with the same results ([`samples`]). Parameters live in one pool; each is
+//! frozen or trained. Frozen conv and linear weights are read from the mapped backbone when
+//! they are f32; int8 ones are dequantised once, when the net is built, rather than in every
+//! step's forward and backward (for Lite0 that is 13 MB, against the 450 MB of a CLR training
+//! step). Weights a method changes (masked, overlaid, fine-tuned) are materialised as f32
+//! params.
 //!
 //! Backward runs only as far back as the earliest trained parameter: a frozen prefix gets
 //! neither weight nor input gradients.
