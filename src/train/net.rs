@@ -419,8 +419,6 @@ impl<'a> Net<'a> {
         {
             // Batch statistics: the one op that reads across samples and changes params.
             let params = &mut self.params;
-            let g = gamma.map(|g| params[g].value.clone());
-            let bt = beta.map(|b| params[b].value.clone());
             let (mut rm, mut rv) =
                 (core::mem::take(&mut params[*mean].value), core::mem::take(&mut params[*var].value));
             self.saved[i] = norm::train_forward(
@@ -428,8 +426,8 @@ impl<'a> Net<'a> {
                 *plane,
                 batch,
                 x,
-                g.as_deref(),
-                bt.as_deref(),
+                gamma.map(|g| &params[g].value[..]),
+                beta.map(|b| &params[b].value[..]),
                 *eps,
                 self.momentum,
                 &mut rm,

@@ -126,10 +126,8 @@ impl Net<'_> {
                 prepare(g, store, sets);
             }
         }
-        let full = lay.touched.iter().filter(|t| !t.own).map(|t| t.v);
-        let mut slots = vec![false; grads.len()];
-        full.for_each(|v| slots[v] = true);
-        let bufs = grads.iter_mut().enumerate().filter(|(v, _)| slots[*v]);
+        let full = |v: usize| lay.slot[v] != usize::MAX && !lay.touched[lay.slot[v]].own;
+        let bufs = grads.iter_mut().enumerate().filter(|(v, _)| full(*v));
         let pieces = per_sample(batch, bufs.map(|(v, g)| (g, len(v))));
         let parts: Vec<&mut [f32]> = if lay.total == 0 {
             (0..batch).map(|_| <&mut [f32]>::default()).collect()
@@ -157,8 +155,15 @@ impl Net<'_> {
     /// The bookkeeping of a run's backward, node by node in the pass's order.
     fn layout(&mut self, run: Range<usize>, pass: &mut Pass) -> Layout {
         let (a, b) = (run.start, run.end);
-        let mut lay =
-            Layout { steps: vec![None; b - a], spans: vec![[None, None]; b - a], total: 0, touched: Vec::new(), run };
+        let mut lay = Layout {
+            steps: vec![None; b - a],
+            spans: vec![[None, None]; b - a],
+            total: 0,
+            touched: Vec::new(),
+            slot: vec![usize::MAX; self.nodes.len() + 1],
+            scratch_len: 0,
+            run,
+        };
         for i in lay.run.clone().rev() {
             let Some(step) = self.step(i, pass) else { continue };
             lay.steps[i - a] = Some(step);
@@ -186,8 +191,12 @@ impl Net<'_> {
         let outside = |v: usize| {
             self.nodes[b..].iter().any(|n| n.input == v || matches!(n.op, NodeOp::Add { other } if other == v))
         };
-        for t in &mut lay.touched {
+        for (j, t) in lay.touched.iter_mut().enumerate() {
             t.own = t.v > a && t.v < b && !outside(t.v);
+            lay.slot[t.v] = j;
+            if t.own {
+                lay.scratch_len += self.value_shape(t.v).len();
+            }
         }
         lay
     }
@@ -195,8 +204,7 @@ impl Net<'_> {
     /// Sample `s`'s backward through the run of `lay`: `full` holds its pieces of the batch
     /// gradient buffers the run touches, `part` its partials of the params' gradients.
     fn sample_backward(&self, k: &Kernels, lay: &Layout, s: usize, full: &mut [&mut [f32]], part: &mut [f32]) {
-        let len = |v: usize| self.value_shape(v).len();
-        let scratch_len: usize = lay.touched.iter().filter(|t| t.own).map(|t| len(t.v)).sum();
+        let (len, slot, scratch_len) = (|v: usize| self.value_shape(v).len(), &lay.slot, lay.scratch_len);
         GRAD_SCRATCH.with_borrow_mut(|scratch| {
             if scratch.len() < scratch_len {
                 scratch.resize(scratch_len, 0.0);
@@ -206,9 +214,7 @@ impl Net<'_> {
             let mut rest = &mut scratch[..scratch_len];
             let mut full = full.iter_mut();
             let mut bufs: Vec<&mut [f32]> = Vec::with_capacity(lay.touched.len());
-            let mut slot = vec![usize::MAX; self.nodes.len() + 1];
-            for (j, t) in lay.touched.iter().enumerate() {
-                slot[t.v] = j;
+            for t in &lay.touched {
                 if t.own {
                     let (g, r) = core::mem::take(&mut rest).split_at_mut(len(t.v));
                     rest = r;
@@ -266,6 +272,10 @@ struct Layout {
     total: usize,
     /// The gradients the run touches, by value.
     touched: Vec<Touched>,
+    /// Per value: its index in `touched`, or `usize::MAX`.
+    slot: Vec<usize>,
+    /// Floats of one sample's own gradients (the per-thread scratch).
+    scratch_len: usize,
 }
 
 /// A gradient a run touches.
