@@ -170,6 +170,8 @@ pub struct Net<'a> {
     sample_runs: bool,
     /// Per-sample partial gradients of the params in runs that go sample by sample.
     partials: Vec<f32>,
+    /// Per-node times, when `EDGECL_PROFILE` is set ([`profile`]).
+    profile: Option<profile::Profile>,
 }
 
 impl<'a> Net<'a> {
@@ -196,6 +198,7 @@ impl<'a> Net<'a> {
             runs: Vec::new(),
             sample_runs: true,
             partials: Vec::new(),
+            profile: profile::Profile::from_env(),
         };
         let layers = bb.layers();
         let view = bb.view();
@@ -396,14 +399,27 @@ impl<'a> Net<'a> {
             y.fill(f32::NAN);
         }
         let runs = self.plan(batch);
+        let on = self.profile.is_some();
+        let clock = || on.then(std::time::Instant::now);
         for run in &runs {
             if run.by_sample {
+                let t0 = clock();
                 self.forward_samples(k, run.nodes.clone());
+                if let (Some(p), Some(t0)) = (&mut self.profile, t0) {
+                    p.forward(run.nodes.clone(), t0);
+                }
             } else {
                 for i in run.nodes.clone() {
+                    let t0 = clock();
                     self.forward_layer(k, i);
+                    if let (Some(p), Some(t0)) = (&mut self.profile, t0) {
+                        p.forward(i..i + 1, t0);
+                    }
                 }
             }
+        }
+        if let Some(p) = &mut self.profile {
+            p.pass();
         }
         self.runs = runs;
         &self.values[n]
@@ -703,6 +719,7 @@ fn weights<'p, 'a: 'p>(params: &'p [Param], frozen: &'p [Vec<f32>], w: WSrc<'a>)
 }
 
 mod backward;
+mod profile;
 mod samples;
 #[cfg(test)]
 mod tests;

@@ -66,12 +66,21 @@ impl Net<'_> {
         grads[n].extend_from_slice(&dout[..self.batch * self.out_shape().len()]);
         pass.written[n] = true;
         let runs = core::mem::take(&mut self.runs);
+        let on = self.profile.is_some();
         for run in runs.iter().rev() {
             if run.by_sample {
+                let t0 = on.then(std::time::Instant::now);
                 self.backward_samples(k, run.nodes.clone(), &mut pass, &mut grads);
+                if let (Some(p), Some(t0)) = (&mut self.profile, t0) {
+                    p.backward(run.nodes.clone(), t0);
+                }
             } else {
                 for i in run.nodes.clone().rev() {
+                    let t0 = on.then(std::time::Instant::now);
                     self.backward_layer(k, i, &mut pass, &mut grads);
+                    if let (Some(p), Some(t0)) = (&mut self.profile, t0) {
+                        p.backward(i..i + 1, t0);
+                    }
                 }
             }
         }
