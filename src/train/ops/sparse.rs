@@ -234,8 +234,10 @@ mod tests {
     #[test]
     fn every_table_and_thread_count_gives_the_reference_bits() {
         let mut r = SplitMix64::new(11);
-        // Small cases, and one large enough to be split over the threads.
-        let cases = (0..40).map(|c| (1 + c % 37, 1 + (c * 7) % 53, [1, 7, 8, 9, 63, 64, 65, 130][c % 8], c % 3));
+        // Small cases (widths that take every block size: 64, 32, 16, 8 and single columns),
+        // and one large enough to be split over the threads.
+        let widths = [1, 7, 8, 9, 63, 64, 65, 130, 48, 120];
+        let cases = (0..40).map(|c| (1 + c % 37, 1 + (c * 7) % 53, widths[c % widths.len()], c % 3));
         for (rows, k, n, pad) in cases.chain([(300, 400, 130, 1)]) {
             assert!(rows < 300 || k * rows / 5 * n >= crate::kernels::PAR_MIN_WORK);
             let ldb = n + pad;
@@ -252,7 +254,7 @@ mod tests {
                         let mut got = start.clone();
                         pool.install(|| spmm(&t, sp.w(), &b, ldb, n, &mut got, store));
                         let same = got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
-                        assert!(same, "{} {rows}×{k}·{k}×{n} {store:?} {threads} threads", t.isa);
+                        assert!(same, "{} {rows}×{k}·{k}×{n} {store:?} {threads} threads", t.micro.name);
                     }
                 }
                 // And the reference is the product.

@@ -20,9 +20,9 @@ use crate::kernels::matmul::{copy_short, zero_short};
 use crate::kernels::sparse::SparseRows;
 use crate::kernels::{ConvShape, Kernels, MicroKernel, Store, TileEpilogue};
 
-/// Zeros past a phase buffer's end: the product runs over a multiple of 8 columns, up to 7
+/// Zeros past a phase buffer's end: the product runs over a multiple of 16 columns, up to 15
 /// past the last one used.
-const TAIL: usize = 8;
+const TAIL: usize = 16;
 
 /// One sample's tensor (`c × h × w`), zero-padded and split into stride phases: padded row `r`,
 /// column `q` of channel `ch` lives in phase `(r mod sh, q mod sw)` at row `r / sh`, column
@@ -131,7 +131,7 @@ pub(super) fn forward(
     let (oh, ow) = (s.oh(), s.ow());
     let (xl, yl) = (s.c_in * s.h * s.w, s.c_out * oh * ow);
     let ph = Phases::of_input(s);
-    let n = ((oh - 1) * ph.wq + ow).next_multiple_of(8);
+    let n = ((oh - 1) * ph.wq + ow).next_multiple_of(TAIL);
     // Column (ci, ky, kx) of W → where the tap reads for output (0, 0).
     let mut off = Vec::with_capacity(s.c_in * s.kh * s.kw);
     for ci in 0..s.c_in {
@@ -188,7 +188,7 @@ pub(super) fn backward_dx(
     let (xl, yl) = (s.c_in * s.h * s.w, s.c_out * oh * ow);
     let (rh, rw) = ((s.kh - 1) * s.dh, (s.kw - 1) * s.dw);
     let ph = Phases { c: s.c_out, hq: s.h + rh, wq: s.w + rw, sh: 1, sw: 1, taps: [(1, 1); 2] };
-    let n = ((s.h - 1) * ph.wq + s.w).next_multiple_of(8);
+    let n = ((s.h - 1) * ph.wq + s.w).next_multiple_of(TAIL);
     // W's entries regrouped by input channel (a counting sort; output channels ascending
     // within each), each with its flipped tap's offset.
     let (w, taps) = (sp.w(), s.kh * s.kw);
