@@ -392,6 +392,14 @@ pub type DepthwiseBackwardFn =
 /// A sparse × dense product (see [`sparse::spmm_inline`]).
 pub type SpmmFn = fn(sparse::SparseRows, &[f32], usize, usize, &mut [f32], usize, Store);
 
+/// Part of a 3 × 3 stride-1 conv's weight gradient with the output positions in the lanes
+/// (training's `sparse_conv::weight_grad_rows`): `(vectors, samples, x, x_stride, off, d,
+/// d_stride, acc)` adds, for every sample `b < samples`, `v < vectors` and lane `l < 16`,
+/// `x[b·x_stride + off[t] + 16·v + l] · d[h][b·d_stride + 16·v + l]` into `acc[9·h + t][l]`:
+/// one input channel's nine taps against two output channels' gradients, summed per lane,
+/// samples in order.
+pub type WgradRowsFn = fn(usize, usize, &[f32], usize, &[usize; 9], [&[f32]; 2], usize, &mut [[f32; 16]; 18]);
+
 /// How a backward function (training's, `train::ops`, and [`depthwise::backward_inline`])
 /// stores an input gradient.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -451,6 +459,9 @@ pub struct Kernels {
     /// Training only (the forward kernels' tables carry them so that each ISA compiles them).
     pub depthwise_backward: DepthwiseBackwardFn,
     pub spmm: SpmmFn,
+    /// Where the ISA has one (AVX-512): a conv weight gradient with positions in the lanes,
+    /// for output channels too few to fill a micro-kernel's lanes.
+    pub wgrad_rows: Option<WgradRowsFn>,
 }
 
 impl core::fmt::Debug for Kernels {
@@ -479,6 +490,7 @@ impl Kernels {
             linear_rows: fast::linear_rows,
             depthwise_backward: depthwise::backward,
             spmm: sparse::spmm,
+            wgrad_rows: None,
         }
     }
 

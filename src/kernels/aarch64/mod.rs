@@ -74,6 +74,7 @@ fn neon_table() -> Kernels {
         // Portable loops: NEON is the aarch64 baseline, so they are vectorised already.
         depthwise_backward: super::depthwise::backward,
         spmm: super::sparse::spmm,
+        wgrad_rows: None,
     }
 }
 

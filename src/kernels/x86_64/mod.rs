@@ -8,6 +8,8 @@
 #![allow(unsafe_code)]
 
 use super::sparse::{self, SparseRows};
+
+mod wgrad;
 use super::{depthwise, fast, gemm, ConvShape, Kernels, MicroKernel, PostOp, Store, TileEpilogue, Weights};
 
 /// The best table this CPU runs: AVX2 + FMA, with the 512-bit GEMM micro-kernel when
@@ -22,7 +24,11 @@ pub fn available() -> Vec<Kernels> {
     if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
         out.push(avx2(AVX2_MICRO, Some(AVX2_NARROW), &[AVX2_SHORT, AVX2_SHORT_NARROW]));
         if std::arch::is_x86_feature_detected!("avx512f") {
-            out.push(Kernels { spmm: spmm_512, ..avx2(AVX512_MICRO, None, &AVX512_SHORT) });
+            out.push(Kernels {
+                spmm: spmm_512,
+                wgrad_rows: Some(wgrad::rows),
+                ..avx2(AVX512_MICRO, None, &AVX512_SHORT)
+            });
         }
     }
     out
@@ -43,6 +49,7 @@ fn avx2(micro: MicroKernel, micro_narrow: Option<MicroKernel>, micro_short: &'st
             linear_rows,
             depthwise_backward,
             spmm,
+            wgrad_rows: None,
         }
     }
 }

@@ -320,8 +320,12 @@ pub fn backward(
         return;
     }
     let dw = match dw {
+        Some(dw) if sparse_conv::weight_grad_rows_supported(k, s) => {
+            sparse_conv::weight_grad_rows(k, s, x, dy, batch, dw);
+            None
+        }
         Some(dw) if sparse_conv::weight_grad_supported(s, k.micro.mr) => {
-            sparse_conv::weight_grad(k, s, x, dy, batch, chunk_samples(s, batch), dw);
+            sparse_conv::weight_grad(k, s, x, dy, batch, batch.div_ceil(8), dw);
             None
         }
         dw => dw,
