@@ -95,25 +95,21 @@ pub fn train_forward(
     y: &mut [f32],
 ) -> Saved {
     let n = (batch * plane) as f64;
-    // Per channel: the mean, then the sum of squared deviations from it (in f32; the rest of
-    // the f64 mean is added back exactly below).
-    let sum = channel_sums::<1>(ch, plane, batch, |b, acc| {
+    // Per channel, in one pass: the sums of `v − k` and `(v − k)²`, with `k` the mean of the
+    // first sample's plane. Shifted so, the variance `Σ(v − k)²/n − (mean − k)²` loses little
+    // to cancellation (unshifted, it loses everything when |mean| ≫ std); a second pass for
+    // the squared deviations from the mean read the whole tensor once more (a quarter of the
+    // norm's forward, which is memory-bound).
+    let shift: Vec<f32> = (0..ch)
+        .map(|c| (channel(x, 0, c, ch, plane).iter().map(|&v| v as f64).sum::<f64>() / plane as f64) as f32)
+        .collect();
+    let sums = channel_sums::<2>(ch, plane, batch, |b, acc| {
         for (c, a) in acc.iter_mut().enumerate() {
-            lanes(&mut a[0], channel(x, b, c, ch, plane), |v| v);
+            let (k, v) = (shift[c], channel(x, b, c, ch, plane));
+            lanes2(a, v, v, |u, _| (u - k, (u - k) * (u - k)));
         }
     });
-    let mean: Vec<f64> = sum.iter().map(|s| s[0] / n).collect();
-    let m32: Vec<f32> = mean.iter().map(|&m| m as f32).collect();
-    let sq = channel_sums::<1>(ch, plane, batch, |b, acc| {
-        for (c, a) in acc.iter_mut().enumerate() {
-            let m = m32[c];
-            lanes(&mut a[0], channel(x, b, c, ch, plane), |v| (v - m) * (v - m));
-        }
-    });
-    let stats = mean.iter().zip(&sq).map(|(&mean, sq)| {
-        let rest = mean - mean as f32 as f64;
-        (mean, sq[0] - n * rest * rest)
-    });
+    let stats = sums.iter().zip(&shift).map(|(&[s1, s2], &k)| (k as f64 + s1 / n, (s2 - s1 * (s1 / n)).max(0.0)));
     let mut saved = Saved { mean: vec![0.0; ch], inv_std: vec![0.0; ch] };
     let mut coef = vec![(0.0f32, 0.0f32, 0.0f32, 0.0f32); ch];
     for (c, (mean, sq)) in stats.enumerate() {
