@@ -13,41 +13,22 @@ pub struct Saved {
     pub inv_std: Vec<f32>,
 }
 
+use super::act::through_clamp;
+use super::Store;
+
 /// Independent partial sums per channel reduction: one running f64 sum per element did not
 /// vectorise (batch norm was 8 % of a GEMResNet step); the lanes are added in a fixed order.
 /// Each lane sums [`BLOCK`] values in f32 and adds that into its f64 total: converting every
 /// value to f64 held the sums to two values per instruction on baseline x86-64 (batch norm
 /// was still a tenth of a GEMResNet step), and a block's f32 sum of 32 values loses about as
 /// little as the f32 products that feed it.
-use super::act::through_clamp;
-use super::Store;
-
 const LANES: usize = 8;
 
 /// Chunks of [`LANES`] values per f32 block.
 const BLOCK: usize = 32;
 
-/// `acc[l] += f(v[8i + l])` summed as above (the tail into the first lanes).
-#[inline(always)]
-fn lanes(acc: &mut [f64; LANES], v: &[f32], f: impl Fn(f32) -> f32) {
-    let (vc, vt) = v.as_chunks::<LANES>();
-    for block in vc.chunks(BLOCK) {
-        let mut a = [0.0f32; LANES];
-        for c in block {
-            for l in 0..LANES {
-                a[l] += f(c[l]);
-            }
-        }
-        for l in 0..LANES {
-            acc[l] += a[l] as f64;
-        }
-    }
-    for (l, &x) in vt.iter().enumerate() {
-        acc[l] += f(x) as f64;
-    }
-}
-
-/// [`lanes`] over two sums of pairs: `acc0[l] += f(u, v).0`, `acc1[l] += f(u, v).1`.
+/// Two sums of pairs, as above: `acc[0][l] += f(u[8i + l], v[8i + l]).0` and `acc[1][l] +=
+/// ….1` (the tails into the first lanes).
 #[inline(always)]
 fn lanes2(acc: &mut [[f64; LANES]; 2], u: &[f32], v: &[f32], f: impl Fn(f32, f32) -> (f32, f32)) {
     let (uc, ut) = u.as_chunks::<LANES>();
