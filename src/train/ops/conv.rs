@@ -422,94 +422,116 @@ fn backward_batched(
     };
     // Per chunk, per group: dWᵀ (`K × cout_g`).
     let part_len = groups * kk * cout_g;
-    let mut partial = if dw.is_some() { vec![0.0f32; chunks * part_len] } else { Vec::new() };
-    let work = 2 * batch * s.macs();
-    let dyc_cols = Cols { per: p, bs: yl, rs: p };
-    for_each_chunk(
-        batch,
-        nb,
-        work,
-        dx,
-        xl,
-        dw.is_some().then_some(&mut partial[..]),
-        part_len,
-        |_, b0, nbs, dxc, part| {
-            let n = nbs * p;
-            let xc = &x[b0 * xl..(b0 + nbs) * xl];
-            let dyc = &dy[b0 * yl..(b0 + nbs) * yl];
-            COLS.with(|cell| {
-                let mut bufs = cell.borrow_mut();
-                let Bufs { col, dcol, packed } = &mut *bufs;
-                let mut dxc = dxc;
-                let mut part = part;
-                for g in 0..groups {
-                    let dyg = &dyc[g * cout_g * p..];
-                    if let Some(part) = part.as_deref_mut() {
-                        let colm = sized(col, kk * n);
-                        im2col_chunk(s, xc, g, nbs, colm);
-                        let bpk = sized(packed, packed_b_len(n, cout_g, nr));
-                        pack_bt_cols(dyg, cout_g, n, dyc_cols, nr, bpk);
-                        let out = &mut part[g * kk * cout_g..(g + 1) * kk * cout_g];
-                        gemm_cols(k, kk, cout_g, n, colm, n, bpk, out, Cols::plain(cout_g, cout_g), None, false);
-                    }
-                    if let (Some(dxc), Some(sp)) = (dxc.as_deref_mut(), sp) {
-                        // One group: dcol = Wᵀ · dY by the sparse product, over the chunk's
-                        // output gradient gathered into `cout × nb·P`.
-                        let dym = sized(packed, cout_g * n);
-                        for (b, dyb) in dyc.chunks_exact(yl).enumerate() {
-                            for (co, row) in dyb.chunks_exact(p).enumerate() {
-                                dym[co * n + b * p..][..p].copy_from_slice(row);
+    with_partials(if dw.is_some() { chunks * part_len } else { 0 }, |partial| {
+        let work = 2 * batch * s.macs();
+        let dyc_cols = Cols { per: p, bs: yl, rs: p };
+        for_each_chunk(
+            batch,
+            nb,
+            work,
+            dx,
+            xl,
+            dw.is_some().then_some(&mut *partial),
+            part_len,
+            |_, b0, nbs, dxc, part| {
+                let n = nbs * p;
+                let xc = &x[b0 * xl..(b0 + nbs) * xl];
+                let dyc = &dy[b0 * yl..(b0 + nbs) * yl];
+                COLS.with(|cell| {
+                    let mut bufs = cell.borrow_mut();
+                    let Bufs { col, dcol, packed } = &mut *bufs;
+                    let mut dxc = dxc;
+                    let mut part = part;
+                    for g in 0..groups {
+                        let dyg = &dyc[g * cout_g * p..];
+                        if let Some(part) = part.as_deref_mut() {
+                            let colm = sized(col, kk * n);
+                            im2col_chunk(s, xc, g, nbs, colm);
+                            let bpk = sized(packed, packed_b_len(n, cout_g, nr));
+                            pack_bt_cols(dyg, cout_g, n, dyc_cols, nr, bpk);
+                            let out = &mut part[g * kk * cout_g..(g + 1) * kk * cout_g];
+                            gemm_cols(k, kk, cout_g, n, colm, n, bpk, out, Cols::plain(cout_g, cout_g), None, false);
+                        }
+                        if let (Some(dxc), Some(sp)) = (dxc.as_deref_mut(), sp) {
+                            // One group: dcol = Wᵀ · dY by the sparse product, over the chunk's
+                            // output gradient gathered into `cout × nb·P`.
+                            let dym = sized(packed, cout_g * n);
+                            for (b, dyb) in dyc.chunks_exact(yl).enumerate() {
+                                for (co, row) in dyb.chunks_exact(p).enumerate() {
+                                    dym[co * n + b * p..][..p].copy_from_slice(row);
+                                }
+                            }
+                            let dcolm = sized(dcol, kk * n);
+                            (k.spmm)(sp.wt(), dym, n, n, dcolm, n, Store::Set);
+                            col2im_chunk(s, dcolm, g, nbs, dxc);
+                        } else if let Some(dxc) = dxc.as_deref_mut() {
+                            let wtg = &wt[g * kk * cout_g..(g + 1) * kk * cout_g];
+                            if pointwise {
+                                let out = &mut dxc[g * cin_g * plane..];
+                                gemm_cols_unpacked(
+                                    k,
+                                    kk,
+                                    n,
+                                    cout_g,
+                                    wtg,
+                                    cout_g,
+                                    dyg,
+                                    dyc_cols,
+                                    out,
+                                    Cols { per: p, bs: xl, rs: p },
+                                    None,
+                                    None,
+                                    store == Store::Add,
+                                );
+                            } else {
+                                let dcolm = sized(dcol, kk * n);
+                                let out = Cols::plain(n, n);
+                                gemm_cols_unpacked(
+                                    k, kk, n, cout_g, wtg, cout_g, dyg, dyc_cols, dcolm, out, None, None, false,
+                                );
+                                col2im_chunk(s, dcolm, g, nbs, dxc);
                             }
                         }
-                        let dcolm = sized(dcol, kk * n);
-                        (k.spmm)(sp.wt(), dym, n, n, dcolm, n, Store::Set);
-                        col2im_chunk(s, dcolm, g, nbs, dxc);
-                    } else if let Some(dxc) = dxc.as_deref_mut() {
-                        let wtg = &wt[g * kk * cout_g..(g + 1) * kk * cout_g];
-                        if pointwise {
-                            let out = &mut dxc[g * cin_g * plane..];
-                            gemm_cols_unpacked(
-                                k,
-                                kk,
-                                n,
-                                cout_g,
-                                wtg,
-                                cout_g,
-                                dyg,
-                                dyc_cols,
-                                out,
-                                Cols { per: p, bs: xl, rs: p },
-                                None,
-                                None,
-                                store == Store::Add,
-                            );
-                        } else {
-                            let dcolm = sized(dcol, kk * n);
-                            let out = Cols::plain(n, n);
-                            gemm_cols_unpacked(
-                                k, kk, n, cout_g, wtg, cout_g, dyg, dyc_cols, dcolm, out, None, None, false,
-                            );
-                            col2im_chunk(s, dcolm, g, nbs, dxc);
-                        }
                     }
-                }
-            });
-        },
-    );
-    WT.set(wt_buf);
-    if let Some(dw) = dw {
-        // Chunk partials summed in chunk order, then transposed into dW.
-        let first = sum_chunks(&mut partial, part_len);
-        for g in 0..groups {
-            let pg = &first[g * kk * cout_g..(g + 1) * kk * cout_g];
-            let dwg = &mut dw[g * cout_g * kk..(g + 1) * cout_g * kk];
-            for (r, row) in pg.chunks_exact(cout_g).enumerate() {
-                for (o, &v) in row.iter().enumerate() {
-                    dwg[o * kk + r] += v;
+                });
+            },
+        );
+        if let Some(dw) = dw {
+            // Chunk partials summed in chunk order, then transposed into dW.
+            let first = sum_chunks(partial, part_len);
+            for g in 0..groups {
+                let pg = &first[g * kk * cout_g..(g + 1) * kk * cout_g];
+                let dwg = &mut dw[g * cout_g * kk..(g + 1) * cout_g * kk];
+                for (r, row) in pg.chunks_exact(cout_g).enumerate() {
+                    for (o, &v) in row.iter().enumerate() {
+                        dwg[o * kk + r] += v;
+                    }
                 }
             }
         }
+    });
+    WT.set(wt_buf);
+}
+
+std::thread_local! {
+    /// The weight gradients' per-chunk partials, kept between calls on the calling thread.
+    static PARTIALS: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// `f` with a buffer of `len` floats for a weight gradient's per-chunk partials, kept between
+/// calls: a fresh one (up to 5.5 MB for GEMResNet18's last stage) came from the system zeroed
+/// page by page on every step, a millisecond of a 7 ms weight gradient. It holds what the last
+/// call left (NaN in debug builds): each chunk writes all of its partial, or zeroes it first.
+pub(super) fn with_partials<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    let mut buf = PARTIALS.take();
+    if buf.len() < len {
+        buf.resize(len, 0.0);
     }
+    #[cfg(debug_assertions)]
+    buf[..len].fill(f32::NAN);
+    let r = f(&mut buf[..len]);
+    PARTIALS.set(buf);
+    r
 }
 
 /// The per-chunk partials (`len` floats each) summed in chunk order into the first, which is

@@ -13,7 +13,7 @@
 //! gradient padded by `(k − 1)·d − pad`, with the kernel flipped and its rows indexed by the
 //! input channel.
 
-use super::conv::{for_each_chunk, sum_chunks};
+use super::conv::{for_each_chunk, sum_chunks, with_partials};
 use super::sparse::SparseW;
 use crate::kernels::gemm::MAX_TILE;
 use crate::kernels::matmul::{copy_short, zero_short};
@@ -277,57 +277,59 @@ pub(super) fn weight_grad(k: &Kernels, s: &ConvShape, x: &[f32], dy: &[f32], bat
     let xq_len = ph.len() + (mr - 1) * plane;
     let part_len = taps * cin * cout;
     let chunks = batch.div_ceil(nb);
-    let mut partial = vec![0.0f32; chunks * part_len];
-    let ep = TileEpilogue::IDENTITY;
-    let panels = panels(k, cout);
-    let b_len: usize = panels.iter().map(|p| nq * p.micro.nr).sum();
-    let work = 2 * batch * s.macs();
-    for_each_chunk(batch, nb, work, None, 0, Some(&mut partial), part_len, |_, b0, nbs, _, part| {
-        let part = part.expect("the chunk's partial");
-        BUFS.with_borrow_mut(|(xq, bp)| {
-            let mut tile = [0.0f32; MAX_TILE];
-            let tile = &mut tile[..mr * nr];
-            for b in b0..b0 + nbs {
-                ph.fill(&x[b * xl..(b + 1) * xl], s.h, s.w, s.pad[0], s.pad[1], xq);
-                xq.resize(xq_len, 0.0);
-                bp.resize(b_len, 0.0);
-                pack_dy(&dy[b * yl..(b + 1) * yl], (oh, ow, ph.wq), nq, &panels, bp);
-                for (t, &o) in off.iter().enumerate() {
-                    for ci0 in (0..cin).step_by(mr) {
-                        let m_eff = mr.min(cin - ci0);
-                        let mut bq = &bp[..];
-                        for p in &panels {
-                            let pnr = p.micro.nr;
-                            // A last row panel that a short kernel holds runs on the
-                            // smallest that does, in one call: each call streams all of the
-                            // B panel, and two 2-row calls for a tail of four took longer than
-                            // one full 6-row one (GEMResNet18's 40 channels, AVX2).
-                            let (micro, rows) = match p.short.iter().find(|sk| m_eff <= sk.mr) {
-                                Some(&sk) => (sk, sk.mr),
-                                None => (p.micro, mr),
-                            };
-                            for i0 in (0..m_eff).step_by(rows) {
-                                (micro.run)(nq, &xq[o + (ci0 + i0) * plane..], plane, bq, &ep, tile, pnr);
-                                for i in 0..rows.min(m_eff - i0) {
-                                    let d = &mut part[(t * cin + ci0 + i0 + i) * cout + p.c0..][..p.n];
-                                    for (d, &v) in d.iter_mut().zip(&tile[i * pnr..][..p.n]) {
-                                        *d += v;
+    with_partials(chunks * part_len, |partial| {
+        let ep = TileEpilogue::IDENTITY;
+        let panels = panels(k, cout);
+        let b_len: usize = panels.iter().map(|p| nq * p.micro.nr).sum();
+        let work = 2 * batch * s.macs();
+        for_each_chunk(batch, nb, work, None, 0, Some(&mut *partial), part_len, |_, b0, nbs, _, part| {
+            let part = part.expect("the chunk's partial");
+            part.fill(0.0);
+            BUFS.with_borrow_mut(|(xq, bp)| {
+                let mut tile = [0.0f32; MAX_TILE];
+                let tile = &mut tile[..mr * nr];
+                for b in b0..b0 + nbs {
+                    ph.fill(&x[b * xl..(b + 1) * xl], s.h, s.w, s.pad[0], s.pad[1], xq);
+                    xq.resize(xq_len, 0.0);
+                    bp.resize(b_len, 0.0);
+                    pack_dy(&dy[b * yl..(b + 1) * yl], (oh, ow, ph.wq), nq, &panels, bp);
+                    for (t, &o) in off.iter().enumerate() {
+                        for ci0 in (0..cin).step_by(mr) {
+                            let m_eff = mr.min(cin - ci0);
+                            let mut bq = &bp[..];
+                            for p in &panels {
+                                let pnr = p.micro.nr;
+                                // A last row panel that a short kernel holds runs on the
+                                // smallest that does, in one call: each call streams all of the
+                                // B panel, and two 2-row calls for a tail of four took longer than
+                                // one full 6-row one (GEMResNet18's 40 channels, AVX2).
+                                let (micro, rows) = match p.short.iter().find(|sk| m_eff <= sk.mr) {
+                                    Some(&sk) => (sk, sk.mr),
+                                    None => (p.micro, mr),
+                                };
+                                for i0 in (0..m_eff).step_by(rows) {
+                                    (micro.run)(nq, &xq[o + (ci0 + i0) * plane..], plane, bq, &ep, tile, pnr);
+                                    for i in 0..rows.min(m_eff - i0) {
+                                        let d = &mut part[(t * cin + ci0 + i0 + i) * cout + p.c0..][..p.n];
+                                        for (d, &v) in d.iter_mut().zip(&tile[i * pnr..][..p.n]) {
+                                            *d += v;
+                                        }
                                     }
                                 }
+                                bq = &bq[nq * pnr..];
                             }
-                            bq = &bq[nq * pnr..];
                         }
                     }
                 }
+            })
+        });
+        for (r, row) in sum_chunks(partial, part_len).chunks_exact(cout).enumerate() {
+            let (t, ci) = (r / cin, r % cin);
+            for (co, &v) in row.iter().enumerate() {
+                dw[(co * cin + ci) * taps + t] += v;
             }
-        })
-    });
-    for (r, row) in sum_chunks(&mut partial, part_len).chunks_exact(cout).enumerate() {
-        let (t, ci) = (r / cin, r % cin);
-        for (co, &v) in row.iter().enumerate() {
-            dw[(co * cin + ci) * taps + t] += v;
         }
-    }
+    })
 }
 
 /// Whether [`weight_grad_rows`] takes `s` on `k`: the table has the kernel, and `s` is a
@@ -394,59 +396,62 @@ pub(super) fn weight_grad_rows(k: &Kernels, s: &ConvShape, x: &[f32], dy: &[f32]
     let part_len = cout * cin * 9;
     let nb = ROWS_CHUNK;
     let chunks = batch.div_ceil(nb);
-    let mut partial = vec![0.0f32; chunks * part_len];
-    let work = 2 * batch * s.macs();
-    for_each_chunk(batch, nb, work, None, 0, Some(&mut partial), part_len, |_, b0, nbs, _, part| {
-        let part = part.expect("the chunk's partial");
-        ROWS_BUFS.with_borrow_mut(|RowsBufs { xs, ds, sums }| {
-            xs.resize(nbs * xs_len, 0.0);
-            // The gradient rows start on a cache line: every load of them is then whole.
-            ds.resize(nbs * cout * jn + 16, 0.0);
-            let a = ds.as_ptr().align_offset(64).min(16);
-            let ds = &mut ds[a..a + nbs * cout * jn];
-            for b in 0..nbs {
-                let xb = &mut xs[b * xs_len..(b + 1) * xs_len];
-                ph.fill_slice(&x[(b0 + b) * xl..][..xl], s.h, s.w, s.pad[0], s.pad[1], xb);
-                xb[ph.len()..].fill(0.0);
-                let dyb = &dy[(b0 + b) * yl..][..yl];
-                for (dst, src) in ds[b * cout * jn..][..cout * jn].chunks_exact_mut(jn).zip(dyb.chunks_exact(oh * ow)) {
-                    for (drow, srow) in dst.chunks_exact_mut(wq).zip(src.chunks_exact(ow)) {
-                        copy_short(&mut drow[..ow], srow);
-                        zero_short(&mut drow[ow..]);
+    with_partials(chunks * part_len, |partial| {
+        let work = 2 * batch * s.macs();
+        for_each_chunk(batch, nb, work, None, 0, Some(&mut *partial), part_len, |_, b0, nbs, _, part| {
+            let part = part.expect("the chunk's partial");
+            ROWS_BUFS.with_borrow_mut(|RowsBufs { xs, ds, sums }| {
+                xs.resize(nbs * xs_len, 0.0);
+                // The gradient rows start on a cache line: every load of them is then whole.
+                ds.resize(nbs * cout * jn + 16, 0.0);
+                let a = ds.as_ptr().align_offset(64).min(16);
+                let ds = &mut ds[a..a + nbs * cout * jn];
+                for b in 0..nbs {
+                    let xb = &mut xs[b * xs_len..(b + 1) * xs_len];
+                    ph.fill_slice(&x[(b0 + b) * xl..][..xl], s.h, s.w, s.pad[0], s.pad[1], xb);
+                    xb[ph.len()..].fill(0.0);
+                    let dyb = &dy[(b0 + b) * yl..][..yl];
+                    for (dst, src) in
+                        ds[b * cout * jn..][..cout * jn].chunks_exact_mut(jn).zip(dyb.chunks_exact(oh * ow))
+                    {
+                        for (drow, srow) in dst.chunks_exact_mut(wq).zip(src.chunks_exact(ow)) {
+                            copy_short(&mut drow[..ow], srow);
+                            zero_short(&mut drow[ow..]);
+                        }
+                        zero_short(&mut dst[oh * wq..]);
                     }
-                    zero_short(&mut dst[oh * wq..]);
                 }
-            }
-            let pairs = cout.div_ceil(2);
-            sums.clear();
-            sums.resize(pairs * cin, [[0.0; 16]; 18]);
-            for p0 in (0..nbs).step_by(per_pass) {
-                let last = p0 + per_pass >= nbs;
-                for pair in 0..pairs {
-                    // An odd last channel is paired with itself; the second half is dropped.
-                    let (co0, co1) = (2 * pair, (2 * pair + 1).min(cout - 1));
-                    for ci in 0..cin {
-                        let acc = &mut sums[pair * cin + ci];
-                        let n = (p0 + per_pass).min(nbs) - p0;
-                        let xb = &xs[p0 * xs_len + ci * plane..];
-                        let d = |co: usize| &ds[(p0 * cout + co) * jn..];
-                        kern(jn / 16, n, xb, xs_len, &off, [d(co0), d(co1)], cout * jn, acc);
-                        if last {
-                            for (h, co) in [co0, co1].into_iter().enumerate().take(1 + (co1 > co0) as usize) {
-                                let row = &mut part[(co * cin + ci) * 9..][..9];
-                                for (d, lanes) in row.iter_mut().zip(&acc[9 * h..9 * h + 9]) {
-                                    *d = lanes.iter().fold(0.0, |a, &v| a + v);
+                let pairs = cout.div_ceil(2);
+                sums.clear();
+                sums.resize(pairs * cin, [[0.0; 16]; 18]);
+                for p0 in (0..nbs).step_by(per_pass) {
+                    let last = p0 + per_pass >= nbs;
+                    for pair in 0..pairs {
+                        // An odd last channel is paired with itself; the second half is dropped.
+                        let (co0, co1) = (2 * pair, (2 * pair + 1).min(cout - 1));
+                        for ci in 0..cin {
+                            let acc = &mut sums[pair * cin + ci];
+                            let n = (p0 + per_pass).min(nbs) - p0;
+                            let xb = &xs[p0 * xs_len + ci * plane..];
+                            let d = |co: usize| &ds[(p0 * cout + co) * jn..];
+                            kern(jn / 16, n, xb, xs_len, &off, [d(co0), d(co1)], cout * jn, acc);
+                            if last {
+                                for (h, co) in [co0, co1].into_iter().enumerate().take(1 + (co1 > co0) as usize) {
+                                    let row = &mut part[(co * cin + ci) * 9..][..9];
+                                    for (d, lanes) in row.iter_mut().zip(&acc[9 * h..9 * h + 9]) {
+                                        *d = lanes.iter().fold(0.0, |a, &v| a + v);
+                                    }
                                 }
                             }
                         }
                     }
                 }
-            }
-        })
-    });
-    for (d, &v) in dw.iter_mut().zip(sum_chunks(&mut partial, part_len)) {
-        *d += v;
-    }
+            })
+        });
+        for (d, &v) in dw.iter_mut().zip(sum_chunks(partial, part_len)) {
+            *d += v;
+        }
+    })
 }
 
 /// One B panel of [`weight_grad`]: output channels `c0 .. c0 + n`, in `micro.nr` lanes; and
