@@ -345,9 +345,10 @@ pub(super) fn weight_grad_rows_supported(k: &Kernels, s: &ConvShape) -> bool {
 }
 
 /// Output rows narrower than this keep [`weight_grad`]: every row carries `kw − 1` unused
-/// positions (`wq − ow`), and each sample's padded copies cost about as much as a narrow
-/// plane's products. Measured on GEMResNet18 (AVX-512, one thread, batch 64): 32 × 32 with 20
-/// channels 9.6 → 5.6 ms, its 3-channel stem 4.0 → 1.2 ms; 16 × 16 with 40, 6.0 either way.
+/// positions (`wq − ow`), a fifth of an 8-wide row's. Measured in GEMResNet18's training step
+/// (AVX-512, batch 64): 32 × 32 with 20 channels 9.6 → 5.6 ms at one thread, its 3-channel
+/// stem 4.0 → 1.2 ms; 16 × 16 with 40 channels 6.7 → 6.2 ms in the node but no change in the
+/// step, at one or two threads; 8 × 8 with 80, 6.5 → 9.4 ms.
 pub(super) const ROWS_MIN_WIDTH: usize = 32;
 
 /// Samples per chunk of [`weight_grad_rows`].
@@ -632,6 +633,8 @@ mod tests {
             ConvShape { dh: 2, dw: 2, h: 9, ..shape(5, 34, 4, 2) },
             ConvShape { pad: [0, 1, 2, 0], h: 7, ..shape(3, 33, 5, 0) },
             ConvShape { h: 6, ..shape(2, 36, 3, 0) },
+            // The narrowest rows it takes.
+            ConvShape { h: 5, ..shape(4, ROWS_MIN_WIDTH, 6, 1) },
         ];
         let mut r = SplitMix64::new(23);
         let mut runs = 0;
