@@ -89,8 +89,10 @@ pub enum NodeOp<'a> {
         lo: f32,
         hi: f32,
     },
+    /// A residual sum, with the ReLU or ReLU6 that alone reads it fused in (`clamp`).
     Add {
         other: usize,
+        clamp: Option<(f32, f32)>,
     },
     Pool {
         s: PoolShape,
@@ -225,7 +227,8 @@ impl<'a> Net<'a> {
                 if let Some(
                     NodeOp::Affine { clamp: clamp @ None, .. }
                     | NodeOp::Norm { clamp: clamp @ None, .. }
-                    | NodeOp::Conv { clamp: clamp @ None, .. },
+                    | NodeOp::Conv { clamp: clamp @ None, .. }
+                    | NodeOp::Add { clamp: clamp @ None, .. },
                 ) = input.checked_sub(1).map(|a| &mut net.nodes[a].op)
                 {
                     *clamp = Some((0.0, if matches!(layer.op, Op::Relu6) { 6.0 } else { f32::INFINITY }));
@@ -268,7 +271,7 @@ impl<'a> Net<'a> {
                 }
                 Op::Relu => NodeOp::Clamp { lo: 0.0, hi: f32::INFINITY },
                 Op::Relu6 => NodeOp::Clamp { lo: 0.0, hi: 6.0 },
-                Op::Add { other } => NodeOp::Add { other: map[*other as usize] },
+                Op::Add { other } => NodeOp::Add { other: map[*other as usize], clamp: None },
                 Op::MaxPool(p) => NodeOp::Pool { s: crate::backbone::pool_shape(p, x), max: true },
                 Op::AvgPool(p) => NodeOp::Pool { s: crate::backbone::pool_shape(p, x), max: false },
                 Op::GlobalAvgPool => NodeOp::GlobalPool { c: x.c, plane: x.plane() },
@@ -459,7 +462,7 @@ impl<'a> Net<'a> {
         let node = &self.nodes[i];
         let (done, rest) = values.split_at_mut(i + 1);
         let other = match node.op {
-            NodeOp::Add { other } => &done[other][..],
+            NodeOp::Add { other, .. } => &done[other][..],
             _ => &[],
         };
         forward_op(k, self.ctx(), node, &done[node.input], other, &mut rest[0], batch);
@@ -702,7 +705,7 @@ fn forward_op(k: &Kernels, ctx: Ctx, node: &Node, x: &[f32], other: &[f32], y: &
             conv::forward(k, s, Weights::F32(&params[*kp].value), None, x, batch, y, None)
         }
         NodeOp::Clamp { lo, hi } => act::clamp_forward(x, y, *lo, *hi),
-        NodeOp::Add { .. } => act::add_forward(x, other, y),
+        NodeOp::Add { clamp, .. } => act::add_forward(x, other, y, *clamp),
         NodeOp::Pool { s, max } => pool::forward(s, *max, x, batch, y),
         NodeOp::GlobalPool { c, plane } => pool::global_forward(*c, *plane, x, batch, y),
         NodeOp::Flatten => y.copy_from_slice(x),

@@ -53,7 +53,7 @@ impl Net<'_> {
         // need[v]: some trained parameter lies at or before value v.
         let mut need = vec![false; n + 1];
         for (i, node) in self.nodes.iter().enumerate() {
-            let other = if let NodeOp::Add { other } = node.op { need[other] } else { false };
+            let other = if let NodeOp::Add { other, .. } = node.op { need[other] } else { false };
             need[i + 1] = self.trains(node) || need[node.input] || other;
         }
         let mut pass =
@@ -109,7 +109,7 @@ impl Net<'_> {
         };
         let dx = pass.need[input].then(|| store(input, pass));
         let other = match node.op {
-            NodeOp::Add { other } if pass.need[other] && other != input => Some(store(other, pass)),
+            NodeOp::Add { other, .. } if pass.need[other] && other != input => Some(store(other, pass)),
             _ => None,
         };
         // Frozen weights never change: their transpose is kept from the first input gradient.
@@ -133,7 +133,7 @@ impl Net<'_> {
             g.resize(len(node.input), 0.0);
             prepare(g, store, step.sets);
         }
-        if let (Some(store), NodeOp::Add { other }) = (step.other, &node.op) {
+        if let (Some(store), NodeOp::Add { other, .. }) = (step.other, &node.op) {
             let g = &mut grads[*other];
             g.resize(len(*other), 0.0);
             prepare(g, store, true);
@@ -173,7 +173,7 @@ impl Net<'_> {
         let input = node.input;
         let mut dy = core::mem::take(&mut grads[i + 1]);
         let mut dx = step.dx.map(|st| (core::mem::take(&mut grads[input]), st));
-        let other = if let NodeOp::Add { other } = node.op { other } else { 0 };
+        let other = if let NodeOp::Add { other, .. } = node.op { other } else { 0 };
         let mut dother = step.other.map(|st| (core::mem::take(&mut grads[other]), st));
         let [d0, d1] = &mut dp;
         node_backward(
@@ -304,7 +304,11 @@ pub(super) fn node_backward(
                 act::clamp_backward(x, dy, dx, *lo, *hi, store)
             }
         }
-        NodeOp::Add { other } => {
+        NodeOp::Add { other, clamp } => {
+            // The fused clamp's gradient, in place: `dy` is not read again.
+            if let Some((lo, hi)) = *clamp {
+                act::clamp_mask(y, dy, lo, hi);
+            }
             if let Some((g, store)) = dother {
                 act::accumulate(dy, g, store);
             }

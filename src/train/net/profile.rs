@@ -61,7 +61,7 @@ fn describe(op: &NodeOp) -> String {
         NodeOp::Affine { c, plane, .. } => format!("affine {c} ch × {plane}"),
         NodeOp::Reprogram { s, .. } => format!("reprogram {} ch on {}×{}", s.c_in, s.h, s.w),
         NodeOp::Clamp { .. } => "clamp".into(),
-        NodeOp::Add { .. } => "add".into(),
+        NodeOp::Add { clamp, .. } => if clamp.is_some() { "add + clamp" } else { "add" }.into(),
         NodeOp::Pool { max, .. } => if *max { "max pool" } else { "avg pool" }.into(),
         NodeOp::GlobalPool { .. } => "global pool".into(),
         NodeOp::Flatten => "flatten".into(),

@@ -246,7 +246,7 @@ fn activation_and_add_gradients() {
     act::accumulate(&rr, &mut dx, Store::Add);
     check("add dx", &mut x, &dx, |x| {
         let mut y = vec![0.0; 40];
-        act::add_forward(x, &b, &mut y);
+        act::add_forward(x, &b, &mut y, None);
         dot(&y, &rr)
     });
 }
@@ -762,7 +762,7 @@ fn split_ops_are_thread_independent() {
             let (mut cy, mut cdx, mut sum) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
             act::clamp_forward(&x, &mut cy, 0.0, 0.5);
             act::clamp_backward(&x, &dy, &mut cdx, 0.0, 0.5, Store::Set);
-            act::add_forward(&x, &dy, &mut sum);
+            act::add_forward(&x, &dy, &mut sum, None);
             act::accumulate(&x, &mut sum, Store::Add);
             let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<u32>>();
             [&y, &rm, &rv, &dx, &dg, &db, &fy, &fdx, &fdg, &ay, &adx, &adg, &adb, &cy, &cdx, &sum].map(|v| bits(v))
@@ -790,6 +790,34 @@ fn batch_statistics_hold_for_large_means_and_many_values() {
             assert!((saved.mean[c] as f64 - mean).abs() <= 1e-6 * mean.abs(), "{} vs {mean}", saved.mean[c]);
             let inv_std = 1.0 / var.sqrt();
             assert!((saved.inv_std[c] as f64 - inv_std).abs() <= 1e-4 * inv_std, "{} vs {inv_std}", saved.inv_std[c]);
+        }
+    }
+}
+
+/// A residual sum with a fused clamp gives the bits of the sum followed by the clamp, and its
+/// gradient (masked in place by the output, then passed on) the bits of the clamp's backward
+/// followed by the sum's, into a fresh buffer and added into one.
+#[test]
+fn fused_add_clamp_equals_the_two_ops() {
+    let mut r = SplitMix64::new(34);
+    let n = 4099;
+    let (a, b, dy) = (rand(&mut r, n), rand(&mut r, n), rand(&mut r, n));
+    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<u32>>();
+    for (lo, hi) in [(0.0, f32::INFINITY), (0.0, 0.6), (-0.3, 0.2)] {
+        let (mut sum, mut want, mut got) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
+        act::add_forward(&a, &b, &mut sum, None);
+        act::clamp_forward(&sum, &mut want, lo, hi);
+        act::add_forward(&a, &b, &mut got, Some((lo, hi)));
+        assert_eq!(bits(&got), bits(&want), "{lo} {hi}");
+        assert!(want.contains(&lo), "values at the lower bound");
+        for store in [Store::Set, Store::Add] {
+            let (mut dsum, mut want_dx) = (vec![0.0; n], vec![0.5; n]);
+            act::clamp_backward(&sum, &dy, &mut dsum, lo, hi, Store::Set);
+            act::accumulate(&dsum, &mut want_dx, store);
+            let (mut masked, mut got_dx) = (dy.clone(), vec![0.5; n]);
+            act::clamp_mask(&got, &mut masked, lo, hi);
+            act::accumulate(&masked, &mut got_dx, store);
+            assert_eq!(bits(&got_dx), bits(&want_dx), "{lo} {hi} {store:?}");
         }
     }
 }
