@@ -499,14 +499,19 @@ fn backward_batched(
         if let Some(dw) = dw {
             // Chunk partials summed in chunk order, then transposed into dW.
             let first = sum_chunks(partial, part_len);
-            for g in 0..groups {
+            // Transposed into dW a row at a time, rows over the threads when dW is large.
+            let rows = |(row, drow): (usize, &mut [f32])| {
+                let (g, o) = (row / cout_g, row % cout_g);
                 let pg = &first[g * kk * cout_g..(g + 1) * kk * cout_g];
-                let dwg = &mut dw[g * cout_g * kk..(g + 1) * cout_g * kk];
-                for (r, row) in pg.chunks_exact(cout_g).enumerate() {
-                    for (o, &v) in row.iter().enumerate() {
-                        dwg[o * kk + r] += v;
-                    }
+                for (d, pr) in drow.iter_mut().zip(pg.chunks_exact(cout_g)) {
+                    *d += pr[o];
                 }
+            };
+            if dw.len() >= crate::kernels::PAR_MIN_WORK / 4 && crate::kernels::threads() > 1 {
+                use rayon::prelude::*;
+                dw.par_chunks_exact_mut(kk).enumerate().for_each(rows);
+            } else {
+                dw.chunks_exact_mut(kk).enumerate().for_each(rows);
             }
         }
     });
@@ -536,12 +541,23 @@ pub(super) fn with_partials<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R
 
 /// The per-chunk partials (`len` floats each) summed in chunk order into the first, which is
 /// returned: a weight gradient's sum that does not depend on which thread ran which chunk.
+/// Pieces of the sum go to the threads when the partials are large (each element is still the
+/// chunks' sum in chunk order: the same bits).
 pub(super) fn sum_chunks(partial: &mut [f32], len: usize) -> &[f32] {
     let (first, rest) = partial.split_at_mut(len);
-    for pc in rest.chunks_exact(len) {
-        for (a, &v) in first.iter_mut().zip(pc) {
-            *a += v;
+    let sum = |at: usize, piece: &mut [f32]| {
+        for pc in rest.chunks_exact(len) {
+            for (a, &v) in piece.iter_mut().zip(&pc[at..]) {
+                *a += v;
+            }
         }
+    };
+    const PIECE: usize = 1 << 14;
+    if rest.len() >= crate::kernels::PAR_MIN_WORK && crate::kernels::threads() > 1 {
+        use rayon::prelude::*;
+        first.par_chunks_mut(PIECE).enumerate().for_each(|(i, p)| sum(i * PIECE, p));
+    } else {
+        sum(0, first);
     }
     first
 }
