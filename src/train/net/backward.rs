@@ -304,22 +304,26 @@ pub(super) fn node_backward(
                 act::clamp_backward(x, dy, dx, *lo, *hi, store)
             }
         }
-        NodeOp::Add { other, clamp } => {
-            // The fused clamp's gradient, in place: `dy` is not read again.
-            if let Some((lo, hi)) = *clamp {
-                act::clamp_mask(y, dy, lo, hi);
-            }
-            if let Some((g, store)) = dother {
-                act::accumulate(dy, g, store);
-            }
-            if let Some((dx, store)) = dx {
-                act::accumulate(dy, dx, store);
-                // `x + x`: the gradient twice into the one buffer.
-                if *other == node.input {
-                    act::accumulate(dy, dx, Store::Add);
+        NodeOp::Add { other, clamp } => match (*clamp, dx, dother) {
+            // Two operands under a clamp: its mask applied on the way into both, in one pass.
+            (Some((lo, hi)), Some(dx), Some(dother)) => act::accumulate_both(y, lo, hi, dy, dx, dother),
+            (clamp, dx, dother) => {
+                // The fused clamp's gradient, in place: `dy` is not read again.
+                if let Some((lo, hi)) = clamp {
+                    act::clamp_mask(y, dy, lo, hi);
+                }
+                if let Some((g, store)) = dother {
+                    act::accumulate(dy, g, store);
+                }
+                if let Some((dx, store)) = dx {
+                    act::accumulate(dy, dx, store);
+                    // `x + x`: the gradient twice into the one buffer.
+                    if *other == node.input {
+                        act::accumulate(dy, dx, Store::Add);
+                    }
                 }
             }
-        }
+        },
         NodeOp::Pool { s, max } => {
             if let Some(dx) = plain(dx) {
                 pool::backward(s, *max, x, dy, batch, dx)

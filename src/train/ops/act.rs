@@ -95,6 +95,53 @@ pub fn add_forward(a: &[f32], b: &[f32], y: &mut [f32], clamp: Option<(f32, f32)
     })
 }
 
+/// The gradient of a sum whose output `y` went through a fused clamp to `(lo, hi)`, into both
+/// operands' gradients at once: `g = dy` where the clamp passes it, stored into `a` and into
+/// `b` by their stores, with the bits [`clamp_mask`] then [`accumulate`] give. One pass
+/// reading `y` and `dy`: masking `dy` in place and accumulating it twice read and wrote `dy`
+/// three times more (a residual sum's backward is memory-bound).
+pub fn accumulate_both(y: &[f32], lo: f32, hi: f32, dy: &[f32], a: (&mut [f32], Store), b: (&mut [f32], Store)) {
+    let n = dy.len();
+    let ((a, sa), (b, sb)) = ((&mut a.0[..n], a.1), (&mut b.0[..n], b.1));
+    let piece = |at: usize, pa: &mut [f32], pb: &mut [f32]| {
+        let (d, y) = (&dy[at..at + pa.len()], &y[at..at + pa.len()]);
+        // One loop per pair of stores, chosen outside it (see `clamp_backward`).
+        match (sa, sb) {
+            (Store::Set, Store::Set) => both::<false, false>(pa, pb, d, y, lo, hi),
+            (Store::Set, Store::Add) => both::<false, true>(pa, pb, d, y, lo, hi),
+            (Store::Add, Store::Set) => both::<true, false>(pa, pb, d, y, lo, hi),
+            (Store::Add, Store::Add) => both::<true, true>(pa, pb, d, y, lo, hi),
+        }
+    };
+    if n >= crate::kernels::PAR_MIN_WORK && crate::kernels::threads() > 1 {
+        use rayon::prelude::*;
+        a.par_chunks_mut(PIECE)
+            .zip(b.par_chunks_mut(PIECE))
+            .enumerate()
+            .for_each(|(i, (pa, pb))| piece(i * PIECE, pa, pb));
+    } else {
+        piece(0, a, b)
+    }
+}
+
+/// `g = 0 + through_clamp(y, lo, hi, dy)` into `a` and `b`, each added (`ADD_*`) or set.
+#[inline(always)]
+fn both<const ADD_A: bool, const ADD_B: bool>(a: &mut [f32], b: &mut [f32], dy: &[f32], y: &[f32], lo: f32, hi: f32) {
+    for (((u, v), &d), &yv) in a.iter_mut().zip(b.iter_mut()).zip(dy).zip(y) {
+        let g = 0.0 + through_clamp(yv, lo, hi, d);
+        if ADD_A {
+            *u += g;
+        } else {
+            *u = 0.0 + g;
+        }
+        if ADD_B {
+            *v += g;
+        } else {
+            *v = 0.0 + g;
+        }
+    }
+}
+
 /// The gradient of a sum flows unchanged to both operands: `dx += dy` (or `dx = dy`).
 pub fn accumulate(dy: &[f32], dx: &mut [f32], store: Store) {
     split(&mut dx[..dy.len()], |at, dx| {

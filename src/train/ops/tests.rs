@@ -795,8 +795,9 @@ fn batch_statistics_hold_for_large_means_and_many_values() {
 }
 
 /// A residual sum with a fused clamp gives the bits of the sum followed by the clamp, and its
-/// gradient (masked in place by the output, then passed on) the bits of the clamp's backward
-/// followed by the sum's, into a fresh buffer and added into one.
+/// gradient (masked in place by the output then passed on, or masked on the way into both
+/// operands) the bits of the clamp's backward followed by the sum's, into a fresh buffer and
+/// added into one.
 #[test]
 fn fused_add_clamp_equals_the_two_ops() {
     let mut r = SplitMix64::new(34);
@@ -818,6 +819,15 @@ fn fused_add_clamp_equals_the_two_ops() {
             act::clamp_mask(&got, &mut masked, lo, hi);
             act::accumulate(&masked, &mut got_dx, store);
             assert_eq!(bits(&got_dx), bits(&want_dx), "{lo} {hi} {store:?}");
+            // Into both operands in one pass, each with its own store.
+            for other in [Store::Set, Store::Add] {
+                let (mut want_o, mut got_o) = (vec![-0.25; n], vec![-0.25; n]);
+                act::accumulate(&dsum, &mut want_o, other);
+                let mut both_dx = vec![0.5; n];
+                act::accumulate_both(&got, lo, hi, &dy, (&mut both_dx, store), (&mut got_o, other));
+                assert_eq!(bits(&both_dx), bits(&want_dx), "{lo} {hi} {store:?} {other:?}");
+                assert_eq!(bits(&got_o), bits(&want_o), "{lo} {hi} {store:?} {other:?}");
+            }
         }
     }
 }
