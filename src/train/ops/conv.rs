@@ -340,6 +340,13 @@ pub fn backward(
         }
         return;
     }
+    let dx = match (dx, sp) {
+        (Some((dx, store)), Some(sp)) if sparse_conv::backward_dx_phases_supported(s) => {
+            sparse_conv::backward_dx_phases(k, s, sp, dy, batch, dx, store);
+            None
+        }
+        (dx, _) => dx,
+    };
     if dx.is_none() && dw.is_none() {
         return;
     }

@@ -344,7 +344,15 @@ mod tests {
             // Phases no tap reads (left unwritten by the direct conv).
             shape(8, 7, 7, 5, 1, 2, 1),
             ConvShape { dh: 2, dw: 2, pad: [2; 4], ..shape(4, 9, 9, 6, 3, 2, 0) },
+            // The input gradient by phases: strides, padding and dilation that differ by
+            // direction, and a 1 × 1 kernel among larger ones (outputs of at least 64).
+            ConvShape { sw: 1, pad: [1, 0, 2, 1], ..shape(5, 17, 9, 6, 3, 2, 0) },
+            ConvShape { sh: 1, sw: 3, pad: [0, 2, 1, 0], ..shape(3, 8, 29, 4, 3, 1, 0) },
+            ConvShape { kw: 1, dh: 2, pad: [2, 0, 1, 0], ..shape(4, 18, 17, 5, 3, 2, 0) },
+            shape(4, 17, 17, 6, 3, 2, 1),
         ];
+        let phased = conv_shapes.iter().filter(|s| crate::train::ops::sparse_conv::backward_dx_phases_supported(s));
+        assert_eq!(phased.count(), 4, "the input gradient by phases is among the paths checked");
         let k = Kernels::best_fast();
         let mut r = SplitMix64::new(9);
         for s in conv_shapes {

@@ -237,6 +237,125 @@ pub(super) fn backward_dx(
     });
 }
 
+/// Whether [`backward_dx_phases`] takes `s`: one group, a stride above 1 in some direction
+/// (stride 1 goes to [`backward_dx`]), a kernel larger than 1 × 1, and an output plane of at
+/// least 64 positions. Measured on GEMResNet18's stride-2 convs (AVX-512, one thread, batch
+/// 64), against the unfolded path: 3 × 3 from 32 × 32, 3.5 → 1.8 ms; from 16 × 16, 1.6 → 1.3
+/// ms; but from 8 × 8 (a 4 × 4 output), 1.5 → 2.0 ms, and 1 × 1 (three phases of four zero,
+/// stored element by element) 0.85 → 1.3 ms.
+pub(super) fn backward_dx_phases_supported(s: &ConvShape) -> bool {
+    s.groups == 1 && (s.sh > 1 || s.sw > 1) && s.kh * s.kw > 1 && s.oh() * s.ow() >= 64
+}
+
+/// `dx` (stored by `store`) of a strided one-group conv with sparse weights, given `dy`, by
+/// stride phases: padded input row `r` is `oy·sh + ky·dh`, so the rows of phase
+/// `py = r mod sh` take only the taps with `ky·dh ≡ py`, each at row `r div sh = oy + a` with
+/// `a = ky·dh div sh` (columns alike). Per phase, `dx` is then a stride-1 sparse product over
+/// `dy` padded by the largest `a` (and `b`) on top (and left), with rows the input channels
+/// and entries `(co, tap)`, as in [`backward_dx`]; each element of `dx` lies in exactly one
+/// phase and is stored once. The path it replaces multiplied into an unfolded gradient
+/// (`c_in·kh·kw` floats per output position) and folded that back, a pass over memory ten
+/// times the size of `dx` (GEMResNet18's stride-2 convs).
+pub(super) fn backward_dx_phases(
+    k: &Kernels,
+    s: &ConvShape,
+    sp: &SparseW,
+    dy: &[f32],
+    batch: usize,
+    dx: &mut [f32],
+    store: Store,
+) {
+    debug_assert!(backward_dx_phases_supported(s));
+    let (oh, ow) = (s.oh(), s.ow());
+    let (xl, yl) = (s.c_in * s.h * s.w, s.c_out * oh * ow);
+    let (sh, sw, taps) = (s.sh, s.sw, s.kh * s.kw);
+    // Phase planes: padded rows `0 .. hp` split by the stride.
+    let (hp, wp) = (s.h + s.pad[0] + s.pad[2], s.w + s.pad[1] + s.pad[3]);
+    let (hq, wq) = (hp.div_ceil(sh), wp.div_ceil(sw));
+    // The output gradient padded by the largest tap offsets within a phase.
+    let (a_max, b_max) = (((s.kh - 1) * s.dh) / sh, ((s.kw - 1) * s.dw) / sw);
+    let dq = Phases { c: s.c_out, hq: hq + a_max, wq: wq + b_max, sh: 1, sw: 1, taps: [(1, 1); 2] };
+    let row = dq.wq;
+    let n = ((hq - 1) * row + wq).next_multiple_of(TAIL);
+    // Per phase: W's entries regrouped by input channel (output channels ascending within
+    // each, taps in order), each with its tap's offset into the padded gradient.
+    let w = sp.w();
+    let phases: Vec<Phase> = (0..sh * sw)
+        .map(|phase| {
+            let (py, px) = (phase / sw, phase % sw);
+            let mut start = vec![0u32; s.c_in + 1];
+            let (mut entries, mut vals) = (vec![Vec::new(); s.c_in], vec![Vec::new(); s.c_in]);
+            for co in 0..s.c_out {
+                for p in w.start[co] as usize..w.start[co + 1] as usize {
+                    let c = w.idx[p] as usize;
+                    let (ci, t) = (c / taps, c % taps);
+                    let (ry, rx) = ((t / s.kw) * s.dh, (t % s.kw) * s.dw);
+                    if ry % sh == py && rx % sw == px {
+                        let at = dq.at(co, a_max - ry / sh, b_max - rx / sw);
+                        entries[ci].push(at as u32);
+                        vals[ci].push(w.val[p]);
+                    }
+                }
+            }
+            for ci in 0..s.c_in {
+                start[ci + 1] = start[ci] + entries[ci].len() as u32;
+            }
+            Phase { py, px, start, idx: entries.concat(), val: vals.concat() }
+        })
+        .collect();
+    let work = sp.nnz() * n * batch;
+    for_each_chunk(batch, 1, work, Some(dx), xl, None, 0, |_, b, _, dxb, _| {
+        let dxb = dxb.expect("input gradient of the sample");
+        BUFS.with_borrow_mut(|(dyq, out)| {
+            dq.fill(&dy[b * yl..(b + 1) * yl], oh, ow, a_max, b_max, dyq);
+            out.resize(s.c_in * n, 0.0);
+            for Phase { py, px, start, idx, val } in &phases {
+                // A phase no tap reaches (three of four for a 1 × 1 stride-2 conv) is zero.
+                let empty = idx.is_empty();
+                if empty && store == Store::Add {
+                    continue;
+                }
+                let rows = SparseRows { start, idx, val };
+                if !empty {
+                    (k.spmm)(rows, dyq, 1, n, out, n, Store::Set);
+                }
+                // Phase rows `rq` hold padded rows `rq·sh + py`; those inside the input are
+                // rows `rq·sh + py − top` of dx (columns alike).
+                let (top, left) = (s.pad[0], s.pad[1]);
+                let rq0 = top.saturating_sub(*py).div_ceil(sh);
+                let qq0 = left.saturating_sub(*px).div_ceil(sw);
+                for (ci, plane) in dxb.chunks_exact_mut(s.h * s.w).enumerate() {
+                    let src = &out[ci * n..(ci + 1) * n];
+                    for rq in rq0..hq {
+                        let iy = rq * sh + py - top;
+                        if iy >= s.h {
+                            break;
+                        }
+                        let drow = &mut plane[iy * s.w..(iy + 1) * s.w];
+                        for qq in qq0..wq {
+                            let ix = qq * sw + px - left;
+                            if ix >= s.w {
+                                break;
+                            }
+                            store.put(&mut drow[ix], if empty { 0.0 } else { src[rq * row + qq] });
+                        }
+                    }
+                }
+            }
+        })
+    });
+}
+
+/// One stride phase of [`backward_dx_phases`]: its row and column phase, and the sparse rows
+/// (input channels) of the taps that reach it.
+struct Phase {
+    py: usize,
+    px: usize,
+    start: Vec<u32>,
+    idx: Vec<u32>,
+    val: Vec<f32>,
+}
+
 /// Output planes smaller than this keep im2col for the weight gradient: [`weight_grad`]'s
 /// products reduce over one sample's positions, and on a 4 × 4 plane (22 of them, 6 unused)
 /// the micro-kernel's tile stores and the unused columns cost more than the unfolding saves.
