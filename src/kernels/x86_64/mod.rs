@@ -8,9 +8,9 @@
 #![allow(unsafe_code)]
 
 use super::sparse::{self, SparseRows};
+use super::{depthwise, fast, gemm, ConvShape, Kernels, MicroKernel, PostOp, Store, TileEpilogue, Weights};
 
 mod wgrad;
-use super::{depthwise, fast, gemm, ConvShape, Kernels, MicroKernel, PostOp, Store, TileEpilogue, Weights};
 
 /// The best table this CPU runs: AVX2 + FMA, with the 512-bit GEMM micro-kernel when
 /// AVX-512F is present too.

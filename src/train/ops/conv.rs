@@ -96,6 +96,11 @@ pub fn forward_clamped(
 /// 1 MB, so that a chunk's operands stay in L2/L3 and per-thread buffers stay small).
 const CHUNK_FLOATS: usize = 1 << 18;
 
+/// Chunks of the batch whose partial weight gradients [`sparse_conv::weight_grad`] sums in
+/// order: enough for the threads, and few partials to keep and add (a chunk per im2col
+/// buffer's worth of samples made 64 partials of GEMResNet18's first stage, one per sample).
+const WEIGHT_GRAD_CHUNKS: usize = 8;
+
 /// Samples per chunk of the batched conv: as many as keep `K × nb · P` within
 /// [`CHUNK_FLOATS`], at least one, and at most a quarter of the batch (so that two threads
 /// get work even on the last, smallest layers). It depends on the shape and the batch only,
@@ -325,7 +330,7 @@ pub fn backward(
             None
         }
         Some(dw) if sparse_conv::weight_grad_supported(s, k.micro.mr) => {
-            sparse_conv::weight_grad(k, s, x, dy, batch, batch.div_ceil(8), dw);
+            sparse_conv::weight_grad(k, s, x, dy, batch, batch.div_ceil(WEIGHT_GRAD_CHUNKS), dw);
             None
         }
         dw => dw,
@@ -504,9 +509,9 @@ fn backward_batched(
             },
         );
         if let Some(dw) = dw {
-            // Chunk partials summed in chunk order, then transposed into dW.
+            // Chunk partials summed in chunk order, then transposed into dW a row at a time,
+            // rows over the threads when dW is large.
             let first = sum_chunks(partial, part_len);
-            // Transposed into dW a row at a time, rows over the threads when dW is large.
             let rows = |(row, drow): (usize, &mut [f32])| {
                 let (g, o) = (row / cout_g, row % cout_g);
                 let pg = &first[g * kk * cout_g..(g + 1) * kk * cout_g];
@@ -531,9 +536,9 @@ std::thread_local! {
 }
 
 /// `f` with a buffer of `len` floats for a weight gradient's per-chunk partials, kept between
-/// calls: a fresh one (up to 5.5 MB for GEMResNet18's last stage) came from the system zeroed
-/// page by page on every step, a millisecond of a 7 ms weight gradient. It holds what the last
-/// call left (NaN in debug builds): each chunk writes all of its partial, or zeroes it first.
+/// calls: a fresh one (up to 5.5 MB for GEMResNet18's last stage) came from the system and was
+/// zeroed page by page on every step. It holds what the last call left (NaN in debug builds):
+/// each chunk writes all of its partial, or zeroes it first.
 pub(super) fn with_partials<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
     let mut buf = PARTIALS.take();
     if buf.len() < len {
