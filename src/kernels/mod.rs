@@ -11,10 +11,12 @@
 //!   [`depthwise`] kernels and an int8 dot-product kernel for linear layers. Property tests hold
 //!   it to the reference within 1e-4 relative.
 //!
-//! Two training kernels live here too, so that each ISA compiles them: the depthwise backward
+//! Training kernels live here too, so that each ISA compiles them: the depthwise backward
 //! ([`depthwise::backward_inline`], slot `depthwise_backward`), held to the row-wise loop of
-//! `train::ops::conv` in `train::ops::tests`, and the sparse × dense product of masked
-//! training ([`sparse::spmm_inline`], slot `spmm`), held to [`sparse::spmm_reference`].
+//! `train::ops::conv` in `train::ops::tests`; the sparse × dense product of masked training
+//! ([`sparse::spmm_inline`], slot `spmm`), held to [`sparse::spmm_reference`]; and, on
+//! AVX-512 only, a 3 × 3 conv weight gradient with output positions in the lanes (slot
+//! `wgrad_rows`, [`WgradRowsFn`]), held to the definition in `train::ops::sparse_conv`.
 //!
 //! The choice is made once, in [`Kernels::detect`]: run-time CPU feature detection on std
 //! (x86-64: AVX2+FMA, AVX-512F; aarch64: NEON); bare-metal builds select by the target's
