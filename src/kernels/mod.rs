@@ -16,7 +16,7 @@
 //! `train::ops::conv` in `train::ops::tests`; the sparse × dense product of masked training
 //! ([`sparse::spmm_inline`], slot `spmm`), held to [`sparse::spmm_reference`]; and, on
 //! AVX-512 only, a 3 × 3 conv weight gradient with output positions in the lanes (slot
-//! `wgrad_rows`, [`WgradRowsFn`]), held to the definition in `train::ops::sparse_conv`.
+//! `wgrad_rows`, [`WgradRowsFn`]), held to the definition in `train::ops::wgrad`.
 //!
 //! The choice is made once, in [`Kernels::detect`]: run-time CPU feature detection on std
 //! (x86-64: AVX2+FMA, AVX-512F; aarch64: NEON); bare-metal builds select by the target's
@@ -395,7 +395,7 @@ pub type DepthwiseBackwardFn =
 pub type SpmmFn = fn(sparse::SparseRows, &[f32], usize, usize, &mut [f32], usize, Store);
 
 /// Part of a 3 × 3 stride-1 conv's weight gradient with the output positions in the lanes
-/// (training's `sparse_conv::weight_grad_rows`): `(vectors, samples, x, x_stride, off, d,
+/// (training's `wgrad::weight_grad_rows`): `(vectors, samples, x, x_stride, off, d,
 /// d_stride, acc)` adds, for every sample `b < samples`, `v < vectors` and lane `l < 16`,
 /// `x[b·x_stride + off[t] + 16·v + l] · d[h][b·d_stride + 16·v + l]` into `acc[9·h + t][l]`:
 /// one input channel's nine taps against two output channels' gradients, summed per lane,

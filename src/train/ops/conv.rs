@@ -15,12 +15,13 @@
 //! ([`sparse_conv`]); at other strides the input gradient is a sparse product over im2col's
 //! columns. The weight gradient is dense (every score needs its gradient); for a one-group
 //! conv with enough input channels and output positions it is read from the input's stride
-//! phases in place, with no im2col ([`sparse_conv::weight_grad`]), masked or not.
+//! phases in place, with no im2col ([`wgrad::weight_grad`]), masked or not.
 
 use super::dot8;
 use super::sparse::SparseW;
 use super::sparse_conv;
 use super::unfold::{col2im_chunk, im2col_chunk};
+use super::wgrad;
 use crate::kernels::gemm::packed_b_len;
 use crate::kernels::matmul::{gemm_cols, gemm_cols_unpacked, pack_bt_cols, Cols};
 use crate::kernels::{depthwise, reference, ConvShape, Kernels, PostOp, Store, Weights};
@@ -96,7 +97,7 @@ pub fn forward_clamped(
 /// 1 MB, so that a chunk's operands stay in L2/L3 and per-thread buffers stay small).
 const CHUNK_FLOATS: usize = 1 << 18;
 
-/// Chunks of the batch whose partial weight gradients [`sparse_conv::weight_grad`] sums in
+/// Chunks of the batch whose partial weight gradients [`wgrad::weight_grad`] sums in
 /// order: enough for the threads, and few partials to keep and add (a chunk per im2col
 /// buffer's worth of samples made 64 partials of GEMResNet18's first stage, one per sample).
 const WEIGHT_GRAD_CHUNKS: usize = 8;
@@ -325,12 +326,12 @@ pub fn backward(
         return;
     }
     let dw = match dw {
-        Some(dw) if sparse_conv::weight_grad_rows_supported(k, s) => {
-            sparse_conv::weight_grad_rows(k, s, x, dy, batch, dw);
+        Some(dw) if wgrad::weight_grad_rows_supported(k, s) => {
+            wgrad::weight_grad_rows(k, s, x, dy, batch, dw);
             None
         }
-        Some(dw) if sparse_conv::weight_grad_supported(s, k.micro.mr) => {
-            sparse_conv::weight_grad(k, s, x, dy, batch, batch.div_ceil(WEIGHT_GRAD_CHUNKS), dw);
+        Some(dw) if wgrad::weight_grad_supported(s, k.micro.mr) => {
+            wgrad::weight_grad(k, s, x, dy, batch, batch.div_ceil(WEIGHT_GRAD_CHUNKS), dw);
             None
         }
         dw => dw,

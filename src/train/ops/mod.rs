@@ -15,6 +15,7 @@ mod sparse_conv;
 #[cfg(test)]
 mod tests;
 mod unfold;
+mod wgrad;
 
 pub use crate::kernels::Store;
 
