@@ -193,30 +193,9 @@ pub(super) fn backward_dx(
     let (rh, rw) = ((s.kh - 1) * s.dh, (s.kw - 1) * s.dw);
     let ph = Phases { c: s.c_out, hq: s.h + rh, wq: s.w + rw, sh: 1, sw: 1, taps: [(1, 1); 2] };
     let n = ((s.h - 1) * ph.wq + s.w).next_multiple_of(TAIL);
-    // W's entries regrouped by input channel (a counting sort; output channels ascending
-    // within each), each with its flipped tap's offset.
-    let (w, taps) = (sp.w(), s.kh * s.kw);
-    let mut start = vec![0u32; s.c_in + 1];
-    for &c in w.idx {
-        start[c as usize / taps + 1] += 1;
-    }
-    for ci in 0..s.c_in {
-        start[ci + 1] += start[ci];
-    }
-    let mut next = start.clone();
-    let (mut idx, mut val) = (vec![0u32; w.idx.len()], vec![0.0f32; w.idx.len()]);
-    for co in 0..s.c_out {
-        for p in w.start[co] as usize..w.start[co + 1] as usize {
-            let c = w.idx[p] as usize;
-            let (ci, t) = (c / taps, c % taps);
-            let (ky, kx) = (t / s.kw, t % s.kw);
-            let at = next[ci] as usize;
-            idx[at] = ph.at(co, rh - ky * s.dh, rw - kx * s.dw) as u32;
-            val[at] = w.val[p];
-            next[ci] += 1;
-        }
-    }
-    let rows = SparseRows { start: &start, idx: &idx, val: &val };
+    // Each entry at its flipped tap's offset.
+    let by_ci = ByInputChannel::new(sp, s, |co, ky, kx| Some(ph.at(co, rh - ky * s.dh, rw - kx * s.dw)));
+    let rows = by_ci.rows();
     let work = sp.nnz() * n * batch;
     let (top, left) = (rh - s.pad[0], rw - s.pad[1]);
     for_each_chunk(batch, 1, work, Some(dx), xl, None, 0, |_, b, _, dxb, _| {
@@ -267,7 +246,7 @@ pub(super) fn backward_dx_phases(
     debug_assert!(backward_dx_phases_supported(s));
     let (oh, ow) = (s.oh(), s.ow());
     let (xl, yl) = (s.c_in * s.h * s.w, s.c_out * oh * ow);
-    let (sh, sw, taps) = (s.sh, s.sw, s.kh * s.kw);
+    let (sh, sw) = (s.sh, s.sw);
     // Phase planes: padded rows `0 .. hp` split by the stride.
     let (hp, wp) = (s.h + s.pad[0] + s.pad[2], s.w + s.pad[1] + s.pad[3]);
     let (hq, wq) = (hp.div_ceil(sh), wp.div_ceil(sw));
@@ -276,30 +255,16 @@ pub(super) fn backward_dx_phases(
     let dq = Phases { c: s.c_out, hq: hq + a_max, wq: wq + b_max, sh: 1, sw: 1, taps: [(1, 1); 2] };
     let row = dq.wq;
     let n = ((hq - 1) * row + wq).next_multiple_of(TAIL);
-    // Per phase: W's entries regrouped by input channel (output channels ascending within
-    // each, taps in order), each with its tap's offset into the padded gradient.
-    let w = sp.w();
+    // Per phase: the entries of the taps that land on it, each at its offset into the padded
+    // gradient.
     let phases: Vec<Phase> = (0..sh * sw)
         .map(|phase| {
             let (py, px) = (phase / sw, phase % sw);
-            let mut start = vec![0u32; s.c_in + 1];
-            let (mut entries, mut vals) = (vec![Vec::new(); s.c_in], vec![Vec::new(); s.c_in]);
-            for co in 0..s.c_out {
-                for p in w.start[co] as usize..w.start[co + 1] as usize {
-                    let c = w.idx[p] as usize;
-                    let (ci, t) = (c / taps, c % taps);
-                    let (ry, rx) = ((t / s.kw) * s.dh, (t % s.kw) * s.dw);
-                    if ry % sh == py && rx % sw == px {
-                        let at = dq.at(co, a_max - ry / sh, b_max - rx / sw);
-                        entries[ci].push(at as u32);
-                        vals[ci].push(w.val[p]);
-                    }
-                }
-            }
-            for ci in 0..s.c_in {
-                start[ci + 1] = start[ci] + entries[ci].len() as u32;
-            }
-            Phase { py, px, start, idx: entries.concat(), val: vals.concat() }
+            let by_ci = ByInputChannel::new(sp, s, |co, ky, kx| {
+                let (ry, rx) = (ky * s.dh, kx * s.dw);
+                (ry % sh == py && rx % sw == px).then(|| dq.at(co, a_max - ry / sh, b_max - rx / sw))
+            });
+            Phase { py, px, by_ci }
         })
         .collect();
     let work = sp.nnz() * n * batch;
@@ -308,15 +273,14 @@ pub(super) fn backward_dx_phases(
         BUFS.with_borrow_mut(|(dyq, out)| {
             dq.fill(&dy[b * yl..(b + 1) * yl], oh, ow, a_max, b_max, dyq);
             out.resize(s.c_in * n, 0.0);
-            for Phase { py, px, start, idx, val } in &phases {
+            for Phase { py, px, by_ci } in &phases {
                 // A phase no tap reaches (three of four for a 1 × 1 stride-2 conv) is zero.
-                let empty = idx.is_empty();
+                let empty = by_ci.idx.is_empty();
                 if empty && store == Store::Add {
                     continue;
                 }
-                let rows = SparseRows { start, idx, val };
                 if !empty {
-                    (k.spmm)(rows, dyq, 1, n, out, n, Store::Set);
+                    (k.spmm)(by_ci.rows(), dyq, 1, n, out, n, Store::Set);
                 }
                 // Phase rows `rq` hold padded rows `rq·sh + py`; those inside the input are
                 // rows `rq·sh + py − top` of dx (columns alike).
@@ -350,7 +314,49 @@ pub(super) fn backward_dx_phases(
 struct Phase {
     py: usize,
     px: usize,
+    by_ci: ByInputChannel,
+}
+
+/// A conv's sparse weights regrouped by input channel, the rows of an input-gradient product:
+/// the entries `offset(co, ky, kx)` keeps, each with the offset it gives (a counting sort:
+/// output channels ascending within a row, each output channel's taps in order).
+struct ByInputChannel {
     start: Vec<u32>,
     idx: Vec<u32>,
     val: Vec<f32>,
+}
+
+impl ByInputChannel {
+    fn new(sp: &SparseW, s: &ConvShape, offset: impl Fn(usize, usize, usize) -> Option<usize>) -> Self {
+        let (w, taps) = (sp.w(), s.kh * s.kw);
+        // Each entry as (input channel, offset), in W's order.
+        let kept = |co: usize, p: usize| {
+            let (ci, t) = (w.idx[p] as usize / taps, w.idx[p] as usize % taps);
+            offset(co, t / s.kw, t % s.kw).map(|at| (ci, at))
+        };
+        let entries =
+            || (0..s.c_out).flat_map(|co| (w.start[co] as usize..w.start[co + 1] as usize).map(move |p| (co, p)));
+        let mut start = vec![0u32; s.c_in + 1];
+        for (ci, _) in entries().filter_map(|(co, p)| kept(co, p)) {
+            start[ci + 1] += 1;
+        }
+        for ci in 0..s.c_in {
+            start[ci + 1] += start[ci];
+        }
+        let mut next = start.clone();
+        let len = start[s.c_in] as usize;
+        let (mut idx, mut val) = (vec![0u32; len], vec![0.0f32; len]);
+        for (co, p) in entries() {
+            if let Some((ci, at)) = kept(co, p) {
+                let j = next[ci] as usize;
+                (idx[j], val[j]) = (at as u32, w.val[p]);
+                next[ci] += 1;
+            }
+        }
+        ByInputChannel { start, idx, val }
+    }
+
+    fn rows(&self) -> SparseRows<'_> {
+        SparseRows { start: &self.start, idx: &self.idx, val: &self.val }
+    }
 }
