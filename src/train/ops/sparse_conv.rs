@@ -87,6 +87,8 @@ impl Phases {
                                 zero_short(&mut row[..lo]);
                                 if sw == 1 {
                                     copy_short(&mut row[lo..hi], src);
+                                } else if sw == 2 {
+                                    take_even(&mut row[lo..hi], src);
                                 } else {
                                     for (d, &v) in row[lo..hi].iter_mut().zip(src.iter().step_by(sw)) {
                                         *d = v;
@@ -101,6 +103,30 @@ impl Phases {
             }
         }
         out[sh * sw * c * plane..self.len()].fill(0.0);
+    }
+}
+
+/// `dst[i] ← src[2·i]`: one stride-2 phase's run of an input row. The step-by iterator this
+/// replaces was a scalar loop with a check per element: the phases of GEMResNet18's stride-2
+/// convs took 1.1–1.6 ms per batch of 64 to fill, as long as a fifth of their weight gradient.
+#[inline(always)]
+fn take_even(dst: &mut [f32], src: &[f32]) {
+    let n = dst.len();
+    // The last element's pair may end past `src` (the input's last column): then it goes alone.
+    let pairs = if src.len() >= 2 * n { n } else { n.saturating_sub(1) };
+    let (body, last) = dst.split_at_mut(pairs);
+    if let Some(d) = last.first_mut() {
+        *d = src[2 * pairs];
+    }
+    let (dc, dt) = body.as_chunks_mut::<8>();
+    let (sc, st) = src[..2 * pairs].as_chunks::<16>();
+    for (d, s) in dc.iter_mut().zip(sc) {
+        for (i, d) in d.iter_mut().enumerate() {
+            *d = s[2 * i];
+        }
+    }
+    for (d, s) in dt.iter_mut().zip(st.chunks_exact(2)) {
+        *d = s[0];
     }
 }
 
