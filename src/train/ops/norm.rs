@@ -11,6 +11,9 @@
 pub struct Saved {
     pub mean: Vec<f32>,
     pub inv_std: Vec<f32>,
+    /// No γ and no β: the output, where a fused clamp passes it, is `x̂ = (x − μ)·s` itself,
+    /// to the bit (`x̂·1 + 0`).
+    pub identity: bool,
 }
 
 use super::act::through_clamp;
@@ -91,7 +94,7 @@ pub fn train_forward(
         }
     });
     let stats = sums.iter().zip(&shift).map(|(&[s1, s2], &k)| (k as f64 + s1 / n, (s2 - s1 * (s1 / n)).max(0.0)));
-    let mut saved = Saved { mean: vec![0.0; ch], inv_std: vec![0.0; ch] };
+    let mut saved = Saved { mean: vec![0.0; ch], inv_std: vec![0.0; ch], identity: gamma.is_none() && beta.is_none() };
     let mut coef = vec![(0.0f32, 0.0f32, 0.0f32, 0.0f32); ch];
     for (c, (mean, sq)) in stats.enumerate() {
         let var = sq / n;
@@ -115,19 +118,29 @@ pub fn train_forward(
     saved
 }
 
+/// Samples whose sums [`channel_sums`] keeps together: a partial per sample was 128 bytes per
+/// channel and sample, twice the size of the tensor itself for 16-value planes (GEMResNet18's
+/// 160-channel norms, where it was most of the norm's time).
+const SUM_CHUNK: usize = 8;
+
 /// `K` sums per channel over the batch, each in f64 lanes: `f(b, acc)` adds sample `b`'s
-/// values into `acc[c]` for each channel `c` (from zero); the samples' lanes are then added in
-/// sample order, so any thread count gives the same bits. Walking sample by sample reads one
-/// run of memory per sample; walking a channel across the batch read runs of one plane (16 to
-/// 4096 bytes) a sample apart, and took twice as long as a pass over a whole tensor.
+/// values into `acc[c]` for each channel `c`, onto the sums of the earlier samples of its
+/// chunk of [`SUM_CHUNK`]; the chunks' lanes are then added in order, so any thread count
+/// gives the same bits. Walking sample by sample reads one run of memory per sample; walking
+/// a channel across the batch read runs of one plane (16 to 4096 bytes) a sample apart, and
+/// took twice as long as a pass over a whole tensor.
 fn channel_sums<const K: usize>(
     ch: usize,
     plane: usize,
     batch: usize,
     f: impl Fn(usize, &mut [[[f64; LANES]; K]]) + Sync + Send,
 ) -> Vec<[f64; K]> {
-    let mut part = vec![[[0.0f64; LANES]; K]; batch * ch];
-    per_sample(&mut part, ch, batch * ch * plane, f);
+    let mut part = vec![[[0.0f64; LANES]; K]; batch.div_ceil(SUM_CHUNK) * ch];
+    per_sample(&mut part, ch, batch * ch * plane, |chunk, acc| {
+        for b in chunk * SUM_CHUNK..batch.min((chunk + 1) * SUM_CHUNK) {
+            f(b, acc);
+        }
+    });
     (0..ch)
         .map(|c| {
             let mut acc = [[0.0f64; LANES]; K];
@@ -206,13 +219,20 @@ pub fn train_backward(
 ) {
     let n = (batch * plane) as f64;
     let buf = || vec![0.0f32; if clamped.is_some() { plane } else { 0 }];
+    // The sums read `x̂` from the clamped output where that is `x̂` itself: one stream fewer
+    // of the three. Where the clamp stops the gradient, `g` is 0 and `0·y` adds what `0·x̂`
+    // did; where it passes, `y = x̂` to the bit; so the sums keep their bits.
+    let xhat_is_y = clamped.filter(|_| saved.identity);
     let sums = channel_sums::<2>(ch, plane, batch, |b, acc| {
         let mut passed = buf();
         for (c, a) in acc.iter_mut().enumerate() {
             let (m, is) = (saved.mean[c], saved.inv_std[c]);
             let at = (b * ch + c) * plane;
             let g = pass(clamped, dy, at, plane, &mut passed);
-            lanes2(a, g, &x[at..at + plane], |g, v| (g, g * ((v - m) * is)));
+            match xhat_is_y {
+                Some(Clamped { y, .. }) => lanes2(a, g, &y[at..at + plane], |g, v| (g, g * v)),
+                None => lanes2(a, g, &x[at..at + plane], |g, v| (g, g * ((v - m) * is))),
+            }
         }
     });
     if let Some(db) = dbeta {
