@@ -234,9 +234,9 @@ mod tests {
     #[test]
     fn every_table_and_thread_count_gives_the_reference_bits() {
         let mut r = SplitMix64::new(11);
-        // Small cases (widths that take every block size: 64, 32, 16, 8 and single columns),
-        // and one large enough to be split over the threads.
-        let widths = [1, 7, 8, 9, 63, 64, 65, 130, 48, 120];
+        // Small cases (widths that take every block size: 64, 32, 16, 8, single columns, and
+        // the last blocks of 80 and 96), and one large enough to be split over the threads.
+        let widths = [1, 7, 8, 9, 63, 64, 65, 130, 48, 120, 80, 95, 96, 127, 128, 208];
         let cases = (0..40).map(|c| (1 + c % 37, 1 + (c * 7) % 53, widths[c % widths.len()], c % 3));
         for (rows, k, n, pad) in cases.chain([(300, 400, 130, 1)]) {
             assert!(rows < 300 || k * rows / 5 * n >= crate::kernels::PAR_MIN_WORK);
