@@ -30,30 +30,55 @@ const LANES: usize = 8;
 /// Chunks of [`LANES`] values per f32 block.
 const BLOCK: usize = 32;
 
-/// Two sums of pairs, as above: `acc[0][l] += f(u[8i + l], v[8i + l]).0` and `acc[1][l] +=
-/// ….1` (the tails into the first lanes).
-#[inline(always)]
-fn lanes2(acc: &mut [[f64; LANES]; 2], u: &[f32], v: &[f32], f: impl Fn(f32, f32) -> (f32, f32)) {
-    let (uc, ut) = u.as_chunks::<LANES>();
-    let (vc, vt) = v[..u.len()].as_chunks::<LANES>();
-    for (ub, vb) in uc.chunks(BLOCK).zip(vc.chunks(BLOCK)) {
-        let mut a = [[0.0f32; LANES]; 2];
-        for (cu, cv) in ub.iter().zip(vb) {
-            for l in 0..LANES {
-                let (p, q) = f(cu[l], cv[l]);
-                a[0][l] += p;
-                a[1][l] += q;
+/// Two running sums of pairs per channel, as above: `f(u[8i + l], v[8i + l])` adds into lane
+/// `l` (a plane's tail into the first lanes). The f32 block carries over from one plane to
+/// the next of the same channel: GEMResNet18's 16-value planes filled an eighth of a block
+/// each, and adding every block into the f64 lanes was most of the norm's time.
+#[derive(Clone, Copy, Default)]
+struct Sums2 {
+    total: [[f64; LANES]; 2],
+    block: [[f32; LANES]; 2],
+    /// Chunks of [`LANES`] values in `block`.
+    filled: usize,
+}
+
+impl Sums2 {
+    #[inline(always)]
+    fn flush(&mut self) {
+        for (t, b) in self.total.iter_mut().zip(&mut self.block) {
+            for (t, b) in t.iter_mut().zip(b.iter_mut()) {
+                *t += *b as f64;
+                *b = 0.0;
             }
         }
-        for l in 0..LANES {
-            acc[0][l] += a[0][l] as f64;
-            acc[1][l] += a[1][l] as f64;
-        }
+        self.filled = 0;
     }
-    for (l, (&x, &y)) in ut.iter().zip(vt).enumerate() {
-        let (p, q) = f(x, y);
-        acc[0][l] += p as f64;
-        acc[1][l] += q as f64;
+
+    #[inline(always)]
+    fn add(&mut self, u: &[f32], v: &[f32], f: impl Fn(f32, f32) -> (f32, f32)) {
+        let (mut uc, ut) = u.as_chunks::<LANES>();
+        let (mut vc, vt) = v[..u.len()].as_chunks::<LANES>();
+        while !uc.is_empty() {
+            let take = (BLOCK - self.filled).min(uc.len());
+            let a = &mut self.block;
+            for (cu, cv) in uc[..take].iter().zip(&vc[..take]) {
+                for l in 0..LANES {
+                    let (p, q) = f(cu[l], cv[l]);
+                    a[0][l] += p;
+                    a[1][l] += q;
+                }
+            }
+            (uc, vc) = (&uc[take..], &vc[take..]);
+            self.filled += take;
+            if self.filled == BLOCK {
+                self.flush();
+            }
+        }
+        for (l, (&x, &y)) in ut.iter().zip(vt).enumerate() {
+            let (p, q) = f(x, y);
+            self.total[0][l] += p as f64;
+            self.total[1][l] += q as f64;
+        }
     }
 }
 
@@ -87,10 +112,10 @@ pub fn train_forward(
     let shift: Vec<f32> = (0..ch)
         .map(|c| (channel(x, 0, c, ch, plane).iter().map(|&v| v as f64).sum::<f64>() / plane as f64) as f32)
         .collect();
-    let sums = channel_sums::<2>(ch, plane, batch, |b, acc| {
+    let sums = channel_sums(ch, plane, batch, |b, acc| {
         for (c, a) in acc.iter_mut().enumerate() {
             let (k, v) = (shift[c], channel(x, b, c, ch, plane));
-            lanes2(a, v, v, |u, _| (u - k, (u - k) * (u - k)));
+            a.add(v, v, |u, _| (u - k, (u - k) * (u - k)));
         }
     });
     let stats = sums.iter().zip(&shift).map(|(&[s1, s2], &k)| (k as f64 + s1 / n, (s2 - s1 * (s1 / n)).max(0.0)));
@@ -123,29 +148,25 @@ pub fn train_forward(
 /// 160-channel norms, where it was most of the norm's time).
 const SUM_CHUNK: usize = 8;
 
-/// `K` sums per channel over the batch, each in f64 lanes: `f(b, acc)` adds sample `b`'s
-/// values into `acc[c]` for each channel `c`, onto the sums of the earlier samples of its
-/// chunk of [`SUM_CHUNK`]; the chunks' lanes are then added in order, so any thread count
-/// gives the same bits. Walking sample by sample reads one run of memory per sample; walking
-/// a channel across the batch read runs of one plane (16 to 4096 bytes) a sample apart, and
-/// took twice as long as a pass over a whole tensor.
-fn channel_sums<const K: usize>(
-    ch: usize,
-    plane: usize,
-    batch: usize,
-    f: impl Fn(usize, &mut [[[f64; LANES]; K]]) + Sync + Send,
-) -> Vec<[f64; K]> {
-    let mut part = vec![[[0.0f64; LANES]; K]; batch.div_ceil(SUM_CHUNK) * ch];
+/// Two sums per channel over the batch: `f(b, acc)` adds sample `b`'s values into `acc[c]`
+/// for each channel `c`, onto the sums of the earlier samples of its chunk of
+/// [`SUM_CHUNK`]; the chunks' lanes are then added in order, so any thread count gives the
+/// same bits. Walking sample by sample reads one run of memory per sample; walking a channel
+/// across the batch read runs of one plane (16 to 4096 bytes) a sample apart, and took twice
+/// as long as a pass over a whole tensor.
+fn channel_sums(ch: usize, plane: usize, batch: usize, f: impl Fn(usize, &mut [Sums2]) + Sync + Send) -> Vec<[f64; 2]> {
+    let mut part = vec![Sums2::default(); batch.div_ceil(SUM_CHUNK) * ch];
     per_sample(&mut part, ch, batch * ch * plane, |chunk, acc| {
         for b in chunk * SUM_CHUNK..batch.min((chunk + 1) * SUM_CHUNK) {
             f(b, acc);
         }
+        acc.iter_mut().for_each(Sums2::flush);
     });
     (0..ch)
         .map(|c| {
-            let mut acc = [[0.0f64; LANES]; K];
+            let mut acc = [[0.0f64; LANES]; 2];
             for p in part[c..].iter().step_by(ch.max(1)) {
-                for (a, q) in acc.iter_mut().zip(p) {
+                for (a, q) in acc.iter_mut().zip(&p.total) {
                     for (u, v) in a.iter_mut().zip(q) {
                         *u += v;
                     }
@@ -223,15 +244,15 @@ pub fn train_backward(
     // of the three. Where the clamp stops the gradient, `g` is 0 and `0·y` adds what `0·x̂`
     // did; where it passes, `y = x̂` to the bit; so the sums keep their bits.
     let xhat_is_y = clamped.filter(|_| saved.identity);
-    let sums = channel_sums::<2>(ch, plane, batch, |b, acc| {
+    let sums = channel_sums(ch, plane, batch, |b, acc| {
         let mut passed = buf();
         for (c, a) in acc.iter_mut().enumerate() {
             let (m, is) = (saved.mean[c], saved.inv_std[c]);
             let at = (b * ch + c) * plane;
             let g = pass(clamped, dy, at, plane, &mut passed);
             match xhat_is_y {
-                Some(Clamped { y, .. }) => lanes2(a, g, &y[at..at + plane], |g, v| (g, g * v)),
-                None => lanes2(a, g, &x[at..at + plane], |g, v| (g, g * ((v - m) * is))),
+                Some(Clamped { y, .. }) => a.add(g, &y[at..at + plane], |g, v| (g, g * v)),
+                None => a.add(g, &x[at..at + plane], |g, v| (g, g * ((v - m) * is))),
             }
         }
     });
