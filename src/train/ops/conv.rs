@@ -22,6 +22,7 @@ use super::sparse::SparseW;
 use super::sparse_conv;
 use super::unfold::{col2im_chunk, im2col_chunk};
 use super::wgrad;
+use super::winograd;
 use crate::kernels::gemm::packed_b_len;
 use crate::kernels::matmul::{gemm_cols, gemm_cols_unpacked, pack_bt_cols, Cols};
 use crate::kernels::{depthwise, reference, ConvShape, Kernels, PostOp, Store, Weights};
@@ -326,6 +327,10 @@ pub fn backward(
         return;
     }
     let dw = match dw {
+        Some(dw) if winograd::preferred(s) => {
+            winograd::weight_grad(k, s, x, dy, batch, dw);
+            None
+        }
         Some(dw) if wgrad::weight_grad_rows_supported(k, s) => {
             wgrad::weight_grad_rows(k, s, x, dy, batch, dw);
             None

@@ -16,6 +16,7 @@ mod sparse_conv;
 mod tests;
 mod unfold;
 mod wgrad;
+mod winograd;
 
 pub use crate::kernels::Store;
 

@@ -289,7 +289,7 @@ fn pack_dy(dy: &[f32], (oh, ow, wq): (usize, usize, usize), nq: usize, panels: &
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::rng::SplitMix64;
 
@@ -299,7 +299,7 @@ mod tests {
 
     /// `dW[co][ci][ky][kx] = Σ_b,oy,ox dy[b][co][oy][ox] · x[b][ci][oy·sh + ky·dh − pad][…]`,
     /// in f64.
-    fn naive_dw(s: &ConvShape, x: &[f32], dy: &[f32], batch: usize) -> Vec<f64> {
+    pub(in crate::train::ops) fn naive_dw(s: &ConvShape, x: &[f32], dy: &[f32], batch: usize) -> Vec<f64> {
         let (oh, ow) = (s.oh(), s.ow());
         let mut dw = vec![0.0f64; s.c_out * s.c_in * s.kh * s.kw];
         for b in 0..batch {
