@@ -182,9 +182,6 @@ fn input_tiles(x: &[f32], c: usize, h: usize, w: usize, nb: usize, v: &mut [f32]
     }
 }
 
-/// Lanes of [`gradient_tiles`]' vectors: the micro-kernel's widest `nr`.
-const NR: usize = 16;
-
 /// `A dy Aᵀ` of every 2 × 2 output-gradient tile of sample `b` of a chunk of `nb`
 /// (`c × h × w`) into `p`, packed as the products' B operand (`[ξ][panel][kc][nr]`, `p_len`
 /// floats per `ξ`, column `tile · nb + b`). With `A`'s rows `(1, 0), (1, 1), (1, −1), (0, −1)`,
@@ -201,7 +198,6 @@ fn gradient_tiles(
     p: &mut [f32],
     buf: &mut Vec<f32>,
 ) {
-    assert!(nr <= NR);
     let (th, tw) = (h / 2, w / 2);
     let kc = th * tw * nb;
     let hw = h * w;
@@ -217,43 +213,51 @@ fn gradient_tiles(
         for pos in dq.chunks_exact_mut(nr) {
             pos[lanes..].fill(0.0);
         }
-        for ty in 0..th {
-            for tx in 0..tw {
-                let at = |y: usize, x: usize| -> [f32; NR] {
-                    let mut v = [0.0; NR];
-                    v[..nr].copy_from_slice(&dq[((2 * ty + y) * w + 2 * tx + x) * nr..][..nr]);
-                    v
+        let p = &mut p[q * kc * nr..];
+        match nr {
+            16 => panel_tiles::<16>(dq, (th, tw, w), (b, nb), p_len, p),
+            8 => panel_tiles::<8>(dq, (th, tw, w), (b, nb), p_len, p),
+            4 => panel_tiles::<4>(dq, (th, tw, w), (b, nb), p_len, p),
+            _ => unreachable!("micro-kernels are 4, 8 or 16 lanes wide"),
+        }
+    }
+}
+
+/// [`gradient_tiles`] for one panel of `N` channels (`dq`: `[h·w][N]`), into `p` from the
+/// panel's start.
+#[inline(always)]
+fn panel_tiles<const N: usize>(
+    dq: &[f32],
+    (th, tw, w): (usize, usize, usize),
+    (b, nb): (usize, usize),
+    p_len: usize,
+    p: &mut [f32],
+) {
+    let (dc, _) = dq.as_chunks::<N>();
+    for ty in 0..th {
+        let (r0, r1) = (&dc[2 * ty * w..][..w], &dc[(2 * ty + 1) * w..][..w]);
+        for tx in 0..tw {
+            let (a, bb, cc, d) = (&r0[2 * tx], &r0[2 * tx + 1], &r1[2 * tx], &r1[2 * tx + 1]);
+            let base = ((ty * tw + tx) * nb + b) * N;
+            for v in 0..4 {
+                let mut u0 = [0.0f32; N];
+                let mut u1 = [0.0f32; N];
+                for l in 0..N {
+                    (u0[l], u1[l]) = match v {
+                        0 => (a[l], cc[l]),
+                        1 => (a[l] + bb[l], cc[l] + d[l]),
+                        2 => (a[l] - bb[l], cc[l] - d[l]),
+                        _ => (-bb[l], -d[l]),
+                    };
+                }
+                let mut put = |u: usize, f: [f32; N]| {
+                    let o: &mut [f32; N] = (&mut p[(u * 4 + v) * p_len + base..][..N]).try_into().expect("N lanes");
+                    *o = f;
                 };
-                let (a, bb, cc, d) = (at(0, 0), at(0, 1), at(1, 0), at(1, 1));
-                let mut q0 = [[0.0f32; NR]; 4];
-                let mut q1 = [[0.0f32; NR]; 4];
-                for l in 0..NR {
-                    q0[0][l] = a[l];
-                    q0[1][l] = a[l] + bb[l];
-                    q0[2][l] = a[l] - bb[l];
-                    q0[3][l] = -bb[l];
-                    q1[0][l] = cc[l];
-                    q1[1][l] = cc[l] + d[l];
-                    q1[2][l] = cc[l] - d[l];
-                    q1[3][l] = -d[l];
-                }
-                let base = q * kc * nr + ((ty * tw + tx) * nb + b) * nr;
-                for v in 0..4 {
-                    let (u0, u1) = (&q0[v], &q1[v]);
-                    let o = |u: usize| (u * 4 + v) * p_len + base;
-                    for (l, o) in p[o(0)..][..nr].iter_mut().enumerate() {
-                        *o = u0[l];
-                    }
-                    for (l, o) in p[o(1)..][..nr].iter_mut().enumerate() {
-                        *o = u0[l] + u1[l];
-                    }
-                    for (l, o) in p[o(2)..][..nr].iter_mut().enumerate() {
-                        *o = u0[l] - u1[l];
-                    }
-                    for (l, o) in p[o(3)..][..nr].iter_mut().enumerate() {
-                        *o = -u1[l];
-                    }
-                }
+                put(0, u0);
+                put(1, core::array::from_fn(|l| u0[l] + u1[l]));
+                put(2, core::array::from_fn(|l| u0[l] - u1[l]));
+                put(3, core::array::from_fn(|l| -u1[l]));
             }
         }
     }
