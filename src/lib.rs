@@ -19,7 +19,7 @@
 //! | [`kernels`] | reference and fast kernels, per-ISA micro-kernels, the kernel table (with training's depthwise backward, sparse × dense product and, on AVX-512, a conv weight gradient with positions in the lanes); strided matmul (alloc) | yes |
 //! | [`backbone`] | validated backbone, shape inference, execution plan, forward pass (plain, or as a task sees it through `task::TaskParts`), tasks decoded into fixed buffers for firmware (`fixed`), mmap (std) | yes |
 //! | [`adapter`] | (alloc) a task's components in owned form: bit-vector masks, overlays, reprogramming, norms, heads | with alloc |
-//! | [`train`] | (std) training graph with kept values (run layer by layer, or sample by sample where activations outweigh weights), hand-written backward passes (sparse products under a mask), masks, optimisers, methods, KKT | no |
+//! | [`train`] | (std) training graph with kept values (run layer by layer, or sample by sample where activations outweigh weights), hand-written backward passes (sparse products under a mask; Winograd weight gradients for small planes of many channels), masks, optimisers, methods, KKT | no |
 //! | [`eval`] | (std) accuracy from task files, accuracy matrix, ACC/BWT/forgetting, reports | no |
 //! | [`infer`] | (std) task inference: entropy gradient over superposed masks (one-shot, binary); each task's own network by lowest entropy or most information (batches that mix classes) | no |
 //! | [`data`] | (std) `.npy` inputs; IDX, image-folder and embedded datasets; transforms; scenarios | no |

@@ -15,7 +15,9 @@
 //! ([`sparse_conv`]); at other strides the input gradient is a sparse product over im2col's
 //! columns. The weight gradient is dense (every score needs its gradient); for a one-group
 //! conv with enough input channels and output positions it is read from the input's stride
-//! phases in place, with no im2col ([`wgrad::weight_grad`]), masked or not.
+//! phases in place, with no im2col ([`wgrad::weight_grad`]), masked or not; for a 3 × 3
+//! stride-1 conv of many channels on a small plane it is taken by Winograd's minimal
+//! filtering ([`winograd::weight_grad`]).
 
 use super::dot8;
 use super::sparse::SparseW;

@@ -33,7 +33,9 @@ const BLOCK: usize = 32;
 /// Two running sums of pairs per channel, as above: `f(u[8i + l], v[8i + l])` adds into lane
 /// `l` (a plane's tail into the first lanes). The f32 block carries over from one plane to
 /// the next of the same channel: GEMResNet18's 16-value planes filled an eighth of a block
-/// each, and adding every block into the f64 lanes was most of the norm's time.
+/// each, and each added its own block into the f64 lanes, 16 conversions and adds for 16
+/// values (carried over: its 160-channel norm 0.29 → 0.27 ms forward, 0.37 → 0.33 ms
+/// backward, one thread, batch 64).
 #[derive(Clone, Copy, Default)]
 struct Sums2 {
     total: [[f64; LANES]; 2],
@@ -145,7 +147,7 @@ pub fn train_forward(
 
 /// Samples whose sums [`channel_sums`] keeps together: a partial per sample was 128 bytes per
 /// channel and sample, twice the size of the tensor itself for 16-value planes (GEMResNet18's
-/// 160-channel norms, where it was most of the norm's time).
+/// 160-channel norm: 0.315 → 0.29 ms forward with chunks, one thread, batch 64).
 const SUM_CHUNK: usize = 8;
 
 /// Two sums per channel over the batch: `f(b, acc)` adds sample `b`'s values into `acc[c]`

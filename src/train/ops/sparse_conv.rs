@@ -108,7 +108,7 @@ impl Phases {
 
 /// `dst[i] ← src[2·i]`: one stride-2 phase's run of an input row. The step-by iterator this
 /// replaces was a scalar loop with a check per element: the phases of GEMResNet18's stride-2
-/// convs took 1.1–1.6 ms per batch of 64 to fill, as long as a fifth of their weight gradient.
+/// convs took 1.1–1.6 ms per batch of 64 to fill, a third of their weight gradient.
 #[inline(always)]
 fn take_even(dst: &mut [f32], src: &[f32]) {
     let n = dst.len();

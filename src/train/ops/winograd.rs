@@ -8,8 +8,8 @@
 //! direct gradient takes 36 (4 outputs × 9 taps): 2.25 times fewer, for the transforms' adds.
 //!
 //! The transformed values are sums and differences of inputs (and `G` halves them), so the
-//! result differs from the direct sum by a few units in the last place; the tests hold it to
-//! the definition as they hold the direct paths. Chunks of samples are fixed by the shape and
+//! result rounds differently from the direct sum; the tests hold it to the definition with the
+//! tolerance they give the direct paths. Chunks of samples are fixed by the shape and
 //! the batch, and summed in order: any thread count gives the same bits.
 
 use super::conv::{for_each_chunk, sum_chunks, with_partials};
