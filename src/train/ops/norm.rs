@@ -62,7 +62,8 @@ impl Sums2 {
         let (mut vc, vt) = v[..u.len()].as_chunks::<LANES>();
         while !uc.is_empty() {
             let take = (BLOCK - self.filled).min(uc.len());
-            let a = &mut self.block;
+            // A local copy, so that the sums stay in registers through the loop.
+            let mut a = self.block;
             for (cu, cv) in uc[..take].iter().zip(&vc[..take]) {
                 for l in 0..LANES {
                     let (p, q) = f(cu[l], cv[l]);
@@ -70,6 +71,7 @@ impl Sums2 {
                     a[1][l] += q;
                 }
             }
+            self.block = a;
             (uc, vc) = (&uc[take..], &vc[take..]);
             self.filled += take;
             if self.filled == BLOCK {
