@@ -14,7 +14,7 @@
 
 use super::conv::{for_each_chunk, sum_chunks, with_partials};
 use crate::kernels::gemm::packed_b_len;
-use crate::kernels::matmul::{gemm_cols, Cols};
+use crate::kernels::matmul::{gemm_cols, pack_bt_cols, Cols};
 use crate::kernels::{ConvShape, Kernels};
 
 /// Whether [`weight_grad`] can take `s`: one group, 3 × 3, stride 1, no dilation, padding 1
@@ -188,7 +188,6 @@ fn input_tiles(x: &[f32], c: usize, h: usize, w: usize, nb: usize, v: &mut [f32]
 /// a tile `[[a, b], [c, d]]` has rows `q_i = (a, a + b, a − b, −b)` (and of `c, d`), and `P =
 /// (q₀, q₀ + q₁, q₀ − q₁, −q₁)`. The sample's gradient is first regrouped with its channels in
 /// lanes (`[panel][h·w][nr]`), so that each tile is a few vector operations over one panel.
-#[allow(clippy::too_many_arguments)]
 fn gradient_tiles(
     dy: &[f32],
     (c, h, w): (usize, usize, usize),
@@ -201,18 +200,10 @@ fn gradient_tiles(
     let (th, tw) = (h / 2, w / 2);
     let kc = th * tw * nb;
     let hw = h * w;
-    let panels = c.div_ceil(nr);
-    buf.resize(panels * hw * nr, 0.0);
-    for (q, dq) in buf.chunks_exact_mut(hw * nr).enumerate() {
-        let lanes = nr.min(c - q * nr);
-        for lane in 0..lanes {
-            for (d, &v) in dq[lane..].iter_mut().step_by(nr).zip(&dy[(q * nr + lane) * hw..][..hw]) {
-                *d = v;
-            }
-        }
-        for pos in dq.chunks_exact_mut(nr) {
-            pos[lanes..].fill(0.0);
-        }
+    // The GEMM's own packing of a transposed operand: `[panel][h·w][nr]`, spare lanes zero.
+    buf.resize(packed_b_len(hw, c, nr), 0.0);
+    pack_bt_cols(dy, c, hw, Cols::plain(hw, hw), nr, buf);
+    for (q, dq) in buf.chunks_exact(hw * nr).enumerate() {
         let p = &mut p[q * kc * nr..];
         match nr {
             16 => panel_tiles::<16>(dq, (th, tw, w), (b, nb), p_len, p),
