@@ -111,7 +111,8 @@ pub(super) fn weight_grad(k: &Kernels, s: &ConvShape, x: &[f32], dy: &[f32], bat
                     by_panel[q].push(piece);
                 }
             }
-            let mut jobs: Vec<Transform> = by_panel.into_iter().enumerate().map(|(q, p)| Transform::Gradient(q, p)).collect();
+            let mut jobs: Vec<Transform> =
+                by_panel.into_iter().enumerate().map(|(q, p)| Transform::Gradient(q, p)).collect();
             jobs.extend(v.chunks_exact_mut(16 * kc).enumerate().map(|(ci, v)| Transform::Input(ci, v)));
             let run = |job: Transform| {
                 ROW.with_borrow_mut(|row| match job {
@@ -163,7 +164,14 @@ pub(super) fn weight_grad(k: &Kernels, s: &ConvShape, x: &[f32], dy: &[f32], bat
 /// tile is a few vector operations whatever the plane's size: with `B`'s rows `(1, 0, −1, 0),
 /// (0, 1, 1, 0), (0, −1, 1, 0), (0, 1, 0, −1)`, a row `(d₀, d₁, d₂, d₃)` becomes `(d₀ − d₂, d₁ +
 /// d₂, d₂ − d₁, d₁ − d₃)`, and the four transformed rows of a tile likewise down its columns.
-fn input_tiles(x: &[f32], (ci, c): (usize, usize), (h, w): (usize, usize), nb: usize, v: &mut [f32], buf: &mut Vec<f32>) {
+fn input_tiles(
+    x: &[f32],
+    (ci, c): (usize, usize),
+    (h, w): (usize, usize),
+    nb: usize,
+    v: &mut [f32],
+    buf: &mut Vec<f32>,
+) {
     let (th, tw) = (h / 2, w / 2);
     let (hp, wp) = (h + 2, w + 2);
     let kc = th * tw * nb;
