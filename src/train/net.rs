@@ -10,6 +10,11 @@
 //!
 //! Backward runs only as far back as the earliest trained parameter: a frozen prefix gets
 //! neither weight nor input gradients.
+//!
+//! Element-wise ops that alone read a value are fused into the op that makes it: a ReLU or
+//! ReLU6 into a conv, norm, affine or residual sum, and a residual sum into the norm before it
+//! (a ResNet block's `relu(norm(x) + shortcut)` is one pass). Each fused op gives the bits of
+//! the ops it replaces, forward and backward.
 
 use super::ops::sparse::{self, SparseW};
 use super::ops::{act, conv, linear, norm, pool};
@@ -61,7 +66,8 @@ pub enum NodeOp<'a> {
         b: usize,
     },
     /// Batch norm: running statistics (params, never trained by gradient), optional γ, β,
-    /// and the ReLU or ReLU6 that alone reads it fused in (`clamp`).
+    /// the residual sum that alone reads it fused in (`residual`, the sum's other value), and
+    /// the ReLU or ReLU6 that alone reads the result fused in (`clamp`).
     Norm {
         c: usize,
         plane: usize,
@@ -70,6 +76,7 @@ pub enum NodeOp<'a> {
         var: usize,
         gamma: Option<usize>,
         beta: Option<usize>,
+        residual: Option<usize>,
         clamp: Option<(f32, f32)>,
     },
     /// A per-channel affine, with the ReLU or ReLU6 that alone reads it fused in (`clamp`).
@@ -111,6 +118,16 @@ pub struct Node<'a> {
     /// Value read (0 = the input, `i + 1` = output of node `i`).
     pub input: usize,
     pub out: Shape,
+}
+
+impl Node<'_> {
+    /// The second value the node reads: an add's other operand, a norm's fused residual.
+    pub fn other(&self) -> Option<usize> {
+        match self.op {
+            NodeOp::Add { other, .. } | NodeOp::Norm { residual: Some(other), .. } => Some(other),
+            _ => None,
+        }
+    }
 }
 
 /// What a task wraps around the backbone.
@@ -236,6 +253,26 @@ impl<'a> Net<'a> {
                     continue;
                 }
             }
+            // A residual sum that alone reads a norm's output is fused into the norm: two
+            // passes over the activations fewer forward, one backward, one tensor fewer kept.
+            // The other operand must be ready before the norm runs, and not be its input.
+            if let Op::Add { other } = layer.op {
+                let operands = [(layer.input as usize, other as usize), (other as usize, layer.input as usize)];
+                if let Some((normed, rest)) = operands.into_iter().find(|&(a0, b0)| {
+                    let (a, b) = (map[a0], map[b0]);
+                    readers[a0] == 1
+                        && a > 0
+                        && b < a
+                        && net.nodes[a - 1].input != b
+                        && matches!(net.nodes[a - 1].op, NodeOp::Norm { residual: None, clamp: None, .. })
+                }) {
+                    if let NodeOp::Norm { residual, .. } = &mut net.nodes[map[normed] - 1].op {
+                        *residual = Some(map[rest]);
+                    }
+                    map[i + 1] = map[normed];
+                    continue;
+                }
+            }
             let op = match &layer.op {
                 Op::Conv2d(c) => {
                     let s = bb.conv_shape(i).expect("conv layer");
@@ -267,7 +304,17 @@ impl<'a> Net<'a> {
                         _ => (None, None),
                     };
                     net.norms.push(NormParams { mean, var, gamma, beta });
-                    NodeOp::Norm { c: x.c, plane: x.plane(), eps: b.eps, mean, var, gamma, beta, clamp: None }
+                    NodeOp::Norm {
+                        c: x.c,
+                        plane: x.plane(),
+                        eps: b.eps,
+                        mean,
+                        var,
+                        gamma,
+                        beta,
+                        residual: None,
+                        clamp: None,
+                    }
                 }
                 Op::Relu => NodeOp::Clamp { lo: 0.0, hi: f32::INFINITY },
                 Op::Relu6 => NodeOp::Clamp { lo: 0.0, hi: 6.0 },
@@ -433,7 +480,7 @@ impl<'a> Net<'a> {
         let batch = self.batch;
         let (done, rest) = self.values.split_at_mut(i + 1);
         let (y, x) = (&mut rest[0], &done[self.nodes[i].input]);
-        if let (NodeOp::Norm { c, plane, eps, mean, var, gamma, beta, clamp }, true) =
+        if let (NodeOp::Norm { c, plane, eps, mean, var, gamma, beta, residual, clamp }, true) =
             (&self.nodes[i].op, self.train_mode)
         {
             // Batch statistics: the one op that reads across samples and changes params.
@@ -451,6 +498,7 @@ impl<'a> Net<'a> {
                 self.momentum,
                 &mut rm,
                 &mut rv,
+                residual.map(|r| &done[r][..]),
                 *clamp,
                 y,
             );
@@ -461,10 +509,7 @@ impl<'a> Net<'a> {
         let mut values = core::mem::take(&mut self.values);
         let node = &self.nodes[i];
         let (done, rest) = values.split_at_mut(i + 1);
-        let other = match node.op {
-            NodeOp::Add { other, .. } => &done[other][..],
-            _ => &[],
-        };
+        let other = node.other().map_or(&[][..], |o| &done[o][..]);
         forward_op(k, self.ctx(), node, &done[node.input], other, &mut rest[0], batch);
         self.values = values;
     }
@@ -685,7 +730,7 @@ fn forward_op(k: &Kernels, ctx: Ctx, node: &Node, x: &[f32], other: &[f32], y: &
             y,
             None,
         ),
-        NodeOp::Norm { c, plane, eps, mean, var, gamma, beta, clamp } => norm::eval_forward(
+        NodeOp::Norm { c, plane, eps, mean, var, gamma, beta, residual, clamp } => norm::eval_forward(
             *c,
             *plane,
             batch,
@@ -695,6 +740,7 @@ fn forward_op(k: &Kernels, ctx: Ctx, node: &Node, x: &[f32], other: &[f32], y: &
             *eps,
             &params[*mean].value,
             &params[*var].value,
+            residual.map(|_| other),
             *clamp,
             y,
         ),

@@ -53,7 +53,7 @@ impl Net<'_> {
         // need[v]: some trained parameter lies at or before value v.
         let mut need = vec![false; n + 1];
         for (i, node) in self.nodes.iter().enumerate() {
-            let other = if let NodeOp::Add { other, .. } = node.op { need[other] } else { false };
+            let other = node.other().is_some_and(|o| need[o]);
             need[i + 1] = self.trains(node) || need[node.input] || other;
         }
         let mut pass =
@@ -108,8 +108,8 @@ impl Net<'_> {
             s
         };
         let dx = pass.need[input].then(|| store(input, pass));
-        let other = match node.op {
-            NodeOp::Add { other, .. } if pass.need[other] && other != input => Some(store(other, pass)),
+        let other = match node.other() {
+            Some(other) if pass.need[other] && other != input => Some(store(other, pass)),
             _ => None,
         };
         // Frozen weights never change: their transpose is kept from the first input gradient.
@@ -133,9 +133,9 @@ impl Net<'_> {
             g.resize(len(node.input), 0.0);
             prepare(g, store, step.sets);
         }
-        if let (Some(store), NodeOp::Add { other, .. }) = (step.other, &node.op) {
-            let g = &mut grads[*other];
-            g.resize(len(*other), 0.0);
+        if let (Some(store), Some(other)) = (step.other, node.other()) {
+            let g = &mut grads[other];
+            g.resize(len(other), 0.0);
             prepare(g, store, true);
         }
     }
@@ -173,7 +173,7 @@ impl Net<'_> {
         let input = node.input;
         let mut dy = core::mem::take(&mut grads[i + 1]);
         let mut dx = step.dx.map(|st| (core::mem::take(&mut grads[input]), st));
-        let other = if let NodeOp::Add { other, .. } = node.op { other } else { 0 };
+        let other = node.other().unwrap_or(0);
         let mut dother = step.other.map(|st| (core::mem::take(&mut grads[other]), st));
         let [d0, d1] = &mut dp;
         node_backward(
@@ -243,7 +243,7 @@ pub(super) struct Io<'v> {
 }
 
 /// Node `i`'s gradient function: into its input gradients `dx` and `dother` (an add's other
-/// input) by their stores, and into its params' gradients `dp` ([`Net::grad_params`]), the
+/// input, a norm's fused residual) by their stores, and into its params' gradients `dp` ([`Net::grad_params`]), the
 /// weights of a linear layer or head by `wstore`, the others added into.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn node_backward(
@@ -285,10 +285,10 @@ pub(super) fn node_backward(
             let clamped = clamp.map(|(lo, hi)| norm::Clamped { y, lo, hi });
             let g = gamma.map(|g| &params[g].value[..]);
             if ctx.train_mode {
-                norm::train_backward(*c, *plane, batch, x, &ctx.saved[i], g, dy, clamped, dx, d0, d1);
+                norm::train_backward(*c, *plane, batch, x, &ctx.saved[i], g, dy, clamped, dx, dother, d0, d1);
             } else {
                 let (m, v) = (&params[*mean].value, &params[*var].value);
-                norm::eval_backward(*c, *plane, batch, x, g, *eps, m, v, dy, clamped, plain(dx), d0, d1);
+                norm::eval_backward(*c, *plane, batch, x, g, *eps, m, v, dy, clamped, plain(dx), dother, d0, d1);
             }
         }
         NodeOp::Affine { c, plane, gamma, beta, clamp } => {

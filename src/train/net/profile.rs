@@ -57,7 +57,11 @@ fn describe(op: &NodeOp) -> String {
         }
         NodeOp::Linear { in_f, out_f, .. } => format!("linear {in_f}→{out_f}"),
         NodeOp::Head { in_f, out_f, .. } => format!("head {in_f}→{out_f}"),
-        NodeOp::Norm { c, plane, .. } => format!("norm {c} ch × {plane}"),
+        NodeOp::Norm { c, plane, residual, clamp, .. } => {
+            let add = if residual.is_some() { " + add" } else { "" };
+            let clamp = if clamp.is_some() { " + clamp" } else { "" };
+            format!("norm {c} ch × {plane}{add}{clamp}")
+        }
         NodeOp::Affine { c, plane, .. } => format!("affine {c} ch × {plane}"),
         NodeOp::Reprogram { s, .. } => format!("reprogram {} ch on {}×{}", s.c_in, s.h, s.w),
         NodeOp::Clamp { .. } => "clamp".into(),

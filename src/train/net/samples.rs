@@ -98,7 +98,7 @@ impl Net<'_> {
                             done[v - a - 1]
                         }
                     };
-                    let other = if let NodeOp::Add { other, .. } = node.op { val(other) } else { &[] };
+                    let other = node.other().map_or(&[][..], val);
                     forward_op(k, net.ctx(), node, val(node.input), other, rest[0], 1);
                 }
             })
@@ -175,7 +175,7 @@ impl Net<'_> {
                 Some((p, lay.total - len..lay.total))
             });
             let node = &self.nodes[i];
-            let other = if let NodeOp::Add { other, .. } = node.op { other } else { 0 };
+            let other = node.other().unwrap_or(0);
             let stores =
                 [(i + 1, None), (node.input, step.dx.map(|s| (s, step.sets))), (other, step.other.map(|s| (s, true)))];
             for (v, store) in stores.into_iter().filter(|(v, st)| *v == i + 1 || st.is_some()) {
@@ -188,9 +188,7 @@ impl Net<'_> {
         }
         lay.touched.sort_unstable_by_key(|t| t.v);
         // A value is the run's own when it is made and read only inside the run.
-        let outside = |v: usize| {
-            self.nodes[b..].iter().any(|n| n.input == v || matches!(n.op, NodeOp::Add { other, .. } if other == v))
-        };
+        let outside = |v: usize| self.nodes[b..].iter().any(|n| n.input == v || n.other() == Some(v));
         for (j, t) in lay.touched.iter_mut().enumerate() {
             t.own = t.v > a && t.v < b && !outside(t.v);
             lay.slot[t.v] = j;
@@ -231,7 +229,7 @@ impl Net<'_> {
                 let Some(step) = lay.steps[i - a] else { continue };
                 let node = &self.nodes[i];
                 let val = |v: usize| &self.values[v][s * len(v)..(s + 1) * len(v)];
-                let other = if let NodeOp::Add { other, .. } = node.op { other } else { 0 };
+                let other = node.other().unwrap_or(0);
                 let dy = core::mem::take(&mut bufs[slot[i + 1]]);
                 let mut dx = step.dx.map(|st| (core::mem::take(&mut bufs[slot[node.input]]), st));
                 let mut dother = step.other.map(|st| (core::mem::take(&mut bufs[slot[other]]), st));

@@ -123,6 +123,45 @@ fn a_relu_fused_into_a_conv_passes_finite_differences() {
     gradients_match_finite_differences(&mut net, &k, &trained, 2);
 }
 
+/// conv 3×3 → BN → relu (the stem) → conv 3×3 → BN → add of the stem → relu → GAP →
+/// flatten: a residual block as GEMResNet18 has them.
+fn residual() -> Vec<u8> {
+    let mut r = SplitMix64::new(10);
+    let mut w = |n: usize| IrWeights::F32((0..n).map(|_| r.uniform(-0.5, 0.5)).collect());
+    let conv = |weight| IrOp::square_conv(3, 3, 3, 1, weight, None);
+    let norm = || IrOp::BatchNorm { eps: 1e-5, mean: vec![0.0; 3], var: vec![1.0; 3], affine: None };
+    let mut ir = Ir::new("residual", "test", InputSpec::plain(2, 5, 5));
+    let v = ir.push(0, IrOp::square_conv(2, 3, 3, 1, w(54), None));
+    let v = ir.push(v, norm());
+    let stem = ir.push(v, IrOp::Plain(GOp::Relu));
+    let v = ir.push(stem, conv(w(81)));
+    let v = ir.push(v, norm());
+    let v = ir.push(v, IrOp::Plain(GOp::Add { other: stem }));
+    let v = ir.push(v, IrOp::Plain(GOp::Relu));
+    let v = ir.push(v, IrOp::Plain(GOp::GlobalAvgPool));
+    ir.push(v, IrOp::Plain(GOp::Flatten));
+    ir.emit(WeightFormat::F32)
+}
+
+/// The residual sum after the block's second norm is fused into it, and the relu after the
+/// sum with it; the gradients of both convs, one of them reached through the sum's second
+/// operand, match finite differences.
+#[test]
+fn a_residual_sum_fused_into_its_norm_passes_finite_differences() {
+    let bytes = residual();
+    let bb = Backbone::open(&bytes).unwrap();
+    let k = Kernels::detect();
+    let mut net = Net::new(&bb, Recipe { materialise: true, head: Some(3), ..Recipe::default() });
+    let relu = Some((0.0, f32::INFINITY));
+    assert_eq!(clamps(&net), [("conv", None), ("norm", relu), ("conv", None), ("norm", relu)]);
+    assert!(!net.nodes.iter().any(|n| matches!(n.op, NodeOp::Add { .. })), "no add of its own");
+    let stem = 2;
+    assert!(matches!(net.nodes[3].op, NodeOp::Norm { residual: Some(v), .. } if v == stem), "{:?}", net.nodes[3]);
+    let mut trained: Vec<usize> = net.maskable.iter().filter_map(|&(_, p)| p).collect();
+    trained.extend(net.head.map(|(w, b)| [w, b]).unwrap());
+    gradients_match_finite_differences(&mut net, &k, &trained, 3);
+}
+
 /// What a CLR task stores (γ folded into the kernel, int8 steps) computes what the
 /// trained net computes, within the quantisation error, and reloads to the same bytes.
 #[test]

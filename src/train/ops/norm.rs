@@ -11,8 +11,8 @@
 pub struct Saved {
     pub mean: Vec<f32>,
     pub inv_std: Vec<f32>,
-    /// No γ and no β: the output, where a fused clamp passes it, is `x̂ = (x − μ)·s` itself,
-    /// to the bit (`x̂·1 + 0`).
+    /// No γ, no β and no residual: the output, where a fused clamp passes it, is `x̂ = (x −
+    /// μ)·s` itself, to the bit (`x̂·1 + 0`).
     pub identity: bool,
 }
 
@@ -91,7 +91,9 @@ fn channel(v: &[f32], b: usize, c: usize, ch: usize, plane: usize) -> &[f32] {
 }
 
 /// Training-mode forward. `gamma`/`beta` absent = non-affine. Updates `running_mean`/`running_var`.
-/// `clamp` fuses a ReLU or ReLU6 that reads only this op's output, as in [`affine_forward`].
+/// `residual` fuses a residual sum that alone reads this op's output (`y = norm(x) + r`, with
+/// the bits of the norm then `act::add_forward`), and `clamp` a ReLU or ReLU6 that reads only
+/// the result, as in [`affine_forward`].
 #[allow(clippy::too_many_arguments)]
 pub fn train_forward(
     ch: usize,
@@ -104,6 +106,7 @@ pub fn train_forward(
     momentum: f32,
     running_mean: &mut [f32],
     running_var: &mut [f32],
+    residual: Option<&[f32]>,
     clamp: Option<(f32, f32)>,
     y: &mut [f32],
 ) -> Saved {
@@ -123,7 +126,8 @@ pub fn train_forward(
         }
     });
     let stats = sums.iter().zip(&shift).map(|(&[s1, s2], &k)| (k as f64 + s1 / n, (s2 - s1 * (s1 / n)).max(0.0)));
-    let mut saved = Saved { mean: vec![0.0; ch], inv_std: vec![0.0; ch], identity: gamma.is_none() && beta.is_none() };
+    let identity = gamma.is_none() && beta.is_none() && residual.is_none();
+    let mut saved = Saved { mean: vec![0.0; ch], inv_std: vec![0.0; ch], identity };
     let mut coef = vec![(0.0f32, 0.0f32, 0.0f32, 0.0f32); ch];
     for (c, (mean, sq)) in stats.enumerate() {
         let var = sq / n;
@@ -139,8 +143,18 @@ pub fn train_forward(
     let (lo, hi) = clamp.unwrap_or((f32::NEG_INFINITY, f32::INFINITY));
     per_sample(&mut y[..batch * ch * plane], ch * plane, batch * ch * plane, |b, ys| {
         for (c, (yc, &(m, s, g, bt))) in ys.chunks_exact_mut(plane).zip(&coef).enumerate() {
-            for (o, &v) in yc.iter_mut().zip(channel(x, b, c, ch, plane)) {
-                *o = crate::kernels::clamp((v - m) * s * g + bt, lo, hi);
+            let xc = channel(x, b, c, ch, plane);
+            match residual {
+                Some(r) => {
+                    for ((o, &v), &r) in yc.iter_mut().zip(xc).zip(channel(r, b, c, ch, plane)) {
+                        *o = crate::kernels::clamp(((v - m) * s * g + bt) + r, lo, hi);
+                    }
+                }
+                None => {
+                    for (o, &v) in yc.iter_mut().zip(xc) {
+                        *o = crate::kernels::clamp((v - m) * s * g + bt, lo, hi);
+                    }
+                }
             }
         }
     });
@@ -184,18 +198,34 @@ fn channel_sums(ch: usize, plane: usize, batch: usize, f: impl Fn(usize, &mut [S
 /// `f(b, sample b's part of v)` for every sample (`len` items each), in parallel when `work`
 /// (values touched) is worth it.
 fn per_sample<T: Send>(v: &mut [T], len: usize, work: usize, f: impl Fn(usize, &mut [T]) + Sync + Send) {
+    per_sample_with(v, None, len, work, |b, s, _| f(b, s))
+}
+
+/// [`per_sample`] with sample `b`'s part of a second buffer `w` too, when there is one.
+fn per_sample_with<T: Send>(
+    v: &mut [T],
+    w: Option<&mut [f32]>,
+    len: usize,
+    work: usize,
+    f: impl Fn(usize, &mut [T], Option<&mut [f32]>) + Sync + Send,
+) {
     use rayon::prelude::*;
     if len == 0 {
         return;
     }
+    let mut parts: Vec<Option<&mut [f32]>> = match w {
+        Some(w) => w[..v.len()].chunks_exact_mut(len).map(Some).collect(),
+        None => (0..v.len() / len).map(|_| None).collect(),
+    };
     if work >= crate::kernels::PAR_MIN_WORK && v.len() > len && crate::kernels::threads() > 1 {
-        v.par_chunks_exact_mut(len).enumerate().for_each(|(b, s)| f(b, s));
+        v.par_chunks_exact_mut(len).zip(parts.par_iter_mut()).enumerate().for_each(|(b, (s, w))| f(b, s, w.take()));
     } else {
-        v.chunks_exact_mut(len).enumerate().for_each(|(b, s)| f(b, s));
+        v.chunks_exact_mut(len).zip(parts.iter_mut()).enumerate().for_each(|(b, (s, w))| f(b, s, w.take()));
     }
 }
 
-/// Evaluation-mode forward with running statistics (and a fused clamp, as [`train_forward`]).
+/// Evaluation-mode forward with running statistics (and a fused residual and clamp, as
+/// [`train_forward`]).
 #[allow(clippy::too_many_arguments)]
 pub fn eval_forward(
     ch: usize,
@@ -207,6 +237,7 @@ pub fn eval_forward(
     eps: f32,
     mean: &[f32],
     var: &[f32],
+    residual: Option<&[f32]>,
     clamp: Option<(f32, f32)>,
     y: &mut [f32],
 ) {
@@ -217,8 +248,18 @@ pub fn eval_forward(
         let (mul, add) = (s * g, bt - mean[c] * s * g);
         for b in 0..batch {
             let at = (b * ch + c) * plane;
-            for (o, &v) in y[at..at + plane].iter_mut().zip(&x[at..at + plane]) {
-                *o = crate::kernels::clamp(v * mul + add, lo, hi);
+            let (yc, xc) = (&mut y[at..at + plane], &x[at..at + plane]);
+            match residual {
+                Some(r) => {
+                    for ((o, &v), &r) in yc.iter_mut().zip(xc).zip(&r[at..at + plane]) {
+                        *o = crate::kernels::clamp((v * mul + add) + r, lo, hi);
+                    }
+                }
+                None => {
+                    for (o, &v) in yc.iter_mut().zip(xc) {
+                        *o = crate::kernels::clamp(v * mul + add, lo, hi);
+                    }
+                }
             }
         }
     }
@@ -227,7 +268,9 @@ pub fn eval_forward(
 /// Gradients of [`train_forward`] (added into `dgamma`, `dbeta`; stored into `dx`):
 /// with `x̂ = (x − μ)·s`, `dβ = Σ dy`, `dγ = Σ dy·x̂`, and
 /// `dx = γ·s/N · (N·dy − Σdy − x̂·Σ(dy·x̂))` (the batch statistics depend on every sample).
-/// With a fused clamp, `dy` is the clamped output's gradient, passed as [`Clamped`] says.
+/// With a fused clamp, `dy` is the clamped output's gradient, passed as [`Clamped`] says; the
+/// gradient that reaches the norm is also the fused residual's, stored into `dres` with the
+/// bits `act::accumulate_both` gives.
 #[allow(clippy::too_many_arguments)]
 pub fn train_backward(
     ch: usize,
@@ -239,6 +282,7 @@ pub fn train_backward(
     dy: &[f32],
     clamped: Option<Clamped>,
     dx: Option<(&mut [f32], Store)>,
+    dres: Option<(&mut [f32], Store)>,
     dgamma: Option<&mut [f32]>,
     dbeta: Option<&mut [f32]>,
 ) {
@@ -270,31 +314,51 @@ pub fn train_backward(
             *d += s[1] as f32;
         }
     }
-    if let Some((dx, store)) = dx {
-        let coef: Vec<(f32, f32, f32, f32, f32)> = sums
-            .iter()
-            .enumerate()
-            .map(|(c, &[sdy, sdyx])| {
-                let g = gamma.map_or(1.0, |g| g[c]);
-                (saved.mean[c], saved.inv_std[c], g * saved.inv_std[c], (sdy / n) as f32, (sdyx / n) as f32)
-            })
-            .collect();
-        per_sample(&mut dx[..batch * ch * plane], ch * plane, batch * ch * plane, |b, dxs| {
+    let len = batch * ch * plane;
+    let (rstore, dres) = match dres {
+        Some((d, st)) => (st, Some(&mut d[..len])),
+        None => (Store::Add, None),
+    };
+    let Some((dx, store)) = dx else {
+        if let Some(dres) = dres {
             let mut passed = buf();
-            for (c, (dxc, &(m, is, gs, a, bq))) in dxs.chunks_exact_mut(plane).zip(&coef).enumerate() {
-                let at = (b * ch + c) * plane;
-                let g = pass(clamped, dy, at, plane, &mut passed);
-                for ((d, &gy), &v) in dxc.iter_mut().zip(g).zip(&x[at..at + plane]) {
-                    let xh = (v - m) * is;
-                    store.put(d, gs * (gy - a - xh * bq));
+            for (at, d) in (0..len).step_by(plane.max(1)).zip(dres.chunks_exact_mut(plane)) {
+                for (d, &g) in d.iter_mut().zip(pass(clamped, dy, at, plane, &mut passed)) {
+                    rstore.put(d, g);
                 }
             }
-        });
-    }
+        }
+        return;
+    };
+    let coef: Vec<(f32, f32, f32, f32, f32)> = sums
+        .iter()
+        .enumerate()
+        .map(|(c, &[sdy, sdyx])| {
+            let g = gamma.map_or(1.0, |g| g[c]);
+            (saved.mean[c], saved.inv_std[c], g * saved.inv_std[c], (sdy / n) as f32, (sdyx / n) as f32)
+        })
+        .collect();
+    per_sample_with(&mut dx[..len], dres, ch * plane, len, |b, dxs, mut dres| {
+        let mut passed = buf();
+        for (c, (dxc, &(m, is, gs, a, bq))) in dxs.chunks_exact_mut(plane).zip(&coef).enumerate() {
+            let at = (b * ch + c) * plane;
+            let g = pass(clamped, dy, at, plane, &mut passed);
+            for ((d, &gy), &v) in dxc.iter_mut().zip(g).zip(&x[at..at + plane]) {
+                let xh = (v - m) * is;
+                store.put(d, gs * (gy - a - xh * bq));
+            }
+            if let Some(r) = dres.as_deref_mut() {
+                for (d, &gy) in r[c * plane..][..plane].iter_mut().zip(g) {
+                    rstore.put(d, gy);
+                }
+            }
+        }
+    });
 }
 
 /// Gradient of [`eval_forward`] with respect to its input: `dx += dy · γ / sqrt(var + eps)`,
-/// and of `γ`, `β` when asked for (`clamped` as in [`train_backward`]).
+/// and of `γ`, `β` and the fused residual when asked for (`clamped` and `dres` as in
+/// [`train_backward`]).
 #[allow(clippy::too_many_arguments)]
 pub fn eval_backward(
     ch: usize,
@@ -308,6 +372,7 @@ pub fn eval_backward(
     dy: &[f32],
     clamped: Option<Clamped>,
     mut dx: Option<&mut [f32]>,
+    mut dres: Option<(&mut [f32], Store)>,
     mut dgamma: Option<&mut [f32]>,
     mut dbeta: Option<&mut [f32]>,
 ) {
@@ -318,6 +383,11 @@ pub fn eval_backward(
         for b in 0..batch {
             let at = (b * ch + c) * plane;
             let (dyc, xc) = (pass(clamped, dy, at, plane, &mut passed), &x[at..at + plane]);
+            if let Some((dr, st)) = dres.as_mut() {
+                for (d, &gy) in dr[at..at + plane].iter_mut().zip(dyc) {
+                    st.put(d, gy);
+                }
+            }
             if let Some(dx) = dx.as_deref_mut() {
                 for (d, &gy) in dx[at..at + plane].iter_mut().zip(dyc) {
                     *d += gy * s * g;

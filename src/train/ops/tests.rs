@@ -149,12 +149,12 @@ fn batch_norm_gradients_in_both_modes() {
         let f = |x: &[f32], g: &[f32], bt: &[f32]| {
             let (mut rm, mut rv, mut y) = (vec![0.0; ch], vec![1.0; ch], vec![0.0; n]);
             let (g, bt) = if affine { (Some(g), Some(bt)) } else { (None, None) };
-            norm::train_forward(ch, plane, batch, x, g, bt, 1e-5, 0.1, &mut rm, &mut rv, None, &mut y);
+            norm::train_forward(ch, plane, batch, x, g, bt, 1e-5, 0.1, &mut rm, &mut rv, None, None, &mut y);
             dot(&y, &rr)
         };
         let (mut rm, mut rv, mut y) = (vec![0.0; ch], vec![1.0; ch], vec![0.0; n]);
         let (ga, ba) = if affine { (Some(&g[..]), Some(&bt[..])) } else { (None, None) };
-        let saved = norm::train_forward(ch, plane, batch, &x, ga, ba, 1e-5, 0.1, &mut rm, &mut rv, None, &mut y);
+        let saved = norm::train_forward(ch, plane, batch, &x, ga, ba, 1e-5, 0.1, &mut rm, &mut rv, None, None, &mut y);
         let (mut dx, mut dg, mut db) = (vec![0.0; n], vec![0.0; ch], vec![0.0; ch]);
         norm::train_backward(
             ch,
@@ -166,6 +166,7 @@ fn batch_norm_gradients_in_both_modes() {
             &rr,
             None,
             Some((&mut dx, Store::Add)),
+            None,
             Some(&mut dg),
             Some(&mut db),
         );
@@ -181,7 +182,7 @@ fn batch_norm_gradients_in_both_modes() {
     let (mean, var) = (rand(&mut r, ch), rand(&mut r, ch).iter().map(|v| v.abs() + 0.5).collect::<Vec<_>>());
     let fe = |x: &[f32], g: &[f32], bt: &[f32]| {
         let mut y = vec![0.0; n];
-        norm::eval_forward(ch, plane, batch, x, Some(g), Some(bt), 1e-5, &mean, &var, None, &mut y);
+        norm::eval_forward(ch, plane, batch, x, Some(g), Some(bt), 1e-5, &mean, &var, None, None, &mut y);
         dot(&y, &rr)
     };
     let (mut dx, mut dg, mut db) = (vec![0.0; n], vec![0.0; ch], vec![0.0; ch]);
@@ -197,6 +198,7 @@ fn batch_norm_gradients_in_both_modes() {
         &rr,
         None,
         Some(&mut dx),
+        None,
         Some(&mut dg),
         Some(&mut db),
     );
@@ -558,7 +560,7 @@ fn fused_norm_clamp_equals_the_two_ops() {
         // Training mode: the same statistics, the clamped output, and its gradients.
         let norm = |clamp, y: &mut Vec<f32>| {
             let (mut rm, mut rv) = (vec![0.0; ch], vec![1.0; ch]);
-            let saved = norm::train_forward(ch, plane, batch, &x, ga, ba, 1e-5, 0.1, &mut rm, &mut rv, clamp, y);
+            let saved = norm::train_forward(ch, plane, batch, &x, ga, ba, 1e-5, 0.1, &mut rm, &mut rv, None, clamp, y);
             (saved, rm, rv)
         };
         let (mut a, mut want, mut got) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
@@ -584,6 +586,7 @@ fn fused_norm_clamp_equals_the_two_ops() {
                 dy,
                 cl,
                 Some((&mut dx, store)),
+                None,
                 Some(&mut dg),
                 Some(&mut db),
             );
@@ -594,9 +597,9 @@ fn fused_norm_clamp_equals_the_two_ops() {
         }
         // Evaluation mode.
         let (mut a, mut want, mut got) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
-        norm::eval_forward(ch, plane, batch, &x, ga, ba, 1e-5, &mean, &var, None, &mut a);
+        norm::eval_forward(ch, plane, batch, &x, ga, ba, 1e-5, &mean, &var, None, None, &mut a);
         act::clamp_forward(&a, &mut want, lo, hi);
-        norm::eval_forward(ch, plane, batch, &x, ga, ba, 1e-5, &mean, &var, Some((lo, hi)), &mut got);
+        norm::eval_forward(ch, plane, batch, &x, ga, ba, 1e-5, &mean, &var, None, Some((lo, hi)), &mut got);
         assert_eq!(bits(&got), bits(&want));
         let mut da = vec![0.0; n];
         act::clamp_backward(&a, &dy, &mut da, lo, hi, Store::Set);
@@ -615,12 +618,131 @@ fn fused_norm_clamp_equals_the_two_ops() {
                 dy,
                 cl,
                 Some(&mut dx),
+                None,
                 Some(&mut dg),
                 Some(&mut db),
             );
             (bits(&dx), bits(&dg), bits(&db))
         };
         assert_eq!(grads(&dy, cl), grads(&da, None), "eval {lo} {hi} {affine}");
+    }
+}
+
+/// A batch norm with a fused residual sum (and a clamp after it, or none) gives the bits of
+/// the norm followed by the add, forward and backward, in training and evaluation mode,
+/// affine or not, storing or adding into either gradient, with no input gradient asked for,
+/// and on two threads where the tensor is large enough to be split.
+#[test]
+fn fused_norm_residual_equals_the_norm_then_the_add() {
+    let mut r = SplitMix64::new(34);
+    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<u32>>();
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+    for (ch, plane, batch) in [(3, 7, 2), (4, 1024, 64)] {
+        let n = ch * plane * batch;
+        let x: Vec<f32> = (0..n).map(|_| r.uniform(-4.0, 9.0)).collect();
+        let res = rand(&mut r, n);
+        let (g, b) = (rand(&mut r, ch), rand(&mut r, ch));
+        let (mean, var) = (rand(&mut r, ch), rand(&mut r, ch).iter().map(|v| v.abs() + 0.5).collect::<Vec<_>>());
+        let mut dy = rand(&mut r, n);
+        dy[3] = -0.0;
+        for (clamp, affine) in
+            [None, Some((0.0, 6.0)), Some((0.0, f32::INFINITY))].into_iter().flat_map(|c| [(c, true), (c, false)])
+        {
+            let (ga, ba) = if affine { (Some(&g[..]), Some(&b[..])) } else { (None, None) };
+            let at = format!("{ch}×{plane}×{batch} {clamp:?} affine {affine}");
+            // The two ops' gradients into the norm's output and the residual.
+            let split = |y: &[f32], rstore: Store| {
+                let (mut da, mut dr) = (vec![0.0; n], vec![0.75; n]);
+                match clamp {
+                    Some((lo, hi)) => act::accumulate_both(y, lo, hi, &dy, (&mut da, Store::Set), (&mut dr, rstore)),
+                    None => {
+                        act::accumulate(&dy, &mut da, Store::Set);
+                        act::accumulate(&dy, &mut dr, rstore);
+                    }
+                }
+                (da, dr)
+            };
+            for train in [true, false] {
+                let forward = |residual: Option<&[f32]>, clamp, y: &mut Vec<f32>| {
+                    let (mut rm, mut rv) = (vec![0.0; ch], vec![1.0; ch]);
+                    if train {
+                        let saved = norm::train_forward(
+                            ch, plane, batch, &x, ga, ba, 1e-5, 0.1, &mut rm, &mut rv, residual, clamp, y,
+                        );
+                        Some((saved, rm, rv))
+                    } else {
+                        norm::eval_forward(ch, plane, batch, &x, ga, ba, 1e-5, &mean, &var, residual, clamp, y);
+                        None
+                    }
+                };
+                let (mut a, mut want, mut got) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
+                let two = pool.install(|| forward(None, None, &mut a));
+                act::add_forward(&a, &res, &mut want, clamp);
+                let one = pool.install(|| forward(Some(&res), clamp, &mut got));
+                assert_eq!(bits(&got), bits(&want), "{at} train {train}");
+                if let (Some(one), Some(two)) = (&one, &two) {
+                    assert_eq!((bits(&one.0.mean), bits(&one.0.inv_std)), (bits(&two.0.mean), bits(&two.0.inv_std)));
+                    assert_eq!((bits(&one.1), bits(&one.2)), (bits(&two.1), bits(&two.2)), "running statistics");
+                    assert!(!one.0.identity, "the output is not x̂ with a residual added");
+                }
+                let backward = |dy: &[f32], cl: Option<norm::Clamped>, dx: Option<Store>, dres: Option<Store>| {
+                    let (mut dx_b, mut dr, mut dg, mut db) =
+                        (vec![0.5; n], vec![0.75; n], vec![0.25; ch], vec![0.0; ch]);
+                    let dxs = dx.map(|st| (&mut dx_b[..], st));
+                    let drs = dres.map(|st| (&mut dr[..], st));
+                    pool.install(|| match &one {
+                        Some((saved, ..)) => norm::train_backward(
+                            ch,
+                            plane,
+                            batch,
+                            &x,
+                            saved,
+                            ga,
+                            dy,
+                            cl,
+                            dxs,
+                            drs,
+                            Some(&mut dg),
+                            Some(&mut db),
+                        ),
+                        None => {
+                            let dxs = dxs.map(|(d, _)| d);
+                            norm::eval_backward(
+                                ch,
+                                plane,
+                                batch,
+                                &x,
+                                ga,
+                                1e-5,
+                                &mean,
+                                &var,
+                                dy,
+                                cl,
+                                dxs,
+                                drs,
+                                Some(&mut dg),
+                                Some(&mut db),
+                            )
+                        }
+                    });
+                    (bits(&dx_b), bits(&dr), bits(&dg), bits(&db))
+                };
+                let cl = clamp.map(|(lo, hi)| norm::Clamped { y: &got, lo, hi });
+                // Evaluation mode only adds into the input gradient.
+                let dx_stores: &[Option<Store>] =
+                    if train { &[Some(Store::Set), Some(Store::Add), None] } else { &[Some(Store::Add), None] };
+                for &dxs in dx_stores {
+                    for rstore in [Store::Set, Store::Add] {
+                        let (da, dr) = split(&want, rstore);
+                        let (dxw, _, dgw, dbw) = backward(&da, None, dxs, None);
+                        let (dxg, drg, dgg, dbg) = backward(&dy, cl, dxs, Some(rstore));
+                        let ctx = format!("{at} train {train} dx {dxs:?} residual {rstore:?}");
+                        assert_eq!((&dxg, &dgg, &dbg), (&dxw, &dgw, &dbw), "{ctx}");
+                        assert_eq!(drg, bits(&dr), "{ctx}");
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -634,7 +756,8 @@ fn stored_gradients_set_as_adding_onto_zeros() {
     let (x, g, mut dy) = (rand(&mut r, n), rand(&mut r, ch), rand(&mut r, n));
     dy[1] = -0.0;
     let (mut rm, mut rv, mut y) = (vec![0.0; ch], vec![1.0; ch], vec![0.0; n]);
-    let saved = norm::train_forward(ch, plane, batch, &x, Some(&g), None, 1e-5, 0.1, &mut rm, &mut rv, None, &mut y);
+    let saved =
+        norm::train_forward(ch, plane, batch, &x, Some(&g), None, 1e-5, 0.1, &mut rm, &mut rv, None, None, &mut y);
     let run = |store: Store, start: f32, op: usize| {
         let mut dx = vec![start; n];
         let (mut dg, mut db) = (vec![0.0; ch], vec![0.0; ch]);
@@ -654,6 +777,7 @@ fn stored_gradients_set_as_adding_onto_zeros() {
                 &dy,
                 None,
                 Some((&mut dx, store)),
+                None,
                 None,
                 None,
             ),
@@ -730,20 +854,47 @@ fn split_ops_are_thread_independent() {
                 &mut rm,
                 &mut rv,
                 None,
+                None,
                 &mut y,
             );
             let (mut dx, mut dg, mut db) = (vec![0.0; n], vec![0.0; ch], vec![0.0; ch]);
             let dxs = Some((&mut dx[..], Store::Set));
-            norm::train_backward(ch, plane, batch, &x, &saved, Some(&g), &dy, None, dxs, Some(&mut dg), Some(&mut db));
+            norm::train_backward(
+                ch,
+                plane,
+                batch,
+                &x,
+                &saved,
+                Some(&g),
+                &dy,
+                None,
+                dxs,
+                None,
+                Some(&mut dg),
+                Some(&mut db),
+            );
             // The same norm with a fused ReLU6.
             let (mut fy, mut fdx, mut fdg) = (vec![0.0; n], vec![0.0; n], vec![0.0; ch]);
             let (mut frm, mut frv) = (vec![0.0; ch], vec![1.0; ch]);
             let six = Some((0.0, 6.0));
-            let fsaved =
-                norm::train_forward(ch, plane, batch, &x, Some(&g), None, 1e-5, 0.1, &mut frm, &mut frv, six, &mut fy);
+            let fsaved = norm::train_forward(
+                ch,
+                plane,
+                batch,
+                &x,
+                Some(&g),
+                None,
+                1e-5,
+                0.1,
+                &mut frm,
+                &mut frv,
+                None,
+                six,
+                &mut fy,
+            );
             let cl = Some(norm::Clamped { y: &fy, lo: 0.0, hi: 6.0 });
             let dxs = Some((&mut fdx[..], Store::Set));
-            norm::train_backward(ch, plane, batch, &x, &fsaved, Some(&g), &dy, cl, dxs, Some(&mut fdg), None);
+            norm::train_backward(ch, plane, batch, &x, &fsaved, Some(&g), &dy, cl, dxs, None, Some(&mut fdg), None);
             let (mut ay, mut adx, mut adg, mut adb) = (vec![0.0; n], vec![0.0; n], vec![0.5; ch], vec![0.5; ch]);
             norm::affine_forward(ch, plane, batch, &x, &g, &b, None, &mut ay);
             norm::affine_backward(
@@ -781,7 +932,8 @@ fn batch_statistics_hold_for_large_means_and_many_values() {
         let n = ch * plane * batch;
         let x: Vec<f32> = (0..n).map(|_| centre + spread * r.uniform(-1.0, 1.0)).collect();
         let (mut rm, mut rv, mut y) = (vec![0.0; ch], vec![1.0; ch], vec![0.0; n]);
-        let saved = norm::train_forward(ch, plane, batch, &x, None, None, 0.0, 1.0, &mut rm, &mut rv, None, &mut y);
+        let saved =
+            norm::train_forward(ch, plane, batch, &x, None, None, 0.0, 1.0, &mut rm, &mut rv, None, None, &mut y);
         for c in 0..ch {
             let vals: Vec<f64> =
                 (0..batch).flat_map(|b| x[(b * ch + c) * plane..][..plane].iter().map(|&v| v as f64)).collect();
