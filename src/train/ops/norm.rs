@@ -62,16 +62,22 @@ impl Sums2 {
         let (mut vc, vt) = v[..u.len()].as_chunks::<LANES>();
         while !uc.is_empty() {
             let take = (BLOCK - self.filled).min(uc.len());
-            // A local copy, so that the sums stay in registers through the loop.
-            let mut a = self.block;
+            // Local copies, so that the sums stay in registers through the loops; one loop per
+            // sum over the block's chunks (in L1): one loop for both was vectorised across the
+            // two sums of a lane, not across the lanes of one sum (scalar arithmetic and
+            // shuffles; the shifted sums of 64 × 20 × 1024 values in L2, 0.52 → 0.29 ms).
+            let [mut a0, mut a1] = self.block;
             for (cu, cv) in uc[..take].iter().zip(&vc[..take]) {
                 for l in 0..LANES {
-                    let (p, q) = f(cu[l], cv[l]);
-                    a[0][l] += p;
-                    a[1][l] += q;
+                    a0[l] += f(cu[l], cv[l]).0;
                 }
             }
-            self.block = a;
+            for (cu, cv) in uc[..take].iter().zip(&vc[..take]) {
+                for l in 0..LANES {
+                    a1[l] += f(cu[l], cv[l]).1;
+                }
+            }
+            self.block = [a0, a1];
             (uc, vc) = (&uc[take..], &vc[take..]);
             self.filled += take;
             if self.filled == BLOCK {
