@@ -243,8 +243,9 @@ pub(super) struct Io<'v> {
 }
 
 /// Node `i`'s gradient function: into its input gradients `dx` and `dother` (an add's other
-/// input, a norm's fused residual) by their stores, and into its params' gradients `dp` ([`Net::grad_params`]), the
-/// weights of a linear layer or head by `wstore`, the others added into.
+/// input, a norm's fused residual) by their stores, and into its params' gradients `dp`
+/// ([`Net::grad_params`]), the weights of a linear layer or head by `wstore`, the others added
+/// into.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn node_backward(
     k: &Kernels,

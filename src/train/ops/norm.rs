@@ -347,7 +347,8 @@ pub fn train_backward(
     let Some((dx, store)) = dx else {
         if let Some(dres) = dres {
             let mut passed = buf();
-            for (at, d) in (0..len).step_by(plane.max(1)).zip(dres.chunks_exact_mut(plane)) {
+            let plane = plane.max(1);
+            for (at, d) in (0..len).step_by(plane).zip(dres.chunks_exact_mut(plane)) {
                 for (d, &g) in d.iter_mut().zip(pass(clamped, dy, at, plane, &mut passed)) {
                     rstore.put(d, g);
                 }

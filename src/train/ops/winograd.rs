@@ -12,8 +12,8 @@
 //! tolerance they give the direct paths.
 //!
 //! The work is split by what it writes, never by samples: the input transform by input
-//! channel, the gradient transform by panel of output channels, the products by panel and
-//! `ξ`, the output transform by panel. Every sum over tiles is one micro-kernel sum over a
+//! channel, the gradient transform by panel of output channels, the products by `ξ`, the
+//! output transform by 16 output channels. Every sum over tiles is one micro-kernel sum over a
 //! group's tiles, and groups (fixed by the shape and the batch) add in order, so any thread
 //! count gives the same bits, with no per-thread partials to add. Splitting the batch instead
 //! left two chunks for two threads on GEMResNet18's last stages: in its training step, one
@@ -41,7 +41,8 @@ pub(super) fn supported(s: &ConvShape) -> bool {
 /// are `c_in × c_out`; on wide planes of few channels the direct paths win. Measured on
 /// GEMResNet18's convs (AVX-512, one thread, batch 64; direct against transforms + products):
 /// 160 channels on 4 × 4, 5.5 against 2.8 ms; 80 on 8 × 8, 6.1 against 3.9 ms; 40 on 16 ×
-/// 16, 5.8 against 7.6 ms; 20 on 32 × 32, 5.6 against 23 ms.
+/// 16, 5.8 against 7.6 ms (6.3 against 6.6 ms with the work split as it is now); 20 on 32 ×
+/// 32, 5.6 against 23 ms.
 pub(super) fn preferred(s: &ConvShape) -> bool {
     supported(s) && s.h * s.w <= 64 && s.c_in >= 32 && s.c_out >= 32
 }
@@ -64,9 +65,9 @@ fn group_samples(tiles: usize, batch: usize) -> usize {
 struct Bufs {
     /// `V`: `[ci][ξ][tile · nb + b]`, so that `V_ξ` is `c_in` rows at stride `16 · kc`.
     v: Vec<f32>,
-    /// `P`, packed as the products' B operand panel by panel: `[panel][ξ][tile · nb + b][lane]`.
+    /// `P`, packed as the products' B operands: `[ξ][panel][tile · nb + b][lane]`.
     p: Vec<f32>,
-    /// `M`: `[panel][ξ][ci][lane]`, the sums over every group.
+    /// `M`: `[ξ][ci][co]`, the sums over every group.
     m: Vec<f32>,
 }
 
@@ -230,8 +231,9 @@ fn input_tiles(
 }
 
 /// `A dy Aᵀ` of every 2 × 2 output-gradient tile of output channels `c0 .. c0 + n` (of `c`)
-/// over a group of `nb` samples (`[b][c][h][w]`) into `p`, one panel packed as the products'
-/// B operand (`[ξ][kc][nr]`, column `tile · nb + b`, lanes past `n` zero). With `A`'s rows
+/// over a group of `nb` samples (`[b][c][h][w]`) into `p`, the panel's piece of each of the 16
+/// products' packed B operands (`p[ξ]`: `[kc][nr]`, column `tile · nb + b`, lanes past `n`
+/// zero). With `A`'s rows
 /// `(1, 0), (1, 1), (1, −1), (0, −1)`, a tile `[[a, b], [c, d]]` has rows `q_i = (a, a + b,
 /// a − b, −b)` (and of `c, d`), and `P = (q₀, q₀ + q₁, q₀ − q₁, −q₁)`. Each sample's panel is
 /// first regrouped with its channels in lanes (`[h·w][nr]`), so that each tile is a few vector
@@ -262,7 +264,7 @@ fn gradient_tiles(
 }
 
 /// [`gradient_tiles`] of sample `b` for one panel of `N` channels (`dq`: `[h·w][N]`), into `p`
-/// (`[ξ][kc][N]`).
+/// (`p[ξ]`: `[kc][N]`).
 #[inline(always)]
 fn panel_tiles<const N: usize>(
     dq: &[f32],
