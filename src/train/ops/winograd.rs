@@ -347,8 +347,9 @@ mod tests {
             shape(32, 8, 8, 40),
             shape(16, 48, 48, 9),
         ];
+        // A sample's products' multiply-adds: from the threshold, even one sample is threaded.
         let threaded = |s: &ConvShape| 16 * (s.h * s.w / 4) * s.c_in * s.c_out >= crate::kernels::PAR_MIN_WORK;
-        assert_eq!(shapes.iter().filter(|s| threaded(s)).count(), 2, "the last two go to the threads");
+        assert_eq!(shapes.iter().filter(|s| threaded(s)).count(), 2, "the last two, even at batch 1");
         let mut r = SplitMix64::new(31);
         let mut tables = vec![Kernels::generic(true)];
         tables.extend(Kernels::available());
