@@ -148,15 +148,20 @@ pub(super) fn for_each_chunk<F>(
         None => (0..chunks).map(|_| None).collect(),
     };
     let jobs: Vec<Job> = a_parts.drain(..).zip(b_parts.drain(..)).enumerate().map(|(c, (a, b))| (c, a, b)).collect();
-    let run = |(c, a, b): Job| {
+    for_each_job(jobs, work, |(c, a, b): Job| {
         let b0 = c * nb;
         f(c, b0, nb.min(batch - b0), a, b)
-    };
-    if chunks > 1 && work >= crate::kernels::PAR_MIN_WORK && crate::kernels::threads() > 1 {
+    });
+}
+
+/// Runs `f` on each of `jobs`: on the rayon pool when there is more than one, the pool has
+/// more than one thread, and `work` (multiply-adds) is worth it.
+pub(super) fn for_each_job<J: Send>(jobs: Vec<J>, work: usize, f: impl Fn(J) + Sync + Send) {
+    if jobs.len() > 1 && work >= crate::kernels::PAR_MIN_WORK && crate::kernels::threads() > 1 {
         use rayon::prelude::*;
-        jobs.into_par_iter().for_each(run);
+        jobs.into_par_iter().for_each(f);
     } else {
-        jobs.into_iter().for_each(run);
+        jobs.into_iter().for_each(f);
     }
 }
 

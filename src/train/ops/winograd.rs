@@ -20,6 +20,7 @@
 //! thread often ran both, or waited for the other (at two threads, 2.6 ms for 80 channels and
 //! 3.0 ms for 160, against 2.1–2.3 and 2.0 ms timed alone).
 
+use super::conv::for_each_job;
 use crate::kernels::for_each_chunk;
 use crate::kernels::matmul::{gemm_cols, pack_bt_cols, Cols};
 use crate::kernels::{ConvShape, Kernels};
@@ -115,7 +116,7 @@ pub(super) fn weight_grad(k: &Kernels, s: &ConvShape, x: &[f32], dy: &[f32], bat
             let mut jobs: Vec<Transform> =
                 by_panel.into_iter().enumerate().map(|(q, p)| Transform::Gradient(q, p)).collect();
             jobs.extend(v.chunks_exact_mut(16 * kc).enumerate().map(|(ci, v)| Transform::Input(ci, v)));
-            let run = |job: Transform| {
+            for_each_job(jobs, nbs * work, |job| {
                 ROW.with_borrow_mut(|row| match job {
                     Transform::Input(ci, v) => input_tiles(xg, (ci, cin), (h, w), nbs, v, row),
                     Transform::Gradient(q, mut p) => {
@@ -123,13 +124,7 @@ pub(super) fn weight_grad(k: &Kernels, s: &ConvShape, x: &[f32], dy: &[f32], bat
                         gradient_tiles(dyg, (c0, nr.min(cout - c0), cout), (h, w), nbs, nr, &mut p, row)
                     }
                 })
-            };
-            if nbs * work >= crate::kernels::PAR_MIN_WORK && crate::kernels::threads() > 1 {
-                use rayon::prelude::*;
-                jobs.into_par_iter().for_each(run);
-            } else {
-                jobs.into_iter().for_each(run);
-            }
+            });
             // M_ξ (+)= V_ξ · P_ξ (c_in × c_out) over the group.
             let (v, p) = (&v[..], &p[..]);
             for_each_chunk(m, cin * cout, nbs * work, |xi, out| {
@@ -138,7 +133,7 @@ pub(super) fn weight_grad(k: &Kernels, s: &ConvShape, x: &[f32], dy: &[f32], bat
             });
         }
         // dW = Gᵀ M G per channel pair, for 16 output channels at once (consecutive rows of
-        // dW), one in each lane.
+        // dW), one in each lane; on the threads when the products were.
         let m = &m[..];
         for_each_chunk(&mut dw[..cout * cin * 9], 16 * cin * 9, batch * work, |q, rows| {
             let (c0, n) = (q * 16, rows.len() / (cin * 9));
@@ -233,11 +228,10 @@ fn input_tiles(
 /// `A dy Aᵀ` of every 2 × 2 output-gradient tile of output channels `c0 .. c0 + n` (of `c`)
 /// over a group of `nb` samples (`[b][c][h][w]`) into `p`, the panel's piece of each of the 16
 /// products' packed B operands (`p[ξ]`: `[kc][nr]`, column `tile · nb + b`, lanes past `n`
-/// zero). With `A`'s rows
-/// `(1, 0), (1, 1), (1, −1), (0, −1)`, a tile `[[a, b], [c, d]]` has rows `q_i = (a, a + b,
-/// a − b, −b)` (and of `c, d`), and `P = (q₀, q₀ + q₁, q₀ − q₁, −q₁)`. Each sample's panel is
-/// first regrouped with its channels in lanes (`[h·w][nr]`), so that each tile is a few vector
-/// operations.
+/// zero). With `A`'s rows `(1, 0), (1, 1), (1, −1), (0, −1)`, a tile `[[a, b], [c, d]]` has
+/// rows `q_i = (a, a + b, a − b, −b)` (and of `c, d`), and `P = (q₀, q₀ + q₁, q₀ − q₁, −q₁)`.
+/// Each sample's panel is first regrouped with its channels in lanes (`[h·w][nr]`), so that
+/// each tile is a few vector operations.
 fn gradient_tiles(
     dy: &[f32],
     (c0, n, c): (usize, usize, usize),
