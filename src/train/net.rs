@@ -176,6 +176,11 @@ pub struct Net<'a> {
     /// made on its first input gradient and kept (empty until then).
     transposed: Vec<Vec<f32>>,
     values: Vec<Vec<f32>>,
+    /// Per value: kept only as the mask of the clamp fused into the conv that makes it, its
+    /// buffer in `values` left empty ([`Net::mask_only`]); decided with the runs.
+    mask_only: Vec<bool>,
+    /// Per value kept as a mask: `batch ×` [`act::mask_words`] words (else empty).
+    masks: Vec<Vec<u32>>,
     /// Gradient buffers per value, kept between steps (empty = no gradient yet).
     grads: Vec<Vec<f32>>,
     saved: Vec<norm::Saved>,
@@ -210,6 +215,8 @@ impl<'a> Net<'a> {
             frozen: Vec::new(),
             transposed: Vec::new(),
             values: Vec::new(),
+            mask_only: Vec::new(),
+            masks: Vec::new(),
             grads: Vec::new(),
             saved: Vec::new(),
             batch: 0,
@@ -431,16 +438,28 @@ impl<'a> Net<'a> {
     pub fn forward(&mut self, k: &Kernels, x: &[f32], batch: usize) -> &[f32] {
         self.batch = batch;
         let n = self.nodes.len();
+        let runs = self.plan(batch);
+        self.mask_only = self.mask_only(&runs);
         self.values.resize(n + 1, Vec::new());
+        self.masks.resize(n + 1, Vec::new());
         self.saved.resize(n, norm::Saved::default());
         let v0 = &mut self.values[0];
         v0.clear();
         v0.extend_from_slice(&x[..batch * self.in_shape.len()]);
-        for (y, node) in self.values[1..].iter_mut().zip(&self.nodes) {
+        let kept = self.values[1..].iter_mut().zip(&mut self.masks[1..]).zip(&self.mask_only[1..]);
+        for (((y, mask), &mask_only), node) in kept.zip(&self.nodes) {
+            // A value kept as a mask has its words instead (each written whole); its buffer
+            // is freed.
+            let (len, words) = (batch * node.out.len(), batch * act::mask_words(node.out.len()));
+            if mask_only {
+                *y = Vec::new();
+                mask.resize(words, 0);
+                continue;
+            }
+            *mask = Vec::new();
             // Every op writes all of its output, so a buffer of the right size is not zeroed
             // again (it was 9 % of a Lite0 CLR step); debug builds fill it with NaN instead,
             // so that the tests catch an op that leaves some of it unwritten.
-            let len = batch * node.out.len();
             if y.len() != len {
                 y.clear();
                 y.resize(len, 0.0);
@@ -448,7 +467,6 @@ impl<'a> Net<'a> {
             #[cfg(debug_assertions)]
             y.fill(f32::NAN);
         }
-        let runs = self.plan(batch);
         let on = self.profile.is_some();
         let clock = || on.then(std::time::Instant::now);
         for run in &runs {
@@ -526,8 +544,10 @@ impl<'a> Net<'a> {
         }
     }
 
-    /// A kept value of the last forward pass (`batch × shape`).
+    /// A kept value of the last forward pass (`batch × shape`). Not one kept only as a
+    /// clamp's mask ([`Net::mask_only`]; those are read by the next conv alone).
     pub fn value(&self, v: usize) -> &[f32] {
+        assert!(!self.mask_only.get(v).is_some_and(|&m| m), "value {v} was kept only as its clamp's mask");
         &self.values[v]
     }
 

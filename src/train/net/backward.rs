@@ -181,7 +181,7 @@ impl Net<'_> {
             self.ctx(),
             i,
             node,
-            Io { x: &self.values[input], y: &self.values[i + 1], dy: &mut dy, batch: self.batch },
+            Io { x: &self.values[input], y: &self.values[i + 1], y_mask: None, dy: &mut dy, batch: self.batch },
             dx.as_mut().map(|(d, st)| (&mut d[..], *st)),
             dother.as_mut().map(|(d, st)| (&mut d[..], *st)),
             [d0.as_deref_mut(), d1.as_deref_mut()],
@@ -234,10 +234,13 @@ pub(super) fn prepare(g: &mut [f32], store: Store, sets: bool) {
     }
 }
 
-/// A node's input and output values and its output gradient, for `batch` samples.
+/// A node's input and output values and its output gradient, for `batch` samples. A value
+/// kept only as its clamp's mask ([`Net::mask_only`]) is empty, and for the output the mask
+/// is in `y_mask`.
 pub(super) struct Io<'v> {
     pub x: &'v [f32],
     pub y: &'v [f32],
+    pub y_mask: Option<&'v [u32]>,
     pub dy: &'v mut [f32],
     pub batch: usize,
 }
@@ -258,14 +261,16 @@ pub(super) fn node_backward(
     dp: [Option<&mut [f32]>; 2],
     wstore: Store,
 ) {
-    let Io { x, y, dy, batch } = io;
+    let Io { x, y, y_mask, dy, batch } = io;
     let params = ctx.params;
     let [d0, d1] = dp;
     match &node.op {
         NodeOp::Conv { s, w, clamp, .. } => {
             // The fused clamp's gradient, in place: `dy` is not read again.
-            if let Some((lo, hi)) = *clamp {
-                act::clamp_mask(y, dy, lo, hi);
+            match (*clamp, y_mask) {
+                (Some(_), Some(bits)) => act::clamp_mask_bits(bits, dy),
+                (Some((lo, hi)), None) => act::clamp_mask(y, dy, lo, hi),
+                (None, _) => {}
             }
             let sp = sparse_of(ctx.sparse, params, *w);
             let t = &ctx.transposed[i];

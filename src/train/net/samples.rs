@@ -9,13 +9,17 @@
 //! forward 78.6 → 76.7 (the values are still written to their batch buffers, for the
 //! backward pass).
 //!
+//! A clamped conv's output that only the next node reads, and only forward, is not kept at
+//! all: it passes to that node in a per-thread slot, and the backward pass gets its clamp's
+//! mask, one bit per value ([`Net::mask_only`]).
+//!
 //! The results are the layer-by-layer ones bit for bit: every op computes each sample's outputs
 //! and input gradients on its own in the same way whatever the batch, and a parameter's
 //! gradient is a sum of per-sample partials in sample order in both (the depthwise kernel
 //! gradient and the affine's sums are made so).
 
 use super::backward::{node_backward, prepare, zero_fresh, Io, Pass, Step};
-use super::{forward_op, Net, NodeOp, WSrc};
+use super::{act, forward_op, Net, NodeOp, WSrc};
 use crate::kernels::{serial, threads, Kernels, Store};
 use core::ops::Range;
 
@@ -77,34 +81,93 @@ impl Net<'_> {
         (x > 0 && y > 0 && weights <= x + y).then_some(x + y)
     }
 
+    /// Per value, whether it is kept only as the mask of the clamp fused into the conv that
+    /// makes it, with the nodes run as `runs` say. Such a value is read by the next node alone, as its input, in
+    /// the same run that goes sample by sample, and that node's backward does not read it (a
+    /// frozen conv's input gradient needs only its weights); the value is then used twice, by
+    /// that node's forward and by its clamp's gradient, for which one bit per value tells the
+    /// same. In Lite0 these are the 1 × 1 expansions' outputs, the largest activations
+    /// (14 MB of a batch of 16 for the first): in a run each lives in one per-thread slot,
+    /// in cache, and only its mask goes to memory. A value's producer may not read one
+    /// itself, so that one slot serves each run.
+    pub(super) fn mask_only(&self, runs: &[Run]) -> Vec<bool> {
+        let n = self.nodes.len();
+        let mut only = vec![false; n + 1];
+        for run in runs.iter().filter(|r| r.by_sample) {
+            for i in run.nodes.clone() {
+                let (v, node) = (i + 1, &self.nodes[i]);
+                let clamped_conv = matches!(node.op, NodeOp::Conv { clamp: Some(_), .. });
+                let next = self.nodes.get(v).filter(|_| v < run.nodes.end);
+                let read_by_next_alone = next.is_some_and(|m| m.input == v && m.other() != Some(v))
+                    && self.nodes[v + 1..].iter().all(|m| m.input != v && m.other() != Some(v));
+                only[v] = clamped_conv && !only[node.input] && read_by_next_alone && !self.backward_reads_input(v);
+            }
+        }
+        only
+    }
+
+    /// Whether node `i`'s backward reads its input value.
+    fn backward_reads_input(&self, i: usize) -> bool {
+        match &self.nodes[i].op {
+            // Only for the weights' gradient.
+            NodeOp::Conv { w, .. } => matches!(w, WSrc::Param(p) if self.params[*p].trained),
+            NodeOp::Add { .. } | NodeOp::GlobalPool { .. } | NodeOp::Flatten => false,
+            _ => true,
+        }
+    }
+
     /// The forward pass of nodes `run`, sample by sample (the values are sized).
     pub(super) fn forward_samples(&mut self, k: &Kernels, run: Range<usize>) {
         let (a, b) = (run.start, run.end);
         let mut values = core::mem::take(&mut self.values);
+        let mut masks = core::mem::take(&mut self.masks);
         let (before, after) = values.split_at_mut(a + 1);
-        let mut pieces =
-            per_sample(self.batch, after[..b - a].iter_mut().zip(&self.nodes[a..b]).map(|(v, n)| (v, n.out.len())));
+        let only = &self.mask_only;
+        let len = |v: usize| if only[v] { 0 } else { self.value_shape(v).len() };
+        let words = |v: usize| if only[v] { act::mask_words(self.value_shape(v).len()) } else { 0 };
+        let pieces = per_sample(self.batch, after[..b - a].iter_mut().zip(a + 1..).map(|(y, v)| (y, len(v))));
+        let bits = per_sample(self.batch, masks[a + 1..=b].iter_mut().zip(a + 1..).map(|(m, v)| (m, words(v))));
+        let slot_len = (a + 1..=b).filter(|&v| only[v]).map(|v| self.value_shape(v).len()).max().unwrap_or(0);
+        let mut work: Vec<_> = pieces.into_iter().zip(bits).collect();
         let (net, before) = (&*self, &*before);
-        let task = |(s, parts): (usize, &mut Vec<&mut [f32]>)| {
+        let task = |(s, (parts, bits)): (usize, &mut (Pieces<f32>, Pieces<u32>))| {
             serial(|| {
-                for i in run.clone() {
-                    let (done, rest) = parts.split_at_mut(i - a);
-                    let node = &net.nodes[i];
-                    let val = |v: usize| -> &[f32] {
-                        if v <= a {
-                            let l = net.value_shape(v).len();
-                            &before[v][s * l..(s + 1) * l]
+                MASKED_SLOT.with_borrow_mut(|slot| {
+                    if slot.len() < slot_len {
+                        slot.resize(slot_len, 0.0);
+                    }
+                    for i in run.clone() {
+                        let (done, rest) = parts.split_at_mut(i - a);
+                        let node = &net.nodes[i];
+                        let val = |v: usize| -> &[f32] {
+                            if v <= a {
+                                let l = net.value_shape(v).len();
+                                &before[v][s * l..(s + 1) * l]
+                            } else {
+                                done[v - a - 1]
+                            }
+                        };
+                        let other = node.other().map_or(&[][..], val);
+                        if only[i + 1] {
+                            let NodeOp::Conv { clamp: Some((lo, hi)), .. } = node.op else {
+                                unreachable!("a value kept as a mask is a clamped conv's output")
+                            };
+                            let y = &mut slot[..node.out.len()];
+                            forward_op(k, net.ctx(), node, val(node.input), other, y, 1);
+                            act::clamp_bits(y, lo, hi, bits[i - a]);
+                        } else if only[node.input] {
+                            let x = &slot[..net.value_shape(node.input).len()];
+                            forward_op(k, net.ctx(), node, x, other, rest[0], 1);
                         } else {
-                            done[v - a - 1]
+                            forward_op(k, net.ctx(), node, val(node.input), other, rest[0], 1);
                         }
-                    };
-                    let other = node.other().map_or(&[][..], val);
-                    forward_op(k, net.ctx(), node, val(node.input), other, rest[0], 1);
-                }
+                    }
+                })
             })
         };
-        each_sample(&mut pieces, task);
+        each_sample(&mut work, task);
         self.values = values;
+        self.masks = masks;
     }
 
     /// The backward pass of nodes `run` (in reverse), sample by sample: the bookkeeping node by
@@ -228,7 +291,12 @@ impl Net<'_> {
             for i in lay.run.clone().rev() {
                 let Some(step) = lay.steps[i - a] else { continue };
                 let node = &self.nodes[i];
-                let val = |v: usize| &self.values[v][s * len(v)..(s + 1) * len(v)];
+                let val =
+                    |v: usize| if self.mask_only[v] { &[][..] } else { &self.values[v][s * len(v)..(s + 1) * len(v)] };
+                let y_mask = self.mask_only[i + 1].then(|| {
+                    let w = act::mask_words(len(i + 1));
+                    &self.masks[i + 1][s * w..(s + 1) * w]
+                });
                 let other = node.other().unwrap_or(0);
                 let dy = core::mem::take(&mut bufs[slot[i + 1]]);
                 let mut dx = step.dx.map(|st| (core::mem::take(&mut bufs[slot[node.input]]), st));
@@ -241,7 +309,7 @@ impl Net<'_> {
                     self.ctx(),
                     i,
                     node,
-                    Io { x: val(node.input), y: val(i + 1), dy: &mut *dy, batch: 1 },
+                    Io { x: val(node.input), y: val(i + 1), y_mask, dy: &mut *dy, batch: 1 },
                     dx.as_mut().map(|(d, st)| (&mut **d, *st)),
                     dother.as_mut().map(|(d, st)| (&mut **d, *st)),
                     dp,
@@ -288,13 +356,23 @@ struct Touched {
 std::thread_local! {
     /// One sample's gradients of the values a run goes through ([`Net::backward_samples`]).
     static GRAD_SCRATCH: core::cell::RefCell<Vec<f32>> = const { core::cell::RefCell::new(Vec::new()) };
+    /// One sample's value kept only as a mask ([`Net::mask_only`]), between the conv that
+    /// makes it and the node that reads it.
+    static MASKED_SLOT: core::cell::RefCell<Vec<f32>> = const { core::cell::RefCell::new(Vec::new()) };
 }
 
+/// One sample's pieces of a run's buffers.
+type Pieces<'g, T> = Vec<&'g mut [T]>;
+
 /// Each buffer (with its per-sample length) cut into its `batch` samples' pieces: per sample,
-/// its piece of every buffer, in order.
-fn per_sample<'g>(batch: usize, bufs: impl Iterator<Item = (&'g mut Vec<f32>, usize)>) -> Vec<Vec<&'g mut [f32]>> {
-    let mut pieces: Vec<Vec<&mut [f32]>> = (0..batch).map(|_| Vec::new()).collect();
+/// its piece of every buffer, in order (empty for a length of 0).
+fn per_sample<'g, T>(batch: usize, bufs: impl Iterator<Item = (&'g mut Vec<T>, usize)>) -> Vec<Pieces<'g, T>> {
+    let mut pieces: Vec<Pieces<T>> = (0..batch).map(|_| Vec::new()).collect();
     for (buf, len) in bufs {
+        if len == 0 {
+            pieces.iter_mut().for_each(|p| p.push(Default::default()));
+            continue;
+        }
         for (s, piece) in buf[..batch * len].chunks_exact_mut(len).enumerate() {
             pieces[s].push(piece);
         }

@@ -373,7 +373,8 @@ fn block() -> Vec<u8> {
 }
 
 /// Runs that go sample by sample give the layer-by-layer pass's outputs and gradients bit
-/// for bit, overwriting or adding into the gradients, on one thread or two.
+/// for bit, overwriting or adding into the gradients, on one thread or two, with a value
+/// kept only as its clamp's mask.
 #[test]
 fn sample_runs_give_the_layer_pass_bit_for_bit() {
     let bytes = block();
@@ -398,6 +399,13 @@ fn sample_runs_give_the_layer_pass_bit_for_bit() {
     let n = net.nodes.len();
     assert_eq!(sampled, [(3, n - 1)], "{runs:?}");
     assert!(net.plan(1).iter().all(|r| !r.by_sample), "one sample: nothing to gain");
+    // The expansion's output (conv + ReLU6, read by the frozen depthwise conv alone) is kept
+    // as its mask; nothing else is.
+    let only: Vec<usize> = net.mask_only(&runs).iter().enumerate().filter(|(_, &m)| m).map(|(v, _)| v).collect();
+    assert_eq!(only.len(), 1, "{only:?}");
+    let expansion = only[0] - 1;
+    assert!(matches!(net.nodes[expansion].op, NodeOp::Conv { clamp: Some((0.0, 6.0)), .. }), "{expansion}");
+    assert!(matches!(&net.nodes[only[0]].op, NodeOp::Conv { s, .. } if s.is_depthwise()));
     let x: Vec<f32> = (0..batch * net.value_shape(0).len()).map(|_| r.uniform(-1.0, 1.0)).collect();
     let bits = |v: &[f32]| v.iter().map(|g| g.to_bits()).collect::<Vec<u32>>();
     let pass = |net: &mut Net, over: bool| {
@@ -421,6 +429,7 @@ fn sample_runs_give_the_layer_pass_bit_for_bit() {
         for over in [false, true] {
             net.sample_runs = true;
             let by_sample = pool.install(|| pass(&mut net, over));
+            assert!(net.values[only[0]].is_empty() && !net.masks[only[0]].is_empty(), "kept as a mask");
             net.sample_runs = false;
             let by_layer = pool.install(|| pass(&mut net, over));
             assert_eq!(net.runs.len(), n, "every node on its own");

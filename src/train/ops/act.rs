@@ -59,6 +59,58 @@ pub fn clamp_mask(y: &[f32], dy: &mut [f32], lo: f32, hi: f32) {
     })
 }
 
+/// Words of a clamp's gradient mask over `len` values ([`clamp_bits`]).
+pub fn mask_words(len: usize) -> usize {
+    len.div_ceil(32)
+}
+
+/// `1 << j` in lane `j`: a mask's bits set and tested lane by lane, which vectorises (a
+/// variable shift did not: applying a mask took four times as long).
+const BIT: [u32; 32] = {
+    let mut b = [0u32; 32];
+    let mut j = 0;
+    while j < 32 {
+        b[j] = 1 << j;
+        j += 1;
+    }
+    b
+};
+
+/// The mask of a clamp to `(lo, hi)` at its output `y`, one bit per value (bit `j % 32` of
+/// word `j / 32`): set where the gradient passes ([`through_clamp`]). A value whose only
+/// use in the backward pass is this mask is kept as it, a 32nd of its size.
+pub fn clamp_bits(y: &[f32], lo: f32, hi: f32, bits: &mut [u32]) {
+    let (whole, tail) = y.as_chunks::<32>();
+    let bits = &mut bits[..mask_words(y.len())];
+    for (w, c) in bits.iter_mut().zip(whole) {
+        let mut set = [0u32; 32];
+        for j in 0..32 {
+            set[j] = if (c[j] > lo) & (c[j] < hi) { BIT[j] } else { 0 };
+        }
+        *w = set.iter().fold(0, |a, &b| a | b);
+    }
+    if !tail.is_empty() {
+        bits[whole.len()] = tail.iter().zip(BIT).fold(0, |a, (&v, b)| if (v > lo) & (v < hi) { a | b } else { a });
+    }
+}
+
+/// [`clamp_mask`] by the mask [`clamp_bits`] took of `y`: the same bits.
+pub fn clamp_mask_bits(bits: &[u32], dy: &mut [f32]) {
+    let keep = |d: f32, w: u32, bit: u32| 0.0 + f32::from_bits(d.to_bits() & ((w & bit != 0) as u32).wrapping_neg());
+    let bits = &bits[..mask_words(dy.len())];
+    let (whole, tail) = dy.as_chunks_mut::<32>();
+    for (&w, c) in bits.iter().zip(whole.iter_mut()) {
+        for j in 0..32 {
+            c[j] = keep(c[j], w, BIT[j]);
+        }
+    }
+    if let Some(&w) = bits.get(whole.len()) {
+        for (d, b) in tail.iter_mut().zip(BIT) {
+            *d = keep(*d, w, b);
+        }
+    }
+}
+
 /// Stores `dy` into `dx` where the forward input was inside `(lo, hi)`, 0 elsewhere.
 pub fn clamp_backward(x: &[f32], dy: &[f32], dx: &mut [f32], lo: f32, hi: f32, store: Store) {
     // A select rather than a branch, so that the loop vectorises (the branch was 5 % of a

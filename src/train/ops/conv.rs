@@ -276,7 +276,8 @@ pub fn dense(w: Weights<'_>) -> std::borrow::Cow<'_, [f32]> {
 /// `kept_t` is [`transpose_groups`] of the weights, when the caller keeps it (frozen weights:
 /// transposing them on every step was 2 % of a Lite0 CLR step).
 /// Depthwise convs through the kernel table and pointwise ones set `dx` as they compute it;
-/// the others zero it first and add.
+/// the others zero it first and add. `x` is read only for `∂L/∂W`: without `dw` it may be
+/// empty (the input of a frozen conv kept only as a clamp's mask).
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
     k: &Kernels,
@@ -314,7 +315,8 @@ pub fn backward(
         let lanes = k.fast && depthwise::backward_supported(s);
         let (dx, store) = added(dx, lanes);
         for_each_chunk(batch, 1, work, dx, xl, part, wl, |_, b, _, dxb, dwb| {
-            let (xb, dyb) = (&x[b * xl..(b + 1) * xl], &dy[b * yl..(b + 1) * yl]);
+            let xb = if dwb.is_some() { &x[b * xl..(b + 1) * xl] } else { &[][..] };
+            let dyb = &dy[b * yl..(b + 1) * yl];
             if lanes {
                 DW_SCRATCH.with_borrow_mut(|sc| {
                     sc.resize(sc.len().max(depthwise::backward_scratch_len(s)), 0.0);
@@ -460,7 +462,7 @@ fn backward_batched(
             part_len,
             |_, b0, nbs, dxc, part| {
                 let n = nbs * p;
-                let xc = &x[b0 * xl..(b0 + nbs) * xl];
+                let xc = if part.is_some() { &x[b0 * xl..(b0 + nbs) * xl] } else { &[][..] };
                 let dyc = &dy[b0 * yl..(b0 + nbs) * yl];
                 COLS.with(|cell| {
                     let mut bufs = cell.borrow_mut();
@@ -606,7 +608,8 @@ pub(super) fn depthwise_backward(
     let (oh, ow, plane, taps) = (s.oh(), s.ow(), s.h * s.w, s.kh * s.kw);
     let mut gathered = [0.0f32; GATHER];
     for c in 0..s.c_in {
-        let (xc, dyc) = (&x[c * plane..(c + 1) * plane], &dy[c * oh * ow..(c + 1) * oh * ow]);
+        let xc = if dw.is_some() { &x[c * plane..(c + 1) * plane] } else { &[][..] };
+        let dyc = &dy[c * oh * ow..(c + 1) * oh * ow];
         for ky in 0..s.kh {
             for kx in 0..s.kw {
                 let t = c * taps + ky * s.kw + kx;

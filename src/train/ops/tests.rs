@@ -984,9 +984,40 @@ fn fused_add_clamp_equals_the_two_ops() {
     }
 }
 
+/// A clamp's mask kept as bits gives [`act::clamp_mask`]'s bits: at the bounds, past them,
+/// at ±0, NaN and ±∞, in whole words and in a partial last one.
+#[test]
+fn clamp_mask_bits_equal_the_mask_from_the_values() {
+    let mut r = SplitMix64::new(35);
+    let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<u32>>();
+    let special = [0.0, -0.0, 6.0, f32::NAN, f32::INFINITY, f32::NEG_INFINITY, 1e-30, 5.999_999];
+    for n in [1, 31, 32, 33, 64, 1000] {
+        for (lo, hi) in [(0.0, 6.0), (0.0, f32::INFINITY)] {
+            let mut y: Vec<f32> = (0..n).map(|_| r.uniform(-2.0, 8.0)).collect();
+            for (i, v) in special.iter().enumerate().filter(|(i, _)| i * 5 < n) {
+                y[i * 5] = *v;
+            }
+            let mut dy: Vec<f32> = (0..n).map(|_| r.uniform(-1.0, 1.0)).collect();
+            dy[n / 2] = -0.0;
+            dy[n - 1] = f32::NAN;
+            let mut want = dy.clone();
+            act::clamp_mask(&y, &mut want, lo, hi);
+            // Words past the mask's are left alone.
+            let mut mask = vec![u32::MAX; act::mask_words(n) + 1];
+            act::clamp_bits(&y, lo, hi, &mut mask);
+            assert_eq!(mask[act::mask_words(n)], u32::MAX, "{n}");
+            let passed = mask[..act::mask_words(n)].iter().map(|w| w.count_ones() as usize).sum::<usize>();
+            assert_eq!(passed, y.iter().filter(|&&v| v > lo && v < hi).count(), "{n}: one bit per passing value");
+            let mut got = dy.clone();
+            act::clamp_mask_bits(&mask, &mut got);
+            assert_eq!(bits(&got), bits(&want), "{n} {lo} {hi}");
+        }
+    }
+}
+
 /// A conv with a fused clamp gives the bits of the conv followed by the clamp on every path
 /// (dense batched, sparse, depthwise, reference), and its in-place gradient mask the bits of
-/// the clamp's own backward.
+/// the clamp's own backward; its input gradient does not read the input.
 #[test]
 fn fused_conv_clamp_equals_the_two_ops() {
     let mut r = SplitMix64::new(33);
@@ -1030,6 +1061,12 @@ fn fused_conv_clamp_equals_the_two_ops() {
                     act::clamp_backward(&y, &dy, &mut dx, lo, hi, Store::Set);
                     act::clamp_mask(&got, &mut dy, lo, hi);
                     assert_eq!(bits(&dy), bits(&dx), "{at}");
+                    // The input gradient alone reads no input: the same bits with `x` empty.
+                    let (wt, mut with_x, mut without) = (Weights::F32(&w), vec![0.0; xl], vec![0.0; xl]);
+                    conv::backward(k, &s, wt, &x, &dy, batch, Some((&mut with_x, Store::Set)), None, None, sp, None);
+                    conv::backward(k, &s, wt, &[], &dy, batch, Some((&mut without, Store::Set)), None, None, sp, None);
+                    assert_eq!(bits(&without), bits(&with_x), "{at}");
+                    assert!(with_x.iter().any(|&g| g != 0.0), "{at}");
                 }
             }
         }
