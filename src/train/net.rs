@@ -176,9 +176,9 @@ pub struct Net<'a> {
     /// made on its first input gradient and kept (empty until then).
     transposed: Vec<Vec<f32>>,
     values: Vec<Vec<f32>>,
-    /// Per value: kept only as the mask of the clamp fused into the conv that makes it, its
-    /// buffer in `values` left empty ([`Net::mask_only`]); decided with the runs.
-    mask_only: Vec<bool>,
+    /// Per value: what of it the passes keep ([`Net::kept`]); decided with the runs. Only a
+    /// [`Kept::Whole`] value has its buffer in `values`.
+    kept: Vec<samples::Kept>,
     /// Per value kept as a mask: `batch ×` [`act::mask_words`] words (else empty).
     masks: Vec<Vec<u32>>,
     /// Gradient buffers per value, kept between steps (empty = no gradient yet).
@@ -215,7 +215,7 @@ impl<'a> Net<'a> {
             frozen: Vec::new(),
             transposed: Vec::new(),
             values: Vec::new(),
-            mask_only: Vec::new(),
+            kept: Vec::new(),
             masks: Vec::new(),
             grads: Vec::new(),
             saved: Vec::new(),
@@ -439,24 +439,27 @@ impl<'a> Net<'a> {
         self.batch = batch;
         let n = self.nodes.len();
         let runs = self.plan(batch);
-        self.mask_only = self.mask_only(&runs);
+        self.kept = self.kept(&runs);
         self.values.resize(n + 1, Vec::new());
         self.masks.resize(n + 1, Vec::new());
         self.saved.resize(n, norm::Saved::default());
         let v0 = &mut self.values[0];
         v0.clear();
         v0.extend_from_slice(&x[..batch * self.in_shape.len()]);
-        let kept = self.values[1..].iter_mut().zip(&mut self.masks[1..]).zip(&self.mask_only[1..]);
-        for (((y, mask), &mask_only), node) in kept.zip(&self.nodes) {
-            // A value kept as a mask has its words instead (each written whole); its buffer
-            // is freed.
+        let kept = self.values[1..].iter_mut().zip(&mut self.masks[1..]).zip(&self.kept[1..]);
+        for (((y, mask), &kept), node) in kept.zip(&self.nodes) {
+            // A value kept as a mask has its words instead (each written whole); a buffer not
+            // used is freed.
             let (len, words) = (batch * node.out.len(), batch * act::mask_words(node.out.len()));
-            if mask_only {
-                *y = Vec::new();
+            if kept == samples::Kept::Mask {
                 mask.resize(words, 0);
+            } else {
+                *mask = Vec::new();
+            }
+            if kept != samples::Kept::Whole {
+                *y = Vec::new();
                 continue;
             }
-            *mask = Vec::new();
             // Every op writes all of its output, so a buffer of the right size is not zeroed
             // again (it was 9 % of a Lite0 CLR step); debug builds fill it with NaN instead,
             // so that the tests catch an op that leaves some of it unwritten.
@@ -544,10 +547,11 @@ impl<'a> Net<'a> {
         }
     }
 
-    /// A kept value of the last forward pass (`batch × shape`). Not one kept only as a
-    /// clamp's mask ([`Net::mask_only`]; those are read by the next conv alone).
+    /// A kept value of the last forward pass (`batch × shape`): not one that only the next
+    /// node reads, and only forward ([`Net::kept`]).
     pub fn value(&self, v: usize) -> &[f32] {
-        assert!(!self.mask_only.get(v).is_some_and(|&m| m), "value {v} was kept only as its clamp's mask");
+        let whole = self.kept.get(v).is_none_or(|&k| k == samples::Kept::Whole);
+        assert!(whole, "value {v} was not kept: only the next node reads it");
         &self.values[v]
     }
 

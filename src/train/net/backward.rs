@@ -235,8 +235,8 @@ pub(super) fn prepare(g: &mut [f32], store: Store, sets: bool) {
 }
 
 /// A node's input and output values and its output gradient, for `batch` samples. A value
-/// kept only as its clamp's mask ([`Net::mask_only`]) is empty, and for the output the mask
-/// is in `y_mask`.
+/// not kept whole ([`Net::kept`]) is empty; the output's clamp mask, when that is what is kept
+/// of it, is in `y_mask`.
 pub(super) struct Io<'v> {
     pub x: &'v [f32],
     pub y: &'v [f32],

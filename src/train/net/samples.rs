@@ -9,9 +9,9 @@
 //! forward 78.6 → 76.7 (the values are still written to their batch buffers, for the
 //! backward pass).
 //!
-//! A clamped conv's output that only the next node reads, and only forward, is not kept at
-//! all: it passes to that node in a per-thread slot, and the backward pass gets its clamp's
-//! mask, one bit per value ([`Net::mask_only`]).
+//! A value that only the next node reads, and only forward, is not kept: it passes to that
+//! node in a per-thread slot, and the backward pass gets its clamp's mask (one bit per value)
+//! when it was a clamped conv's output, or nothing ([`Net::kept`]).
 //!
 //! The results are the layer-by-layer ones bit for bit: every op computes each sample's outputs
 //! and input gradients on its own in the same way whatever the batch, and a parameter's
@@ -22,6 +22,17 @@ use super::backward::{node_backward, prepare, zero_fresh, Io, Pass, Step};
 use super::{act, forward_op, Net, NodeOp, WSrc};
 use crate::kernels::{serial, threads, Kernels, Store};
 use core::ops::Range;
+
+/// What the passes keep of a value ([`Net::kept`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Kept {
+    /// All of it, for the backward pass or for what reads it later.
+    Whole,
+    /// The mask of the clamp fused into the conv that makes it, one bit per value.
+    Mask,
+    /// Nothing: only the next node's forward reads it.
+    Nothing,
+}
 
 /// Nodes the passes run one way: sample by sample, or each over the whole batch.
 #[derive(Clone, Debug)]
@@ -81,29 +92,36 @@ impl Net<'_> {
         (x > 0 && y > 0 && weights <= x + y).then_some(x + y)
     }
 
-    /// Per value, whether it is kept only as the mask of the clamp fused into the conv that
-    /// makes it, with the nodes run as `runs` say. Such a value is read by the next node alone, as its input, in
-    /// the same run that goes sample by sample, and that node's backward does not read it (a
-    /// frozen conv's input gradient needs only its weights); the value is then used twice, by
-    /// that node's forward and by its clamp's gradient, for which one bit per value tells the
-    /// same. In Lite0 these are the 1 × 1 expansions' outputs, the largest activations
-    /// (14 MB of a batch of 16 for the first): in a run each lives in one per-thread slot,
-    /// in cache, and only its mask goes to memory. A value's producer may not read one
-    /// itself, so that one slot serves each run.
-    pub(super) fn mask_only(&self, runs: &[Run]) -> Vec<bool> {
+    /// Per value, what of it the passes keep with the nodes run as `runs` say. A value that
+    /// the next node alone reads, as its input, in the same run that goes sample by sample,
+    /// where that node's backward does not read it (a frozen conv's input gradient needs only
+    /// its weights), is used only by that node's forward, and by its maker's backward when
+    /// that reads its output: a clamped conv's, whose clamp's mask (one bit per value) tells
+    /// the same. Such values pass from node to node in two per-thread slots, in cache, and
+    /// the backward pass gets the mask or nothing. In Lite0 these are the 1 × 1 expansions'
+    /// outputs (masks; 14 MB of a batch of 16 for the first), and the norms' and projections'
+    /// outputs that only a conv reads.
+    pub(super) fn kept(&self, runs: &[Run]) -> Vec<Kept> {
         let n = self.nodes.len();
-        let mut only = vec![false; n + 1];
+        let mut kept = vec![Kept::Whole; n + 1];
         for run in runs.iter().filter(|r| r.by_sample) {
             for i in run.nodes.clone() {
-                let (v, node) = (i + 1, &self.nodes[i]);
-                let clamped_conv = matches!(node.op, NodeOp::Conv { clamp: Some(_), .. });
+                let v = i + 1;
                 let next = self.nodes.get(v).filter(|_| v < run.nodes.end);
                 let read_by_next_alone = next.is_some_and(|m| m.input == v && m.other() != Some(v))
                     && self.nodes[v + 1..].iter().all(|m| m.input != v && m.other() != Some(v));
-                only[v] = clamped_conv && !only[node.input] && read_by_next_alone && !self.backward_reads_input(v);
+                if !read_by_next_alone || self.backward_reads_input(v) {
+                    continue;
+                }
+                kept[v] = match self.nodes[i].op {
+                    NodeOp::Conv { clamp: Some(_), .. } => Kept::Mask,
+                    // Their clamps' gradients read the output.
+                    NodeOp::Norm { clamp: Some(_), .. } | NodeOp::Add { clamp: Some(_), .. } => Kept::Whole,
+                    _ => Kept::Nothing,
+                };
             }
         }
-        only
+        kept
     }
 
     /// Whether node `i`'s backward reads its input value.
@@ -122,44 +140,47 @@ impl Net<'_> {
         let mut values = core::mem::take(&mut self.values);
         let mut masks = core::mem::take(&mut self.masks);
         let (before, after) = values.split_at_mut(a + 1);
-        let only = &self.mask_only;
-        let len = |v: usize| if only[v] { 0 } else { self.value_shape(v).len() };
-        let words = |v: usize| if only[v] { act::mask_words(self.value_shape(v).len()) } else { 0 };
+        let kept = &self.kept;
+        let in_slot = |v: usize| kept[v] != Kept::Whole;
+        let len = |v: usize| if in_slot(v) { 0 } else { self.value_shape(v).len() };
+        let words = |v: usize| if kept[v] == Kept::Mask { act::mask_words(self.value_shape(v).len()) } else { 0 };
         let pieces = per_sample(self.batch, after[..b - a].iter_mut().zip(a + 1..).map(|(y, v)| (y, len(v))));
         let bits = per_sample(self.batch, masks[a + 1..=b].iter_mut().zip(a + 1..).map(|(m, v)| (m, words(v))));
-        let slot_len = (a + 1..=b).filter(|&v| only[v]).map(|v| self.value_shape(v).len()).max().unwrap_or(0);
+        let slot_len = (a + 1..=b).filter(|&v| in_slot(v)).map(|v| self.value_shape(v).len()).max().unwrap_or(0);
         let mut work: Vec<_> = pieces.into_iter().zip(bits).collect();
         let (net, before) = (&*self, &*before);
         let task = |(s, (parts, bits)): (usize, &mut (Pieces<f32>, Pieces<u32>))| {
             serial(|| {
-                MASKED_SLOT.with_borrow_mut(|slot| {
-                    if slot.len() < slot_len {
-                        slot.resize(slot_len, 0.0);
+                SLOTS.with_borrow_mut(|slots| {
+                    if slots.len() < 2 * slot_len {
+                        slots.resize(2 * slot_len, 0.0);
                     }
+                    // Value `v` not kept whole is in slot `v % 2`: its maker writes the one the
+                    // maker's input is not in, and its reader, the next node, reads it there.
+                    let (even, odd) = slots.split_at_mut(slot_len);
                     for i in run.clone() {
                         let (done, rest) = parts.split_at_mut(i - a);
                         let node = &net.nodes[i];
-                        let val = |v: usize| -> &[f32] {
-                            if v <= a {
-                                let l = net.value_shape(v).len();
-                                &before[v][s * l..(s + 1) * l]
+                        let (v, (ours, theirs)) =
+                            (i + 1, if i % 2 == 0 { (&mut *odd, &*even) } else { (&mut *even, &*odd) });
+                        let val = |u: usize| -> &[f32] {
+                            if u <= a {
+                                let l = net.value_shape(u).len();
+                                &before[u][s * l..(s + 1) * l]
+                            } else if in_slot(u) {
+                                &theirs[..net.value_shape(u).len()]
                             } else {
-                                done[v - a - 1]
+                                done[u - a - 1]
                             }
                         };
                         let other = node.other().map_or(&[][..], val);
-                        if only[i + 1] {
+                        let y = if in_slot(v) { &mut ours[..node.out.len()] } else { &mut *rest[0] };
+                        forward_op(k, net.ctx(), node, val(node.input), other, y, 1);
+                        if kept[v] == Kept::Mask {
                             let NodeOp::Conv { clamp: Some((lo, hi)), .. } = node.op else {
                                 unreachable!("a value kept as a mask is a clamped conv's output")
                             };
-                            let y = &mut slot[..node.out.len()];
-                            forward_op(k, net.ctx(), node, val(node.input), other, y, 1);
                             act::clamp_bits(y, lo, hi, bits[i - a]);
-                        } else if only[node.input] {
-                            let x = &slot[..net.value_shape(node.input).len()];
-                            forward_op(k, net.ctx(), node, x, other, rest[0], 1);
-                        } else {
-                            forward_op(k, net.ctx(), node, val(node.input), other, rest[0], 1);
                         }
                     }
                 })
@@ -291,9 +312,9 @@ impl Net<'_> {
             for i in lay.run.clone().rev() {
                 let Some(step) = lay.steps[i - a] else { continue };
                 let node = &self.nodes[i];
-                let val =
-                    |v: usize| if self.mask_only[v] { &[][..] } else { &self.values[v][s * len(v)..(s + 1) * len(v)] };
-                let y_mask = self.mask_only[i + 1].then(|| {
+                let whole = |v: usize| self.kept[v] == Kept::Whole;
+                let val = |v: usize| if whole(v) { &self.values[v][s * len(v)..(s + 1) * len(v)] } else { &[][..] };
+                let y_mask = (self.kept[i + 1] == Kept::Mask).then(|| {
                     let w = act::mask_words(len(i + 1));
                     &self.masks[i + 1][s * w..(s + 1) * w]
                 });
@@ -356,9 +377,9 @@ struct Touched {
 std::thread_local! {
     /// One sample's gradients of the values a run goes through ([`Net::backward_samples`]).
     static GRAD_SCRATCH: core::cell::RefCell<Vec<f32>> = const { core::cell::RefCell::new(Vec::new()) };
-    /// One sample's value kept only as a mask ([`Net::mask_only`]), between the conv that
-    /// makes it and the node that reads it.
-    static MASKED_SLOT: core::cell::RefCell<Vec<f32>> = const { core::cell::RefCell::new(Vec::new()) };
+    /// One sample's values not kept whole ([`Net::kept`]), between the node that makes each
+    /// and the next, which reads it: two slots.
+    static SLOTS: core::cell::RefCell<Vec<f32>> = const { core::cell::RefCell::new(Vec::new()) };
 }
 
 /// One sample's pieces of a run's buffers.

@@ -1,3 +1,4 @@
+use super::samples::Kept;
 use super::*;
 use crate::format::graph::{InputSpec, Op as GOp, WeightFormat};
 use crate::import::{Ir, IrOp, IrWeights};
@@ -400,12 +401,26 @@ fn sample_runs_give_the_layer_pass_bit_for_bit() {
     assert_eq!(sampled, [(3, n - 1)], "{runs:?}");
     assert!(net.plan(1).iter().all(|r| !r.by_sample), "one sample: nothing to gain");
     // The expansion's output (conv + ReLU6, read by the frozen depthwise conv alone) is kept
-    // as its mask; nothing else is.
-    let only: Vec<usize> = net.mask_only(&runs).iter().enumerate().filter(|(_, &m)| m).map(|(v, _)| v).collect();
-    assert_eq!(only.len(), 1, "{only:?}");
-    let expansion = only[0] - 1;
+    // as its mask; the affines' (after the reprogramming) read by frozen convs, the
+    // projection's read by the add, the add's read by a frozen conv and the pool's read by
+    // the flatten, not at all.
+    let kept = net.kept(&runs);
+    let of = |k: Kept| kept.iter().enumerate().filter(|(_, &m)| m == k).map(|(v, _)| v).collect::<Vec<_>>();
+    let (masked, dropped) = (of(Kept::Mask), of(Kept::Nothing));
+    assert_eq!(masked.len(), 1, "{kept:?}");
+    let expansion = masked[0] - 1;
     assert!(matches!(net.nodes[expansion].op, NodeOp::Conv { clamp: Some((0.0, 6.0)), .. }), "{expansion}");
-    assert!(matches!(&net.nodes[only[0]].op, NodeOp::Conv { s, .. } if s.is_depthwise()));
+    assert!(matches!(&net.nodes[masked[0]].op, NodeOp::Conv { s, .. } if s.is_depthwise()));
+    let name = |op: &NodeOp| match op {
+        NodeOp::Conv { .. } => "conv",
+        NodeOp::Reprogram { .. } => "reprogram",
+        NodeOp::Affine { .. } => "affine",
+        NodeOp::Add { .. } => "add",
+        NodeOp::GlobalPool { .. } => "global pool",
+        _ => "other",
+    };
+    let makers: Vec<_> = dropped.iter().map(|v| name(&net.nodes[v - 1].op)).collect();
+    assert_eq!(makers, ["affine", "conv", "add", "affine", "global pool"], "{kept:?}");
     let x: Vec<f32> = (0..batch * net.value_shape(0).len()).map(|_| r.uniform(-1.0, 1.0)).collect();
     let bits = |v: &[f32]| v.iter().map(|g| g.to_bits()).collect::<Vec<u32>>();
     let pass = |net: &mut Net, over: bool| {
@@ -429,7 +444,8 @@ fn sample_runs_give_the_layer_pass_bit_for_bit() {
         for over in [false, true] {
             net.sample_runs = true;
             let by_sample = pool.install(|| pass(&mut net, over));
-            assert!(net.values[only[0]].is_empty() && !net.masks[only[0]].is_empty(), "kept as a mask");
+            assert!(net.values[masked[0]].is_empty() && !net.masks[masked[0]].is_empty(), "kept as a mask");
+            assert!(dropped.iter().all(|&v| net.values[v].is_empty() && net.masks[v].is_empty()), "not kept");
             net.sample_runs = false;
             let by_layer = pool.install(|| pass(&mut net, over));
             assert_eq!(net.runs.len(), n, "every node on its own");
