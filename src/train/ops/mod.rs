@@ -35,17 +35,3 @@ pub(crate) fn dot8(acc: &mut [f32; 8], a: &[f32], b: &[f32]) {
         acc[l] += u * v;
     }
 }
-
-/// `acc[l] += Σ a[8i + l]` (tail into the first lanes), like [`dot8`].
-#[inline(always)]
-pub(crate) fn sum8(acc: &mut [f32; 8], a: &[f32]) {
-    let (ac, at) = a.as_chunks::<8>();
-    for u in ac {
-        for l in 0..8 {
-            acc[l] += u[l];
-        }
-    }
-    for (l, &u) in at.iter().enumerate() {
-        acc[l] += u;
-    }
-}

@@ -481,6 +481,62 @@ fn pass<'s>(clamped: Option<Clamped>, dy: &'s [f32], at: usize, len: usize, buf:
     }
 }
 
+/// One channel of [`affine_backward`]: its gradient `g` (`dy` where the clamp, when `CLAMP`,
+/// passes it at `x·γ + β`), stored (added when `ADD`) into `dx` times `γ` when given, and
+/// `(Σ g·x, Σ g)` in eight partial sums each, lane `l` taking elements `8i + l` and the tail
+/// the first lanes, as [`super::dot8`] (a single running sum is a chain of dependent adds that
+/// does not vectorise).
+#[inline(always)]
+fn affine_channel<const CLAMP: bool, const ADD: bool>(
+    x: &[f32],
+    dy: &[f32],
+    dx: Option<&mut [f32]>,
+    gc: f32,
+    bc: f32,
+    lo: f32,
+    hi: f32,
+) -> (f32, f32) {
+    let grad = |d: f32, v: f32| if CLAMP { 0.0 + through_clamp(v * gc + bc, lo, hi, d) } else { d };
+    let put = |o: &mut f32, g: f32| if ADD { *o += g * gc } else { *o = 0.0 + g * gc };
+    let (mut sg, mut sb) = ([0.0f32; 8], [0.0f32; 8]);
+    let (xs, xt) = x.as_chunks::<8>();
+    let (ds, dt) = dy[..x.len()].as_chunks::<8>();
+    match dx {
+        Some(dx) => {
+            let (os, ot) = dx[..x.len()].as_chunks_mut::<8>();
+            for ((xv, dv), o) in xs.iter().zip(ds).zip(os) {
+                for l in 0..8 {
+                    let g = grad(dv[l], xv[l]);
+                    sg[l] += g * xv[l];
+                    sb[l] += g;
+                    put(&mut o[l], g);
+                }
+            }
+            for (l, ((&v, &d), o)) in xt.iter().zip(dt).zip(ot).enumerate() {
+                let g = grad(d, v);
+                sg[l] += g * v;
+                sb[l] += g;
+                put(o, g);
+            }
+        }
+        None => {
+            for (xv, dv) in xs.iter().zip(ds) {
+                for l in 0..8 {
+                    let g = grad(dv[l], xv[l]);
+                    sg[l] += g * xv[l];
+                    sb[l] += g;
+                }
+            }
+            for (l, (&v, &d)) in xt.iter().zip(dt).enumerate() {
+                let g = grad(d, v);
+                sg[l] += g * v;
+                sb[l] += g;
+            }
+        }
+    }
+    (sg.iter().sum(), sb.iter().sum())
+}
+
 /// Gradients of [`affine_forward`]: added into `dgamma`, `dbeta`; stored into `dx`. With a
 /// fused clamp (`clamp`, as in the forward), `dy` is the clamped output's gradient: it passes
 /// where `lo < x·γ + β < hi`, that sum recomputed from `x` as the forward made it (so the
@@ -507,33 +563,21 @@ pub fn affine_backward(
     // The sums are then added in sample order, as one thread would.
     let mut sums = vec![(0.0f32, 0.0f32); batch * ch];
     let store = dx.as_ref().map_or(Store::Add, |d| d.1);
+    let (lo, hi) = clamp.unwrap_or((f32::NEG_INFINITY, f32::INFINITY));
+    // One pass per channel, chosen outside the loop: a loop per use of the clamp's gradient
+    // (a buffer of it, the sums, the input gradient) took three times the forward's time.
+    let channel_grad = match (clamp.is_some(), store) {
+        (false, Store::Set) => affine_channel::<false, false>,
+        (false, Store::Add) => affine_channel::<false, true>,
+        (true, Store::Set) => affine_channel::<true, false>,
+        (true, Store::Add) => affine_channel::<true, true>,
+    };
     let one = |b: usize, sums: &mut [(f32, f32)], mut dxs: Option<&mut [f32]>| {
-        // The clamp's gradient for one channel, kept in L1 for its three uses.
-        let mut passed = vec![0.0f32; if clamp.is_some() { plane } else { 0 }];
         for (c, s) in sums.iter_mut().enumerate() {
             let at = (b * ch + c) * plane;
-            let xc = channel(x, b, c, ch, plane);
-            let g = match clamp {
-                Some((lo, hi)) => {
-                    let (gc, bc) = (gamma[c], beta[c]);
-                    for ((p, &d), &v) in passed.iter_mut().zip(&dy[at..at + plane]).zip(xc) {
-                        *p = 0.0 + through_clamp(v * gc + bc, lo, hi, d);
-                    }
-                    &passed[..]
-                }
-                None => &dy[at..at + plane],
-            };
-            // Eight partial sums each (a single running sum is a chain of dependent adds
-            // that does not vectorise: it was 5 % of a Lite0 CLR step).
-            let (mut sg, mut sb) = ([0.0f32; 8], [0.0f32; 8]);
-            super::dot8(&mut sg, g, xc);
-            super::sum8(&mut sb, g);
-            *s = (sg.iter().sum::<f32>(), sb.iter().sum::<f32>());
-            if let Some(dxs) = dxs.as_deref_mut() {
-                for (d, &g) in dxs[c * plane..(c + 1) * plane].iter_mut().zip(g) {
-                    store.put(d, g * gamma[c]);
-                }
-            }
+            let (xc, dyc) = (channel(x, b, c, ch, plane), &dy[at..at + plane]);
+            let dxc = dxs.as_deref_mut().map(|d| &mut d[c * plane..(c + 1) * plane]);
+            *s = channel_grad(xc, dyc, dxc, gamma[c], beta[c], lo, hi);
         }
     };
     let len = ch * plane;
