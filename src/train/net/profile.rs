@@ -1,13 +1,16 @@
 //! Where a training step's time goes: with the environment variable `EDGECL_PROFILE` set
 //! (to anything), a [`Net`] adds up the wall time of every node's forward and backward pass,
 //! a run that goes sample by sample counting as one entry, and prints the table to stderr
-//! when it is dropped. Off (the default), each node costs one branch.
+//! when it is dropped; then, for the nodes of such runs, the time of each summed over its
+//! samples (CPU time when the samples go to several threads). Off (the default), each node
+//! costs one branch.
 //!
 //! The table lists entries by share of the total, with each one's op and sizes, so that a
 //! kernel's cost can be read against its work without a profiler (the virtual machines we
 //! measure on offer no hardware counters).
 
 use super::{Net, NodeOp};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// Per-node (or per-run) times; `None` when profiling is off.
@@ -15,6 +18,8 @@ use std::time::{Duration, Instant};
 pub(super) struct Profile {
     /// Keyed by the entry's first node; `(last node, forward, backward)`.
     entries: Vec<Option<(usize, Duration, Duration)>>,
+    /// Per node of a sample-by-sample run: `[forward, backward]` summed over its samples.
+    inside: Mutex<Vec<[Duration; 2]>>,
     passes: usize,
 }
 
@@ -37,6 +42,17 @@ impl Profile {
 
     pub(super) fn backward(&mut self, nodes: core::ops::Range<usize>, t0: Instant) {
         self.entry(nodes).2 += t0.elapsed();
+    }
+
+    /// Node `i` of a sample-by-sample run did one sample's forward (`backward` false) or
+    /// backward, from `t0`.
+    pub(super) fn sample(&self, i: usize, backward: bool, t0: Instant) {
+        let d = t0.elapsed();
+        let mut inside = self.inside.lock().unwrap_or_else(|e| e.into_inner());
+        if inside.len() <= i {
+            inside.resize(i + 1, [Duration::ZERO; 2]);
+        }
+        inside[i][backward as usize] += d;
     }
 
     /// One more forward pass counted (times are reported per pass).
@@ -97,6 +113,22 @@ impl Drop for Net<'_> {
             };
             let share = 100.0 * (f + b) / total.max(f64::MIN_POSITIVE);
             eprintln!("{f:>9.3} {b:>9.3} {share:>5.1}%  {first:>3}-{last:<3}  {what}");
+        }
+        let inside = p.inside.into_inner().unwrap_or_else(|e| e.into_inner());
+        let mut rows: Vec<(usize, f64, f64)> = inside
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| t[0] + t[1] > Duration::ZERO)
+            .map(|(i, t)| (i, per(t[0]), per(t[1])))
+            .collect();
+        if rows.is_empty() {
+            return;
+        }
+        rows.sort_by(|a, b| (b.1 + b.2).total_cmp(&(a.1 + a.2)));
+        eprintln!("inside the sample-by-sample runs, summed over samples:");
+        eprintln!("{:>9} {:>9}  node  op", "fwd ms", "bwd ms");
+        for (i, f, b) in rows {
+            eprintln!("{f:>9.3} {b:>9.3}  {i:>4}  {}", describe(&self.nodes[i].op));
         }
     }
 }

@@ -175,12 +175,16 @@ impl Net<'_> {
                         };
                         let other = node.other().map_or(&[][..], val);
                         let y = if in_slot(v) { &mut ours[..node.out.len()] } else { &mut *rest[0] };
+                        let t0 = net.profile.as_ref().map(|_| std::time::Instant::now());
                         forward_op(k, net.ctx(), node, val(node.input), other, y, 1);
                         if kept[v] == Kept::Mask {
                             let NodeOp::Conv { clamp: Some((lo, hi)), .. } = node.op else {
                                 unreachable!("a value kept as a mask is a clamped conv's output")
                             };
                             act::clamp_bits(y, lo, hi, bits[i - a]);
+                        }
+                        if let (Some(p), Some(t0)) = (&net.profile, t0) {
+                            p.sample(i, false, t0);
                         }
                     }
                 })
@@ -325,6 +329,7 @@ impl Net<'_> {
                 let [s0, s1] = &lay.spans[i - a];
                 let (lo, hi) = part.split_at_mut(s1.as_ref().map_or(part.len(), |(_, r)| r.start));
                 let dp = [s0.as_ref().map(|(_, r)| &mut lo[r.clone()]), s1.as_ref().map(|(_, r)| &mut hi[..r.len()])];
+                let t0 = self.profile.as_ref().map(|_| std::time::Instant::now());
                 node_backward(
                     k,
                     self.ctx(),
@@ -336,6 +341,9 @@ impl Net<'_> {
                     dp,
                     Store::Add,
                 );
+                if let (Some(p), Some(t0)) = (&self.profile, t0) {
+                    p.sample(i, true, t0);
+                }
                 bufs[slot[i + 1]] = dy;
                 if let Some((d, _)) = dx {
                     bufs[slot[node.input]] = d;
