@@ -192,6 +192,9 @@ pub struct Net<'a> {
     /// Runs may go sample by sample (the default); off, every node goes over the whole batch,
     /// the pass the tests compare them with.
     sample_runs: bool,
+    /// Values that only the next node reads may pass through slots (the default, [`Net::kept`]);
+    /// off, every value is kept whole, the pass the tests compare them with.
+    pass_through: bool,
     /// Per-sample partial gradients of the params in runs that go sample by sample.
     partials: Vec<f32>,
     /// Per-node times, when `EDGECL_PROFILE` is set ([`profile`]).
@@ -223,6 +226,7 @@ impl<'a> Net<'a> {
             sparse: Vec::new(),
             runs: Vec::new(),
             sample_runs: true,
+            pass_through: true,
             partials: Vec::new(),
             profile: profile::Profile::from_env(),
         };
@@ -453,6 +457,9 @@ impl<'a> Net<'a> {
             let (len, words) = (batch * node.out.len(), batch * act::mask_words(node.out.len()));
             if kept == samples::Kept::Mask {
                 mask.resize(words, 0);
+                // Every word is written; debug builds poison them, as the values below.
+                #[cfg(debug_assertions)]
+                mask.fill(0x5555_5555);
             } else {
                 *mask = Vec::new();
             }

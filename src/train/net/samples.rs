@@ -104,6 +104,9 @@ impl Net<'_> {
     pub(super) fn kept(&self, runs: &[Run]) -> Vec<Kept> {
         let n = self.nodes.len();
         let mut kept = vec![Kept::Whole; n + 1];
+        if !self.pass_through {
+            return kept;
+        }
         for run in runs.iter().filter(|r| r.by_sample) {
             for i in run.nodes.clone() {
                 let v = i + 1;
@@ -175,6 +178,9 @@ impl Net<'_> {
                         };
                         let other = node.other().map_or(&[][..], val);
                         let y = if in_slot(v) { &mut ours[..node.out.len()] } else { &mut *rest[0] };
+                        // As for the values' buffers ([`Net::forward`]).
+                        #[cfg(debug_assertions)]
+                        y.fill(f32::NAN);
                         let t0 = net.profile.as_ref().map(|_| std::time::Instant::now());
                         forward_op(k, net.ctx(), node, val(node.input), other, y, 1);
                         if kept[v] == Kept::Mask {

@@ -373,9 +373,10 @@ fn block() -> Vec<u8> {
     ir.emit(WeightFormat::F32)
 }
 
-/// Runs that go sample by sample give the layer-by-layer pass's outputs and gradients bit
-/// for bit, overwriting or adding into the gradients, on one thread or two, with a value
-/// kept only as its clamp's mask.
+/// Runs that go sample by sample, with every value kept or with values passing through slots
+/// (one kept only as its clamp's mask, others not at all), give the layer-by-layer pass's
+/// outputs and gradients bit for bit, overwriting or adding into the gradients, on one thread
+/// or two.
 #[test]
 fn sample_runs_give_the_layer_pass_bit_for_bit() {
     let bytes = block();
@@ -442,18 +443,26 @@ fn sample_runs_give_the_layer_pass_bit_for_bit() {
     for threads in [1, 2] {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
         for over in [false, true] {
-            net.sample_runs = true;
-            let by_sample = pool.install(|| pass(&mut net, over));
-            assert!(net.values[masked[0]].is_empty() && !net.masks[masked[0]].is_empty(), "kept as a mask");
-            assert!(dropped.iter().all(|&v| net.values[v].is_empty() && net.masks[v].is_empty()), "not kept");
-            net.sample_runs = false;
-            let by_layer = pool.install(|| pass(&mut net, over));
-            assert_eq!(net.runs.len(), n, "every node on its own");
-            assert!(
-                by_layer[1..].iter().flatten().all(|&g| f32::from_bits(g) != 0.5),
-                "every trained param gets a gradient"
-            );
-            assert_eq!(by_sample, by_layer, "{threads} threads, over {over}");
+            // Every node over the whole batch, then the runs with every value kept, then the
+            // runs with values passing through slots.
+            let mut first = None;
+            for (sample_runs, pass_through) in [(false, true), (true, false), (true, true)] {
+                (net.sample_runs, net.pass_through) = (sample_runs, pass_through);
+                let got = pool.install(|| pass(&mut net, over));
+                if !sample_runs {
+                    assert_eq!(net.runs.len(), n, "every node on its own");
+                }
+                if sample_runs && pass_through {
+                    assert!(net.values[masked[0]].is_empty() && !net.masks[masked[0]].is_empty(), "kept as a mask");
+                    assert!(dropped.iter().all(|&v| net.values[v].is_empty() && net.masks[v].is_empty()), "not kept");
+                } else {
+                    assert!(net.values[1..].iter().all(|v| !v.is_empty()), "every value kept");
+                }
+                let want = first.get_or_insert_with(|| got.clone());
+                let reached = want[1..].iter().flatten().all(|&g| f32::from_bits(g) != 0.5);
+                assert!(reached, "every trained param gets a gradient");
+                assert_eq!(&got, want, "{threads} threads, over {over}, runs {sample_runs}, slots {pass_through}");
+            }
         }
     }
 }
