@@ -99,8 +99,9 @@ impl Net<'_> {
     /// that reads its output: a clamped conv's, whose clamp's mask (one bit per value) tells
     /// the same. Such values pass from node to node in two per-thread slots, in cache, and
     /// the backward pass gets the mask or nothing. In Lite0 these are the 1 × 1 expansions'
-    /// outputs (masks; 14 MB of a batch of 16 for the first), and the norms' and projections'
-    /// outputs that only a conv reads.
+    /// outputs (masks; 14 MB of a batch of 16 for the first), the affines' outputs that a
+    /// frozen conv reads, the projections' that an add reads and the adds' that an expansion
+    /// reads.
     pub(super) fn kept(&self, runs: &[Run]) -> Vec<Kept> {
         let n = self.nodes.len();
         let mut kept = vec![Kept::Whole; n + 1];
