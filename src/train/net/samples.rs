@@ -178,10 +178,16 @@ impl Net<'_> {
                             }
                         };
                         let other = node.other().map_or(&[][..], val);
-                        let y = if in_slot(v) { &mut ours[..node.out.len()] } else { &mut *rest[0] };
-                        // As for the values' buffers ([`Net::forward`]).
-                        #[cfg(debug_assertions)]
-                        y.fill(f32::NAN);
+                        let y = if in_slot(v) {
+                            let y = &mut ours[..node.out.len()];
+                            // Debug builds poison it, as `Net::forward` does the values'
+                            // buffers (which it has filled already).
+                            #[cfg(debug_assertions)]
+                            y.fill(f32::NAN);
+                            y
+                        } else {
+                            &mut *rest[0]
+                        };
                         let t0 = net.profile.as_ref().map(|_| std::time::Instant::now());
                         forward_op(k, net.ctx(), node, val(node.input), other, y, 1);
                         if kept[v] == Kept::Mask {
