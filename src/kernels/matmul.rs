@@ -78,9 +78,12 @@ pub fn matmul(kern: &Kernels, a: Mat, b: Mat, c: &mut [f32], accumulate: bool) {
         }
         return;
     }
-    SCRATCH.with(|cell| {
-        let mut guard = cell.borrow_mut();
-        let sc = &mut *guard;
+    // Taken out for the call rather than borrowed: the parallel copies below wait on the pool,
+    // and a pool thread that waits may run another task that calls this (it then works in a
+    // fresh scratch of its own).
+    let mut scratch = SCRATCH.take();
+    {
+        let sc = &mut scratch;
         // The copies below are split over the kernel threads when large (`for_each_chunk`):
         // packing a 1024 × 1024 B on one thread was a tenth of a 2-thread fc1024 step.
         let a_rows: &[f32] = if a.is_row_major() {
@@ -154,7 +157,8 @@ pub fn matmul(kern: &Kernels, a: Mat, b: Mat, c: &mut [f32], accumulate: bool) {
         } else {
             gemm_packed(kern, m, n, k, Weights::F32(a_rows), 0, bp, c, &post, ap);
         }
-    })
+    }
+    SCRATCH.set(scratch);
 }
 
 /// Where the columns of a product go (or where a packed operand's columns come from): column

@@ -487,7 +487,7 @@ impl Trainer<'_> {
         phase: &'static str,
         epochs: usize,
         base_lr: f32,
-        mut step: impl FnMut(&mut Net, &[f32], &[u32], f32) -> (f32, usize),
+        mut step: impl FnMut(&mut Net, &[f32], &[u32], f32) -> (f32, usize) + Send,
     ) -> Result<(), TrainError> {
         let n = self.train.len();
         let steps = n.div_ceil(self.cfg.batch);
@@ -507,7 +507,7 @@ impl Trainer<'_> {
                 let xs = &mut x[..chunk.len() * in_len];
                 self.train.load(chunk, self.cfg.augment.then_some(&mut aug), xs).map_err(TrainError::Data)?;
                 let labels: Vec<u32> = chunk.iter().map(|&i| self.train.label(i)).collect();
-                let (l, ok) = step(net, xs, &labels, lr);
+                let (l, ok) = crate::kernels::busy(|| step(net, xs, &labels, lr));
                 if !l.is_finite() {
                     return Err(TrainError::Diverged { phase, epoch, step: s, loss: l });
                 }

@@ -97,7 +97,11 @@ pub(super) fn weight_grad(k: &Kernels, s: &ConvShape, x: &[f32], dy: &[f32], bat
     let (xl, yl) = (cin * h * w, cout * h * w);
     // Multiply-adds of the products per sample: what decides whether threads are worth it.
     let work = 16 * tiles * cin * cout;
-    BUFS.with_borrow_mut(|Bufs { v, p, m }| {
+    // Taken out for the call rather than borrowed: the products wait on the pool, and a pool
+    // thread that waits may run another task that calls this (with a fresh set of its own).
+    let mut bufs = BUFS.take();
+    {
+        let Bufs { v, p, m } = &mut bufs;
         m.resize(16 * cin * cout, 0.0);
         for (g, b0) in (0..batch).step_by(nb).enumerate() {
             let nbs = nb.min(batch - b0);
@@ -150,7 +154,8 @@ pub(super) fn weight_grad(k: &Kernels, s: &ConvShape, x: &[f32], dy: &[f32], bat
                 }
             }
         });
-    })
+    }
+    BUFS.set(bufs);
 }
 
 /// `Bᵀ d B` of every 4 × 4 tile of input channel `ci` of `c` in a group of `nb` samples
