@@ -16,7 +16,7 @@
 //! | module | owns | builds without std |
 //! |---|---|---|
 //! | [`format`] | bytes ⇄ typed, validated views; `.ecb` header, graph, checks, writer (alloc); `.ect` task files read in place (`task_view`), decoded and written (alloc); `.ecbundle` signed bundles and key files (alloc) | yes |
-//! | [`kernels`] | reference and fast kernels, per-ISA micro-kernels, the kernel table (with training's depthwise backward, sparse × dense product and, on AVX-512, a conv weight gradient with positions in the lanes); strided matmul (alloc) | yes |
+//! | [`kernels`] | reference and fast kernels, per-ISA micro-kernels, the kernel table (with training's depthwise backward, sparse × dense product and, on AVX-512, a conv weight gradient with positions in the lanes); strided matmul (alloc); the threads: [`kernels::threads`], [`kernels::serial`], [`kernels::busy`] (std) | yes |
 //! | [`backbone`] | validated backbone, shape inference, execution plan, forward pass (plain, or as a task sees it through `task::TaskParts`), tasks decoded into fixed buffers for firmware (`fixed`), mmap (std) | yes |
 //! | [`adapter`] | (alloc) a task's components in owned form: bit-vector masks, overlays, reprogramming, norms, heads | with alloc |
 //! | [`train`] | (std) training graph with kept values (run layer by layer, or sample by sample where activations outweigh weights), hand-written backward passes (sparse products under a mask; Winograd weight gradients for small planes of many channels), masks, optimisers, methods, KKT | no |

@@ -23,6 +23,10 @@
 //! compile-time features (aarch64 with NEON gets the NEON table, other targets the portable
 //! one). `EDGECL_FORCE_GENERIC=1` selects the reference kernels.
 //! Kernels never allocate: callers pass scratch sized by [`fast::conv_scratch_len`].
+//!
+//! With std, work large enough ([`PAR_MIN_WORK`]) goes to the rayon pool ([`for_each_chunk`]
+//! and its kin); `busy` runs a training step on the pool with its other workers polling for
+//! work rather than sleeping between the step's parallel regions.
 
 #[cfg(all(target_arch = "aarch64", target_feature = "neon"))]
 pub mod aarch64;
