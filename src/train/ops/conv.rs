@@ -370,7 +370,9 @@ pub fn backward(
     if dx.is_none() && dw.is_none() {
         return;
     }
-    let (dx, store) = added(dx, is_pointwise(s) && sp.is_none());
+    // Every path of `backward_batched` sets a gradient as asked (its unfolded ones zero it a
+    // chunk at a time first).
+    let (dx, store) = added(dx, true);
     backward_batched(k, s, &wf, x, dy, batch, dx, store, dw, sp, kept_t);
 }
 
@@ -409,8 +411,9 @@ std::thread_local! {
 /// Per chunk and group, with `col` the chunk's unfolded input (`K × nb·P`) and `dY` its
 /// output gradient (`cout_g × nb·P`): `dWᵀ = col · dYᵀ` (one GEMM over all the chunk's
 /// positions, kept per chunk and summed in chunk order afterwards, so the result does not
-/// depend on the thread count) and `dx += col2im(Wᵀ · dY)` (for a pointwise conv the product
-/// is stored straight into `dx`, by `store`).
+/// depend on the thread count) and `dx` stored by `store` from `col2im(Wᵀ · dY)` (for a
+/// dense pointwise conv the product is stored straight into `dx`; the others add into the
+/// chunk's piece, zeroed first when it is to be set).
 #[allow(clippy::too_many_arguments)]
 fn backward_batched(
     k: &Kernels,
@@ -468,6 +471,12 @@ fn backward_batched(
                     let mut bufs = cell.borrow_mut();
                     let Bufs { col, dcol, packed } = &mut *bufs;
                     let mut dxc = dxc;
+                    // The unfolded paths add into the chunk's input gradient: one to be set is
+                    // zeroed here, where the adds follow while it is in cache (zeroed whole on
+                    // the calling thread first, it was a serial pass over memory).
+                    if let (Some(d), Store::Set, false) = (dxc.as_deref_mut(), store, pointwise && sp.is_none()) {
+                        d.fill(0.0);
+                    }
                     let mut part = part;
                     for g in 0..groups {
                         let dyg = &dyc[g * cout_g * p..];

@@ -793,38 +793,52 @@ fn stored_gradients_set_as_adding_onto_zeros() {
         assert_eq!(onto, want, "op {op}");
     }
     assert_eq!(run(Store::Set, 7.0, 1)[1], 0.0f32.to_bits(), "a -0 gradient is stored as +0");
-    // Convs: pointwise and depthwise (which set), 3×3 and grouped (which zero and add), on
-    // every table (the reference kernels among them).
+    // Convs: pointwise and depthwise (which set), 3×3, 1×1 stride 2 and grouped (which add
+    // into chunks zeroed first), dense and, with one group, sparse (a mask of every third
+    // weight), on every table (the reference kernels among them).
     let tables = Kernels::available();
     for s in [
         shape(12, 5, 6, 1, 1, 0, 1),
         shape(4, 6, 6, 3, 1, 1, 2),
         shape(12, 12, 7, 3, 1, 1, 12),
         shape(9, 9, 8, 3, 2, 1, 9),
+        shape(5, 6, 6, 3, 1, 1, 1),
+        shape(4, 6, 6, 1, 2, 0, 1),
+        shape(4, 8, 8, 3, 2, 1, 1),
     ] {
-        let (xl, wl) = (batch * s.c_in * s.h * s.w, s.c_out * s.cin_g() * 9);
-        let (x, w) = (rand(&mut r, xl), rand(&mut r, wl));
+        let (xl, wl) = (batch * s.c_in * s.h * s.w, s.c_out * s.cin_g() * s.kh * s.kw);
+        let mask: bitvec::vec::BitVec<u32, bitvec::order::Lsb0> = (0..wl).map(|i| i % 3 == 0).collect();
+        let (x, mut w) = (rand(&mut r, xl), rand(&mut r, wl));
+        for (i, v) in w.iter_mut().enumerate() {
+            if !mask[i] {
+                *v = 0.0;
+            }
+        }
+        let sp = (s.groups == 1)
+            .then(|| sparse::SparseW::from_mask(&w, &mask, s.c_out, s.c_in * s.kh * s.kw, 1.0).expect("sparse enough"));
         let dy = rand(&mut r, batch * s.c_out * s.oh() * s.ow());
         for k in &tables {
-            let run = |store: Store, start: f32| {
-                let mut dx = vec![start; xl];
-                conv::backward(
-                    k,
-                    &s,
-                    Weights::F32(&w[..s.c_out * s.cin_g() * s.kh * s.kw]),
-                    &x,
-                    &dy,
-                    batch,
-                    Some((&mut dx, store)),
-                    None,
-                    None,
-                    None,
-                    None,
-                );
-                dx.iter().map(|v| v.to_bits()).collect::<Vec<u32>>()
-            };
-            let added = run(Store::Add, 0.0);
-            assert_eq!(run(Store::Set, f32::NAN), added, "{s:?} on {}", k.isa);
+            for sp in [None, sp.as_ref()] {
+                let run = |store: Store, start: f32| {
+                    let mut dx = vec![start; xl];
+                    conv::backward(
+                        k,
+                        &s,
+                        Weights::F32(&w),
+                        &x,
+                        &dy,
+                        batch,
+                        Some((&mut dx, store)),
+                        None,
+                        None,
+                        sp,
+                        None,
+                    );
+                    dx.iter().map(|v| v.to_bits()).collect::<Vec<u32>>()
+                };
+                let added = run(Store::Add, 0.0);
+                assert_eq!(run(Store::Set, f32::NAN), added, "{s:?} on {}, sparse {}", k.isa, sp.is_some());
+            }
         }
     }
 }
