@@ -204,25 +204,12 @@ mod tests {
     use crate::kernels::sparse::spmm_reference;
     use crate::kernels::{ConvShape, Weights};
     use crate::rng::SplitMix64;
+    use crate::train::ops::tests::masked;
     use crate::train::ops::{conv, linear};
     use bitvec::prelude::BitVec;
 
     fn rand(r: &mut SplitMix64, n: usize) -> Vec<f32> {
         (0..n).map(|_| r.uniform(-1.0, 1.0)).collect()
-    }
-
-    /// Random weights masked to `⌊density · n⌋` of their `n` positions (random ones), and
-    /// the mask.
-    fn masked(r: &mut SplitMix64, rows: usize, cols: usize, density: f32) -> (Vec<f32>, BitVec<u32, Lsb0>) {
-        let n = rows * cols;
-        let mut order: Vec<(f32, usize)> = (0..n).map(|i| (r.uniform(0.0, 1.0), i)).collect();
-        order.sort_by(|a, b| a.0.total_cmp(&b.0));
-        let mut mask: BitVec<u32, Lsb0> = BitVec::repeat(false, n);
-        for &(_, i) in &order[..(density * n as f32) as usize] {
-            mask.set(i, true);
-        }
-        let w = rand(r, rows * cols).iter().zip(mask.iter()).map(|(&v, m)| if *m { v } else { 0.0 }).collect();
-        (w, mask)
     }
 
     fn tables() -> Vec<Kernels> {

@@ -16,6 +16,25 @@ fn rand(r: &mut SplitMix64, n: usize) -> Vec<f32> {
     (0..n).map(|_| r.uniform(-1.0, 1.0)).collect()
 }
 
+/// Random weights (`rows × cols`) masked to `⌊density · n⌋` of their `n` positions (random
+/// ones), and the mask.
+pub(super) fn masked(
+    r: &mut SplitMix64,
+    rows: usize,
+    cols: usize,
+    density: f32,
+) -> (Vec<f32>, bitvec::vec::BitVec<u32, bitvec::order::Lsb0>) {
+    let n = rows * cols;
+    let mut order: Vec<(f32, usize)> = (0..n).map(|i| (r.uniform(0.0, 1.0), i)).collect();
+    order.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let mut mask = bitvec::vec::BitVec::repeat(false, n);
+    for &(_, i) in &order[..(density * n as f32) as usize] {
+        mask.set(i, true);
+    }
+    let w = rand(r, rows * cols).iter().zip(mask.iter()).map(|(&v, m)| if *m { v } else { 0.0 }).collect();
+    (w, mask)
+}
+
 fn dot(a: &[f32], b: &[f32]) -> f64 {
     a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum()
 }
@@ -794,8 +813,8 @@ fn stored_gradients_set_as_adding_onto_zeros() {
     }
     assert_eq!(run(Store::Set, 7.0, 1)[1], 0.0f32.to_bits(), "a -0 gradient is stored as +0");
     // Convs: pointwise and depthwise (which set), 3×3, 1×1 stride 2 and grouped (which add
-    // into chunks zeroed first), dense and, with one group, sparse (a mask of every third
-    // weight), on every table (the reference kernels among them).
+    // into chunks zeroed first), dense and, with one group, sparse (a third of the weights
+    // masked in), on every table (the reference kernels among them).
     let tables = Kernels::available();
     for s in [
         shape(12, 5, 6, 1, 1, 0, 1),
@@ -806,16 +825,11 @@ fn stored_gradients_set_as_adding_onto_zeros() {
         shape(4, 6, 6, 1, 2, 0, 1),
         shape(4, 8, 8, 3, 2, 1, 1),
     ] {
-        let (xl, wl) = (batch * s.c_in * s.h * s.w, s.c_out * s.cin_g() * s.kh * s.kw);
-        let mask: bitvec::vec::BitVec<u32, bitvec::order::Lsb0> = (0..wl).map(|i| i % 3 == 0).collect();
-        let (x, mut w) = (rand(&mut r, xl), rand(&mut r, wl));
-        for (i, v) in w.iter_mut().enumerate() {
-            if !mask[i] {
-                *v = 0.0;
-            }
-        }
-        let sp = (s.groups == 1)
-            .then(|| sparse::SparseW::from_mask(&w, &mask, s.c_out, s.c_in * s.kh * s.kw, 1.0).expect("sparse enough"));
+        let (xl, kk) = (batch * s.c_in * s.h * s.w, s.cin_g() * s.kh * s.kw);
+        let x = rand(&mut r, xl);
+        let (w, mask) = masked(&mut r, s.c_out, kk, 0.34);
+        let sp =
+            (s.groups == 1).then(|| sparse::SparseW::from_mask(&w, &mask, s.c_out, kk, 1.0).expect("sparse enough"));
         let dy = rand(&mut r, batch * s.c_out * s.oh() * s.ow());
         for k in &tables {
             for sp in [None, sp.as_ref()] {
