@@ -110,9 +110,12 @@ pub fn serial<R>(f: impl FnOnce() -> R) -> R {
 #[cfg(feature = "std")]
 pub fn busy<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     use core::sync::atomic::{AtomicBool, Ordering};
-    // More workers than cores: a poller would take a core from a worker with work.
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    if threads() <= 1 || threads() > cores {
+    // More workers than cores: a poller would take a core from a worker with work. (Asked
+    // once: on Linux the answer reads the affinity mask and the cgroup's CPU quota files.)
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let cores = *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let threads = threads();
+    if threads <= 1 || threads > cores {
         return f();
     }
     // One at a time in the process: a worker that waits inside a task may pick up a queued
