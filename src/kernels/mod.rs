@@ -399,7 +399,7 @@ pub type DepthwiseBackwardFn =
     fn(&ConvShape, &[f32], &[f32], &[f32], Option<(&mut [f32], Store)>, Option<&mut [f32]>, &mut [f32]);
 
 /// A sparse × dense product (see [`sparse::spmm_inline`]).
-pub type SpmmFn = fn(sparse::SparseRows, &[f32], usize, usize, &mut [f32], usize, Store);
+pub type SpmmFn = fn(sparse::SparseRows, &[f32], usize, sparse::Runs, &mut [f32], usize, Store);
 
 /// Part of a 3 × 3 stride-1 conv's weight gradient with the output positions in the lanes
 /// (training's `wgrad::weight_grad_rows`): `(vectors, samples, x, x_stride, off, d,

@@ -7,7 +7,7 @@
 //! multiply-adds. Everything here is tested against the reference kernels.
 #![allow(unsafe_code)]
 
-use super::sparse::{self, SparseRows};
+use super::sparse::{self, Runs, SparseRows};
 use super::{depthwise, fast, gemm, ConvShape, Kernels, MicroKernel, PostOp, Store, TileEpilogue, Weights};
 
 mod wgrad;
@@ -136,23 +136,23 @@ fn depthwise_backward_avx2(
     depthwise::backward_inline::<Avx2Fma>(s, w, x, dy, dx, dw, scratch)
 }
 
-fn spmm(a: SparseRows, b: &[f32], ldb: usize, n: usize, c: &mut [f32], ldc: usize, store: Store) {
-    unsafe { spmm_avx2(a, b, ldb, n, c, ldc, store) }
+fn spmm(a: SparseRows, b: &[f32], ldb: usize, runs: Runs, c: &mut [f32], ldc: usize, store: Store) {
+    unsafe { spmm_avx2(a, b, ldb, runs, c, ldc, store) }
 }
 #[target_feature(enable = "avx2,fma")]
-fn spmm_avx2(a: SparseRows, b: &[f32], ldb: usize, n: usize, c: &mut [f32], ldc: usize, store: Store) {
-    sparse::spmm_inline(a, b, ldb, n, c, ldc, store)
+fn spmm_avx2(a: SparseRows, b: &[f32], ldb: usize, runs: Runs, c: &mut [f32], ldc: usize, store: Store) {
+    sparse::spmm_inline(a, b, ldb, runs, c, ldc, store)
 }
 
 /// The sparse product 16 lanes wide: half the multiplies and adds of the AVX2 build per
 /// nonzero, same bits (no fused multiply-add in either). Only reachable through the table
 /// [`available`] builds after checking AVX-512F.
-fn spmm_512(a: SparseRows, b: &[f32], ldb: usize, n: usize, c: &mut [f32], ldc: usize, store: Store) {
-    unsafe { spmm_avx512(a, b, ldb, n, c, ldc, store) }
+fn spmm_512(a: SparseRows, b: &[f32], ldb: usize, runs: Runs, c: &mut [f32], ldc: usize, store: Store) {
+    unsafe { spmm_avx512(a, b, ldb, runs, c, ldc, store) }
 }
 #[target_feature(enable = "avx512f,avx2,fma")]
-fn spmm_avx512(a: SparseRows, b: &[f32], ldb: usize, n: usize, c: &mut [f32], ldc: usize, store: Store) {
-    sparse::spmm_inline(a, b, ldb, n, c, ldc, store)
+fn spmm_avx512(a: SparseRows, b: &[f32], ldb: usize, runs: Runs, c: &mut [f32], ldc: usize, store: Store) {
+    sparse::spmm_inline(a, b, ldb, runs, c, ldc, store)
 }
 
 /// The depthwise kernels' inner loops with AVX2 + FMA intrinsics: left to itself, the

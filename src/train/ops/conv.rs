@@ -27,6 +27,7 @@ use super::wgrad;
 use super::winograd;
 use crate::kernels::gemm::packed_b_len;
 use crate::kernels::matmul::{gemm_cols, gemm_cols_unpacked, pack_bt_cols, Cols};
+use crate::kernels::sparse::Runs;
 use crate::kernels::{depthwise, reference, ConvShape, Kernels, PostOp, Store, Weights};
 
 /// `y = conv(x) + bias` for `batch` samples. Depthwise convs (and the reference kernels) run
@@ -498,7 +499,7 @@ fn backward_batched(
                                 }
                             }
                             let dcolm = sized(dcol, kk * n);
-                            (k.spmm)(sp.wt(), dym, n, n, dcolm, n, Store::Set);
+                            (k.spmm)(sp.wt(), dym, n, Runs::one(n), dcolm, n, Store::Set);
                             col2im_chunk(s, dcolm, g, nbs, dxc);
                         } else if let Some(dxc) = dxc.as_deref_mut() {
                             let wtg = &wt[g * kk * cout_g..(g + 1) * kk * cout_g];

@@ -4,7 +4,7 @@
 //! layer's products then cost `density ×` the GEMM's multiply-adds. The weight gradient
 //! stays dense: the scores of unselected weights need theirs.
 
-use crate::kernels::sparse::SparseRows;
+use crate::kernels::sparse::{Runs, SparseRows};
 use crate::kernels::{Kernels, Store};
 use bitvec::prelude::{BitSlice, Lsb0};
 
@@ -191,10 +191,10 @@ pub fn spmm(k: &Kernels, a: SparseRows, b: &[f32], ldb: usize, n: usize, c: &mut
             let r0 = i * per;
             let r1 = (r0 + per).min(rows);
             let part = SparseRows { start: &a.start[r0..=r1], idx: a.idx, val: a.val };
-            (k.spmm)(part, b, ldb, n, cp, n, store)
+            (k.spmm)(part, b, ldb, Runs::one(n), cp, n, store)
         });
     } else {
-        (k.spmm)(a, b, ldb, n, &mut c[..rows * n], n, store)
+        (k.spmm)(a, b, ldb, Runs::one(n), &mut c[..rows * n], n, store)
     }
 }
 
@@ -234,7 +234,7 @@ mod tests {
             let start = rand(&mut r, rows * n);
             for store in [Store::Set, Store::Add] {
                 let mut want = start.clone();
-                spmm_reference(sp.w(), &b, ldb, n, &mut want, n, store);
+                spmm_reference(sp.w(), &b, ldb, Runs::one(n), &mut want, n, store);
                 for t in tables() {
                     for threads in [1, 2] {
                         let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
@@ -250,6 +250,50 @@ mod tests {
                         let dense: f32 = (0..k).map(|c| w[i * k + c] * b[c * ldb + j]).sum();
                         let base = if store == Store::Add { start[i * n + j] } else { 0.0 };
                         assert!((v - base - dense).abs() <= 1e-4 * (1.0 + dense.abs()), "{i},{j}: {v} vs {dense}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn runs_of_columns_give_the_reference_bits_on_every_table() {
+        let mut r = SplitMix64::new(12);
+        // Widths the grouped blocks take (16, 32) and others; counts that leave partial groups.
+        for (case, (width, count)) in
+            [(16, 1), (16, 4), (16, 7), (32, 2), (32, 5), (8, 3), (48, 3), (64, 2), (5, 4)].into_iter().enumerate()
+        {
+            let (rows, k) = (3 + case % 5, 4 + case);
+            let (b_step, c_step, ldb) = (width + case % 3, width + 2 * (case % 2), 1 + case % 2);
+            let (w, mask) = masked(&mut r, rows, k, 0.3);
+            let sp = SparseW::from_mask(&w, &mask, rows, k, 1.0).expect("sparse enough");
+            // Row `k` of `b` starts `ldb` floats after row `k − 1`: runs overlap rows, as the
+            // direct conv's taps do.
+            let b = rand(&mut r, (k - 1) * ldb + (count - 1) * b_step + width);
+            let ldc = (count - 1) * c_step + width + 1;
+            let runs = Runs { width, count, b_step, c_step };
+            let start = rand(&mut r, rows * ldc);
+            for store in [Store::Set, Store::Add] {
+                let mut want = start.clone();
+                spmm_reference(sp.w(), &b, ldb, runs, &mut want, ldc, store);
+                for t in tables() {
+                    let mut got = start.clone();
+                    (t.spmm)(sp.w(), &b, ldb, runs, &mut got, ldc, store);
+                    let same = got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same, "{} {runs:?} {store:?}", t.micro.name);
+                }
+                // The reference is the product on the runs' columns and leaves the others.
+                for (i, row) in want.chunks(ldc).enumerate() {
+                    for (col, &v) in row.iter().enumerate() {
+                        let (run, j) = (col / c_step, col % c_step);
+                        let base =
+                            if store == Store::Add || run >= count || j >= width { start[i * ldc + col] } else { 0.0 };
+                        let dense: f32 = if run < count && j < width {
+                            (0..k).map(|c| w[i * k + c] * b[c * ldb + run * b_step + j]).sum()
+                        } else {
+                            0.0
+                        };
+                        assert!((v - base - dense).abs() <= 1e-4 * (1.0 + dense.abs()), "{i},{col}: {v} vs {dense}");
                     }
                 }
             }

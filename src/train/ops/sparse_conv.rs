@@ -16,7 +16,7 @@
 use super::conv::for_each_chunk;
 use super::sparse::SparseW;
 use crate::kernels::matmul::{copy_short, zero_short};
-use crate::kernels::sparse::SparseRows;
+use crate::kernels::sparse::{Runs, SparseRows};
 use crate::kernels::{ConvShape, Kernels, Store};
 
 /// Zeros past a phase buffer's end: the product runs over a multiple of 16 columns, up to 15
@@ -179,18 +179,45 @@ pub(super) fn forward(
         let yb = yb.expect("output sample");
         BUFS.with_borrow_mut(|(xq, out)| {
             ph.fill(&x[b * xl..(b + 1) * xl], s.h, s.w, s.pad[0], s.pad[1], xq);
-            out.resize(s.c_out * n, 0.0);
-            (k.spmm)(taps, xq, 1, n, out, n, Store::Set);
-            for (co, plane) in yb.chunks_exact_mut(oh * ow).enumerate() {
-                let add = bias.map_or(0.0, |bs| bs[co]);
-                for (oy, row) in plane.chunks_exact_mut(ow).enumerate() {
-                    for (v, &u) in row.iter_mut().zip(&out[co * n + oy * ph.wq..][..ow]) {
-                        *v = u + add;
-                    }
-                }
+            product(k, taps, xq, (oh, ow, ph.wq), n, yb, Store::Set, out);
+        });
+        if let Some(bias) = bias {
+            for (plane, &add) in yb.chunks_exact_mut(oh * ow).zip(bias) {
+                plane.iter_mut().for_each(|v| *v += add);
             }
-        })
+        }
     });
+}
+
+/// `c ← a · b` (by `store`) of one sample: rows of `a` are the planes of `c` (`h × w` each),
+/// and its row `y` is columns `y·wq .. y·wq + w` of the product over the `n` columns of `b`
+/// (its `wq − w` others are not wanted). Rows a whole number of vectors wide go straight
+/// into `c` ([`Runs`]); others run over all `n` columns into `out` (blocks of up to 96
+/// columns; an 8 × 8 plane's 80 as one), and are copied from there.
+#[allow(clippy::too_many_arguments)]
+fn product(
+    k: &Kernels,
+    a: SparseRows,
+    b: &[f32],
+    (h, w, wq): (usize, usize, usize),
+    n: usize,
+    c: &mut [f32],
+    store: Store,
+    out: &mut Vec<f32>,
+) {
+    if w % 16 == 0 {
+        (k.spmm)(a, b, 1, Runs { width: w, count: h, b_step: wq, c_step: w }, c, h * w, store);
+        return;
+    }
+    out.resize(a.rows() * n, 0.0);
+    (k.spmm)(a, b, 1, Runs::one(n), out, n, Store::Set);
+    for (plane, sums) in c.chunks_exact_mut(h * w).zip(out.chunks_exact(n)) {
+        for (row, sums) in plane.chunks_exact_mut(w).zip(sums.chunks(wq)) {
+            for (d, &v) in row.iter_mut().zip(sums) {
+                store.put(d, v);
+            }
+        }
+    }
 }
 
 /// Whether [`backward_dx`] takes `s`: stride 1, and no padding beyond the kernel's reach (the
@@ -228,15 +255,7 @@ pub(super) fn backward_dx(
         let dxb = dxb.expect("input gradient of the sample");
         BUFS.with_borrow_mut(|(dq, out)| {
             ph.fill(&dy[b * yl..(b + 1) * yl], oh, ow, top, left, dq);
-            out.resize(s.c_in * n, 0.0);
-            (k.spmm)(rows, dq, 1, n, out, n, Store::Set);
-            for (ci, plane) in dxb.chunks_exact_mut(s.h * s.w).enumerate() {
-                for (iy, row) in plane.chunks_exact_mut(s.w).enumerate() {
-                    for (d, &v) in row.iter_mut().zip(&out[ci * n + iy * ph.wq..][..s.w]) {
-                        store.put(d, v);
-                    }
-                }
-            }
+            product(k, rows, dq, (s.h, s.w, ph.wq), n, dxb, store, out);
         })
     });
 }
@@ -306,7 +325,7 @@ pub(super) fn backward_dx_phases(
                     continue;
                 }
                 if !empty {
-                    (k.spmm)(by_ci.rows(), dyq, 1, n, out, n, Store::Set);
+                    (k.spmm)(by_ci.rows(), dyq, 1, Runs::one(n), out, n, Store::Set);
                 }
                 // Phase rows `rq` hold padded rows `rq·sh + py`; those inside the input are
                 // rows `rq·sh + py − top` of dx (columns alike).
