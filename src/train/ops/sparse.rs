@@ -381,9 +381,14 @@ mod tests {
             ConvShape { sh: 1, sw: 3, pad: [0, 2, 1, 0], ..shape(3, 8, 29, 4, 3, 1, 0) },
             ConvShape { kw: 1, dh: 2, pad: [2, 0, 1, 0], ..shape(4, 18, 17, 5, 3, 2, 0) },
             shape(4, 17, 17, 6, 3, 2, 1),
+            // Output rows of whole vectors, written in place (stride 1 and 2, input gradient
+            // in place at stride 1).
+            shape(3, 16, 16, 4, 3, 1, 1),
+            shape(2, 32, 32, 3, 3, 1, 1),
+            shape(2, 32, 32, 3, 3, 2, 1),
         ];
         let phased = conv_shapes.iter().filter(|s| crate::train::ops::sparse_conv::backward_dx_phases_supported(s));
-        assert_eq!(phased.count(), 4, "the input gradient by phases is among the paths checked");
+        assert_eq!(phased.count(), 5, "the input gradient by phases is among the paths checked");
         let k = Kernels::best_fast();
         let mut r = SplitMix64::new(9);
         for s in conv_shapes {

@@ -175,46 +175,69 @@ pub(super) fn forward(
     let idx: Vec<u32> = w.idx.iter().map(|&c| off[c as usize]).collect();
     let taps = SparseRows { start: w.start, idx: &idx, val: w.val };
     let work = sp.nnz() * n * batch;
-    for_each_chunk(batch, 1, work, Some(y), yl, None, 0, |_, b, _, yb, _| {
-        let yb = yb.expect("output sample");
+    let nb = samples_per_job(n);
+    for_each_chunk(batch, nb, work, Some(y), yl, None, 0, |_, b0, nbs, yc, _| {
+        let yc = yc.expect("output samples");
         BUFS.with_borrow_mut(|(xq, out)| {
-            ph.fill(&x[b * xl..(b + 1) * xl], s.h, s.w, s.pad[0], s.pad[1], xq);
-            product(k, taps, xq, (oh, ow, ph.wq), n, yb, Store::Set, out);
+            let pl = ph.len();
+            xq.resize(nbs * pl, 0.0);
+            for (b, xb) in (b0..b0 + nbs).zip(xq.chunks_exact_mut(pl)) {
+                ph.fill_slice(&x[b * xl..(b + 1) * xl], s.h, s.w, s.pad[0], s.pad[1], xb);
+            }
+            product(k, taps, (xq, pl, nbs), (oh, ow, ph.wq), n, yc, Store::Set, out);
         });
         if let Some(bias) = bias {
-            for (plane, &add) in yb.chunks_exact_mut(oh * ow).zip(bias) {
+            for (plane, &add) in yc.chunks_exact_mut(oh * ow).zip(bias.iter().cycle()) {
                 plane.iter_mut().for_each(|v| *v += add);
             }
         }
     });
 }
 
-/// `c ← a · b` (by `store`) of one sample: rows of `a` are the planes of `c` (`h × w` each),
-/// and its row `y` is columns `y·wq .. y·wq + w` of the product over the `n` columns of `b`
-/// (its `wq − w` others are not wanted). Rows a whole number of vectors wide go straight
-/// into `c` ([`Runs`]); others run over all `n` columns into `out` (blocks of up to 96
-/// columns; an 8 × 8 plane's 80 as one), and are copied from there.
+/// Samples per job of the sparse products over `n` columns: two where a sample's product is
+/// one block of two vectors (a 4 × 4 plane's 22 columns in 32), whose sums each wait on the
+/// latency of the previous nonzero's add; the two samples' blocks then run side by side.
+fn samples_per_job(n: usize) -> usize {
+    if n <= 32 {
+        2
+    } else {
+        1
+    }
+}
+
+/// `c ← a · b` (by `store`) of `samples` samples, `b`'s `bs` floats apart and `c`'s
+/// `a.rows()·h·w`: rows of `a` are the planes of `c` (`h × w` each), and a plane's row `y` is
+/// columns `y·wq .. y·wq + w` of the product over the sample's `n` columns of `b` (its `wq −
+/// w` others are not wanted). Rows a whole number of vectors wide go straight into `c`
+/// ([`Runs`]); others run over all `n` columns into `out` (blocks of up to 96 columns; an 8 ×
+/// 8 plane's 80 as one), and are copied from there.
 #[allow(clippy::too_many_arguments)]
 fn product(
     k: &Kernels,
     a: SparseRows,
-    b: &[f32],
+    (b, bs, samples): (&[f32], usize, usize),
     (h, w, wq): (usize, usize, usize),
     n: usize,
     c: &mut [f32],
     store: Store,
     out: &mut Vec<f32>,
 ) {
+    let cl = a.rows() * h * w;
     if w % 16 == 0 {
-        (k.spmm)(a, b, 1, Runs { width: w, count: h, b_step: wq, c_step: w }, c, h * w, store);
+        for (bb, cb) in b.chunks(bs).zip(c.chunks_exact_mut(cl)).take(samples) {
+            (k.spmm)(a, bb, 1, Runs { width: w, count: h, b_step: wq, c_step: w }, cb, h * w, store);
+        }
         return;
     }
-    out.resize(a.rows() * n, 0.0);
-    (k.spmm)(a, b, 1, Runs::one(n), out, n, Store::Set);
-    for (plane, sums) in c.chunks_exact_mut(h * w).zip(out.chunks_exact(n)) {
-        for (row, sums) in plane.chunks_exact_mut(w).zip(sums.chunks(wq)) {
-            for (d, &v) in row.iter_mut().zip(sums) {
-                store.put(d, v);
+    // Sample `i`'s sums are columns `i·n ..` of each row of `out`.
+    out.resize(a.rows() * samples * n, 0.0);
+    (k.spmm)(a, b, 1, Runs { width: n, count: samples, b_step: bs, c_step: n }, out, samples * n, Store::Set);
+    for (i, cb) in c.chunks_exact_mut(cl).take(samples).enumerate() {
+        for (plane, sums) in cb.chunks_exact_mut(h * w).zip(out.chunks_exact(samples * n)) {
+            for (row, sums) in plane.chunks_exact_mut(w).zip(sums[i * n..(i + 1) * n].chunks(wq)) {
+                for (d, &v) in row.iter_mut().zip(sums) {
+                    store.put(d, v);
+                }
             }
         }
     }
@@ -251,11 +274,16 @@ pub(super) fn backward_dx(
     let rows = by_ci.rows();
     let work = sp.nnz() * n * batch;
     let (top, left) = (rh - s.pad[0], rw - s.pad[1]);
-    for_each_chunk(batch, 1, work, Some(dx), xl, None, 0, |_, b, _, dxb, _| {
-        let dxb = dxb.expect("input gradient of the sample");
+    let nb = samples_per_job(n);
+    for_each_chunk(batch, nb, work, Some(dx), xl, None, 0, |_, b0, nbs, dxc, _| {
+        let dxc = dxc.expect("input gradients of the samples");
         BUFS.with_borrow_mut(|(dq, out)| {
-            ph.fill(&dy[b * yl..(b + 1) * yl], oh, ow, top, left, dq);
-            product(k, rows, dq, (s.h, s.w, ph.wq), n, dxb, store, out);
+            let pl = ph.len();
+            dq.resize(nbs * pl, 0.0);
+            for (b, db) in (b0..b0 + nbs).zip(dq.chunks_exact_mut(pl)) {
+                ph.fill_slice(&dy[b * yl..(b + 1) * yl], oh, ow, top, left, db);
+            }
+            product(k, rows, (dq, pl, nbs), (s.h, s.w, ph.wq), n, dxc, store, out);
         })
     });
 }
