@@ -402,12 +402,24 @@ pub type DepthwiseBackwardFn =
 pub type SpmmFn = fn(sparse::SparseRows, &[f32], usize, sparse::Runs, &mut [f32], usize, Store);
 
 /// Part of a 3 × 3 stride-1 conv's weight gradient with the output positions in the lanes
-/// (training's `wgrad::weight_grad_rows`): `(vectors, samples, x, x_stride, off, d,
-/// d_stride, acc)` adds, for every sample `b < samples`, `v < vectors` and lane `l < 16`,
-/// `x[b·x_stride + off[t] + 16·v + l] · d[h][b·d_stride + 16·v + l]` into `acc[9·h + t][l]`:
-/// one input channel's nine taps against two output channels' gradients, summed per lane,
-/// samples in order.
-pub type WgradRowsFn = fn(usize, usize, &[f32], usize, &[usize; 9], [&[f32]; 2], usize, &mut [[f32; 16]; 18]);
+/// (training's `wgrad::weight_grad_rows`): `(rows, samples, x, x_stride, off, d, d_stride,
+/// acc)` adds, for every sample `b < samples`, row `r < rows.rows`, position `j <
+/// rows.width` and tap `t`, `x[b·x_stride + off[t] + r·rows.x_row + j] · d[h][b·d_stride +
+/// r·rows.d_row + j]` into `acc[9·h + t][j mod 16]`: one input channel's nine taps against
+/// two output channels' gradients, summed per lane, samples and rows in order. A row goes in
+/// whole vectors: `x` holds up to 15 floats past a row's last position (they meet zero lanes
+/// of `d`); `d` is read only at the positions named.
+pub type WgradRowsFn = fn(WgradRows, usize, &[f32], usize, &[usize; 9], [&[f32]; 2], usize, &mut [[f32; 16]; 18]);
+
+/// The output positions [`WgradRowsFn`] walks per sample: `rows` rows of `width`, row `r`
+/// starting `r·x_row` floats into the input and `r·d_row` into the output gradient.
+#[derive(Clone, Copy, Debug)]
+pub struct WgradRows {
+    pub rows: usize,
+    pub width: usize,
+    pub x_row: usize,
+    pub d_row: usize,
+}
 
 /// How a backward function (training's, `train::ops`, and [`depthwise::backward_inline`])
 /// stores an input gradient.

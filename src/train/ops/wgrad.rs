@@ -7,8 +7,7 @@
 use super::conv::{for_each_chunk, sum_chunks, with_partials};
 use super::sparse_conv::Phases;
 use crate::kernels::gemm::MAX_TILE;
-use crate::kernels::matmul::{copy_short, zero_short};
-use crate::kernels::{ConvShape, Kernels, MicroKernel, TileEpilogue};
+use crate::kernels::{ConvShape, Kernels, MicroKernel, TileEpilogue, WgradRows};
 
 std::thread_local! {
     /// [`weight_grad`]'s sample phases and packed output gradient, kept between calls.
@@ -122,26 +121,26 @@ pub(super) fn weight_grad_rows_supported(k: &Kernels, s: &ConvShape) -> bool {
         && s.ow() >= ROWS_MIN_WIDTH
 }
 
-/// Output rows narrower than this keep [`weight_grad`]: every row carries `kw − 1` unused
-/// positions (`wq − ow`), a fifth of an 8-wide row's. Measured in GEMResNet18's training step
-/// (AVX-512, batch 64): 32 × 32 with 20 channels 9.6 → 5.6 ms at one thread, its 3-channel
-/// stem 4.0 → 1.2 ms; 16 × 16 with 40 channels 6.7 → 6.2 ms in the node but no change in the
-/// step, at one or two threads; 8 × 8 with 80, 6.5 → 9.4 ms.
-pub(super) const ROWS_MIN_WIDTH: usize = 32;
+/// Output rows narrower than this keep [`weight_grad`]. Measured in GEMResNet18's training
+/// step (AVX-512, batch 64): 32 × 32 with 20 channels 9.6 → 5.6 ms at one thread, its
+/// 3-channel stem 4.0 → 1.2 ms; 8 × 8 with 80, 6.5 → 9.4 ms. 16 × 16 with 40 channels gained
+/// in the node and not in the step while the gradient rows were padded to the input's 18
+/// columns; read in place (whole rows of 16), its three stride-1 convs' backward went
+/// 25.8–25.9 → 23.9–24.3 ms per pass at one thread, 13.4 → 12.6 ms at two.
+pub(super) const ROWS_MIN_WIDTH: usize = 16;
 
 /// Samples per chunk of [`weight_grad_rows`].
 const ROWS_CHUNK: usize = 8;
 
 /// Bytes of output gradient rows that [`weight_grad_rows`] keeps in L1 while it goes through
-/// the input channels: the two rows of as many samples as fit are one pass.
+/// the input channels: the two channels' planes of as many samples as fit are one pass.
 const ROWS_L1_BYTES: usize = 24 << 10;
 
-/// [`weight_grad_rows`]'s buffers: a chunk's input phases and padded output gradients, and
-/// the per-lane sums kept between passes.
+/// [`weight_grad_rows`]'s buffers: a chunk's input phases, and the per-lane sums kept between
+/// passes.
 #[derive(Default)]
 struct RowsBufs {
     xs: Vec<f32>,
-    ds: Vec<f32>,
     sums: Vec<[[f32; 16]; 18]>,
 }
 
@@ -150,14 +149,13 @@ std::thread_local! {
 }
 
 /// `dw += ∂L/∂W` of a one-group 3 × 3 stride-1 conv with the output positions in the lanes
-/// ([`crate::kernels::WgradRowsFn`]): `dW[co][ci][t] = Σ_j xq[ci][off_t + j] · dyp[co][j]` over
-/// `j = oy·wq + ox`, with `xq` the sample's padded input ([`Phases`]) and `dyp` its output
-/// gradient padded to rows of `wq` with zeros, so that the `wq − ow` positions past each row's
-/// end add nothing. Per chunk of [`ROWS_CHUNK`] samples, each (output channel pair, input
-/// channel) keeps 18 vectors of per-lane sums over the chunk's samples in order, then sums
-/// their lanes in order; chunks are summed in order afterwards, so the result does not depend
-/// on the thread count. The samples go in passes whose output gradient rows stay in L1 while
-/// the input channels stream past them.
+/// ([`crate::kernels::WgradRowsFn`]): `dW[co][ci][t] = Σ xq[ci][off_t + oy·wq + ox] ·
+/// dy[co][oy·ow + ox]` over the output positions, with `xq` the sample's padded input
+/// ([`Phases`], rows `wq` apart) and `dy` read in place. Per chunk of [`ROWS_CHUNK`] samples,
+/// each (output channel pair, input channel) keeps 18 vectors of per-lane sums over the
+/// chunk's samples in order, then sums their lanes in order; chunks are summed in order
+/// afterwards, so the result does not depend on the thread count. The samples go in passes
+/// whose output gradient planes stay in L1 while the input channels stream past them.
 pub(super) fn weight_grad_rows(k: &Kernels, s: &ConvShape, x: &[f32], dy: &[f32], batch: usize, dw: &mut [f32]) {
     debug_assert!(weight_grad_rows_supported(k, s));
     let kern = k.wgrad_rows.expect("a table with the kernel");
@@ -166,12 +164,11 @@ pub(super) fn weight_grad_rows(k: &Kernels, s: &ConvShape, x: &[f32], dy: &[f32]
     let (xl, yl) = (cin * s.h * s.w, cout * oh * ow);
     let ph = Phases::of_input(s);
     let (wq, plane) = (ph.wq, ph.hq * ph.wq);
-    // Positions per sample, in whole vectors; the padded gradient is zero past `oh·wq`.
-    let jn = (oh * wq).next_multiple_of(16);
+    let rows = WgradRows { rows: oh, width: ow, x_row: wq, d_row: ow };
     let off: [usize; 9] = core::array::from_fn(|t| ph.at(0, (t / 3) * s.dh, (t % 3) * s.dw));
     // The last channel's taps read up to `(kw − 1)·dw + 15` floats past its plane: zeros.
     let xs_len = cin * plane + 2 * s.dw + 16;
-    let per_pass = (ROWS_L1_BYTES / (2 * 4 * jn)).max(1);
+    let per_pass = (ROWS_L1_BYTES / (2 * 4 * oh * ow)).max(1);
     let part_len = cout * cin * 9;
     let nb = ROWS_CHUNK;
     let chunks = batch.div_ceil(nb);
@@ -179,26 +176,12 @@ pub(super) fn weight_grad_rows(k: &Kernels, s: &ConvShape, x: &[f32], dy: &[f32]
         let work = 2 * batch * s.macs();
         for_each_chunk(batch, nb, work, None, 0, Some(&mut *partial), part_len, |_, b0, nbs, _, part| {
             let part = part.expect("the chunk's partial");
-            ROWS_BUFS.with_borrow_mut(|RowsBufs { xs, ds, sums }| {
+            ROWS_BUFS.with_borrow_mut(|RowsBufs { xs, sums }| {
                 xs.resize(nbs * xs_len, 0.0);
-                // The gradient rows start on a cache line: every load of them is then whole.
-                ds.resize(nbs * cout * jn + 16, 0.0);
-                let a = ds.as_ptr().align_offset(64).min(16);
-                let ds = &mut ds[a..a + nbs * cout * jn];
                 for b in 0..nbs {
                     let xb = &mut xs[b * xs_len..(b + 1) * xs_len];
                     ph.fill_slice(&x[(b0 + b) * xl..][..xl], s.h, s.w, s.pad[0], s.pad[1], xb);
                     xb[ph.len()..].fill(0.0);
-                    let dyb = &dy[(b0 + b) * yl..][..yl];
-                    for (dst, src) in
-                        ds[b * cout * jn..][..cout * jn].chunks_exact_mut(jn).zip(dyb.chunks_exact(oh * ow))
-                    {
-                        for (drow, srow) in dst.chunks_exact_mut(wq).zip(src.chunks_exact(ow)) {
-                            copy_short(&mut drow[..ow], srow);
-                            zero_short(&mut drow[ow..]);
-                        }
-                        zero_short(&mut dst[oh * wq..]);
-                    }
                 }
                 let pairs = cout.div_ceil(2);
                 sums.clear();
@@ -212,8 +195,8 @@ pub(super) fn weight_grad_rows(k: &Kernels, s: &ConvShape, x: &[f32], dy: &[f32]
                             let acc = &mut sums[pair * cin + ci];
                             let n = (p0 + per_pass).min(nbs) - p0;
                             let xb = &xs[p0 * xs_len + ci * plane..];
-                            let d = |co: usize| &ds[(p0 * cout + co) * jn..];
-                            kern(jn / 16, n, xb, xs_len, &off, [d(co0), d(co1)], cout * jn, acc);
+                            let d = |co: usize| &dy[(b0 + p0) * yl + co * oh * ow..];
+                            kern(rows, n, xb, xs_len, &off, [d(co0), d(co1)], yl, acc);
                             if last {
                                 for (h, co) in [co0, co1].into_iter().enumerate().take(1 + (co1 > co0) as usize) {
                                     let row = &mut part[(co * cin + ci) * 9..][..9];
@@ -439,11 +422,9 @@ pub(super) mod tests {
                 for threads in [1, 2] {
                     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
                     pool.broadcast(|_| {
-                        ROWS_BUFS.with_borrow_mut(|RowsBufs { xs, ds, .. }| {
-                            for v in [xs, ds] {
-                                v.clear();
-                                v.resize(1 << 16, f32::NAN);
-                            }
+                        ROWS_BUFS.with_borrow_mut(|RowsBufs { xs, .. }| {
+                            xs.clear();
+                            xs.resize(1 << 16, f32::NAN);
                         })
                     });
                     // Added onto what the buffer holds.
