@@ -60,8 +60,8 @@ impl Runs {
 #[inline(always)]
 pub fn spmm_inline(a: SparseRows, b: &[f32], ldb: usize, runs: Runs, c: &mut [f32], ldc: usize, store: Store) {
     let Runs { width, count, b_step, c_step } = runs;
-    // Runs of 16, 32 or 64 columns go together as blocks of 64, as many sums in registers as a
-    // plain block holds; other widths run one at a time.
+    // Runs of 16 or 32 columns go four or two together, 64 columns as a plain block has (its
+    // sums in registers); other widths run one at a time, split into blocks as `plain` does.
     let mut i = 0;
     macro_rules! grouped {
         ($w:literal, $g:literal) => {
