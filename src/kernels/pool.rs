@@ -109,6 +109,11 @@ pub fn serial<R>(f: impl FnOnce() -> R) -> R {
 /// just runs.
 #[cfg(feature = "std")]
 pub fn busy<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    /// How long a poller spins with nothing to run before it returns (see `poll` below). In
+    /// the training benchmark at two threads, pollers gave up once or twice per run of each
+    /// case, in the warm-up steps only (as often with 5 measured steps as with 30); a step's
+    /// serial stretches between regions are shorter.
+    const POLL_IDLE: std::time::Duration = std::time::Duration::from_millis(20);
     use core::sync::atomic::{AtomicBool, Ordering};
     // More workers than cores: a poller would take a core from a worker with work. (Asked
     // once: on Linux the answer reads the affinity mask and the cgroup's CPU quota files.)
@@ -136,10 +141,26 @@ pub fn busy<R: Send>(f: impl FnOnce() -> R + Send) -> R {
         }
     }
     let done = AtomicBool::new(false);
+    // A poller gives up after `POLL_IDLE` with nothing to run. A worker waiting inside another
+    // caller's join can pick up a poller and poll on top of the job it waits for; were that
+    // job stolen from worker 0 (which then waits for it before it can run `f`), nothing would
+    // end the polling. Seen: `concurrent_callers_all_finish` hung once in CI, a poller over a
+    // stolen job of another test's parallel sum, worker 0 asleep in that sum's join.
     let poll = || {
+        let mut idle = 0u32;
+        let mut since = std::time::Instant::now();
         while !done.load(Ordering::Acquire) {
-            if rayon::yield_now() != Some(rayon::Yield::Executed) {
-                core::hint::spin_loop();
+            if rayon::yield_now() == Some(rayon::Yield::Executed) {
+                idle = 0;
+                continue;
+            }
+            core::hint::spin_loop();
+            // The clock is read once every 256 idle tries.
+            idle = idle.wrapping_add(1);
+            if idle == 1 {
+                since = std::time::Instant::now();
+            } else if idle.is_multiple_of(256) && since.elapsed() > POLL_IDLE {
+                return;
             }
         }
     };
@@ -219,10 +240,12 @@ mod busy_tests {
     }
 
     /// Several threads calling at once, as tests that train do, with joins nested in the
-    /// regions (a waiting worker runs whatever is queued, pollers included). The hang this
-    /// guards against (two callers polling at once, tests/infer.rs once in four runs) needs
-    /// an interleaving that this did not hit when tried without the one-at-a-time rule; it
-    /// checks that concurrent callers get their results and finish.
+    /// regions (a waiting worker runs whatever is queued, pollers included): one polls, the
+    /// others run their nested work beside it. Two hangs came from such interleavings: two
+    /// callers polling at once (tests/infer.rs once in four runs; one poller at a time since),
+    /// and this test once in CI, a poller on top of a job that worker 0 waited for (pollers
+    /// give up after `POLL_IDLE` idle since). Neither reproduced on demand here, with or
+    /// without its guard; the test checks that concurrent callers get their results and finish.
     #[test]
     fn concurrent_callers_all_finish() {
         let nested = || -> u64 {
