@@ -204,13 +204,9 @@ mod tests {
     use crate::kernels::sparse::spmm_reference;
     use crate::kernels::{ConvShape, Weights};
     use crate::rng::SplitMix64;
-    use crate::train::ops::tests::masked;
+    use crate::train::ops::tests::{masked, rand};
     use crate::train::ops::{conv, linear};
     use bitvec::prelude::BitVec;
-
-    fn rand(r: &mut SplitMix64, n: usize) -> Vec<f32> {
-        (0..n).map(|_| r.uniform(-1.0, 1.0)).collect()
-    }
 
     fn tables() -> Vec<Kernels> {
         let mut t = vec![Kernels::generic(true)];

@@ -12,7 +12,8 @@ use crate::rng::SplitMix64;
 const H: f32 = 1e-2;
 const TOL: f32 = 2e-3;
 
-fn rand(r: &mut SplitMix64, n: usize) -> Vec<f32> {
+/// `n` values uniform in [−1, 1).
+pub(super) fn rand(r: &mut SplitMix64, n: usize) -> Vec<f32> {
     (0..n).map(|_| r.uniform(-1.0, 1.0)).collect()
 }
 

@@ -275,10 +275,7 @@ fn pack_dy(dy: &[f32], (oh, ow, wq): (usize, usize, usize), nq: usize, panels: &
 pub(super) mod tests {
     use super::*;
     use crate::rng::SplitMix64;
-
-    fn rand(r: &mut SplitMix64, n: usize) -> Vec<f32> {
-        (0..n).map(|_| r.uniform(-1.0, 1.0)).collect()
-    }
+    use crate::train::ops::tests::rand;
 
     /// `dW[co][ci][ky][kx] = Σ_b,oy,ox dy[b][co][oy][ox] · x[b][ci][oy·sh + ky·dh − pad][…]`,
     /// in f64.
